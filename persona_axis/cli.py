@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from persona_axis.errors import PersonaAxisError
 
@@ -63,6 +64,53 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
             print(f"{key:32s} {value}")
 
 
+def _role_list(value: str | None) -> list[str] | None:
+    return [name for name in (value or "").replace(",", " ").split() if name] or None
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from persona_axis.catalog import load_catalog
+    from persona_axis.judges import make_judge
+    from persona_axis.models import load_model
+    from persona_axis.pipeline import analyze_run, preset_settings, run_pipeline
+
+    settings = preset_settings(args.preset, seed=args.seed, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, min_score3=args.min_score3)
+    catalog = load_catalog(args.catalog)
+    judge = make_judge(args.judge, cache_dir=Path(args.out) / "judge_cache", url=args.judge_url,
+                       model=args.judge_model, key_env=args.judge_key_env)
+    lm = load_model(args.model, dtype=args.dtype)
+    run_pipeline(args.out, lm, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
+                 progress=not args.no_progress)
+    analysis = analyze_run(args.out)
+    print(_headline(analysis))
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
+def _headline(analysis: dict) -> str:
+    cos = analysis["cos_axis_pc1"]
+    best = max(range(len(cos)), key=lambda i: cos[i])
+    return (
+        f"roles used {analysis['n_roles_used']} (dropped {len(analysis['roles_dropped'])}) | "
+        f"PC1 explains {analysis['variance_explained'][0]:.1%} at layer {analysis['layer']} | "
+        f"{analysis['n_components_70']} components reach 70% | cos(axis, PC1) {cos[analysis['layer']]:.2f} "
+        f"(best {cos[best]:.2f} at layer {best})\n"
+        f"Assistant end of the axis: {', '.join(analysis['axis_top'])}\n"
+        f"far end of the axis:       {', '.join(analysis['axis_bottom'])}"
+    )
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from persona_axis.pipeline import analyze_run
+
+    analysis = analyze_run(args.run, layer=args.layer, standardise=args.standardise)
+    if args.json:
+        print(json.dumps(analysis))
+    else:
+        print(_headline(analysis))
+        print(f"report: {Path(args.run) / 'report.html'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-axis", description="Find, monitor and cap the Assistant Axis.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="compute the Assistant Axis: rollouts, judge, role vectors, axis, report")
+    model_options(run)
+    run.add_argument("--out", required=True, help="run directory (created; an interrupted run resumes)")
+    run.add_argument("--preset", default="quick", help="smoke, quick, standard or paper (default quick)")
+    run.add_argument("--roles", help="only these roles (comma- or space-separated names)")
+    run.add_argument("--catalog", help="a catalogue directory in our format (default: the built-in one)")
+    run.add_argument("--judge", default="offline", help="offline (default) or openai")
+    run.add_argument("--judge-url", help="base URL of an OpenAI-compatible API (openai judge)")
+    run.add_argument("--judge-model", help="model name for the openai judge")
+    run.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--max-new-tokens", type=int)
+    run.add_argument("--min-score3", type=int, help="score-3 answers a role needs to keep its vector")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    analyze = sub.add_parser("analyze", help="persona-space analysis of a run: PCA, cosines, figures, report")
+    analyze.add_argument("run", help="run directory")
+    analyze.add_argument("--layer", type=int, help="layer for PCA and rankings (default: the middle layer)")
+    analyze.add_argument("--standardise", action="store_true", help="scale each dimension to unit variance first")
+    analyze.add_argument("--json", action="store_true", help="print one JSON object")
+    analyze.set_defaults(func=cmd_analyze)
 
     bench = sub.add_parser("bench", help="throughput benchmarks (ratios measured in one run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

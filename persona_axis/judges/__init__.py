@@ -1,5 +1,28 @@
 """Judges of role adherence: an OpenAI-compatible HTTP judge and an offline judge."""
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import SCORES, Judge, JudgeItem, Verdict
 
-__all__ = ["SCORES", "Judge", "JudgeItem", "Verdict"]
+__all__ = ["SCORES", "Judge", "JudgeItem", "Verdict", "make_judge"]
+
+
+def make_judge(kind: str, cache_dir: Path | None = None, url: str | None = None, model: str | None = None,
+               key_env: str = "OPENAI_API_KEY", margin: float | None = None) -> Judge:
+    """Build a judge by kind: "offline" (no network) or "openai" (any chat-completions endpoint)."""
+    if kind == "offline":
+        from persona_axis.judges.offline import DEFAULT_MARGIN, OfflineJudge
+
+        return OfflineJudge(margin=DEFAULT_MARGIN if margin is None else margin)
+    if kind == "openai":
+        from persona_axis.judges.http import OpenAIJudge
+
+        base_url = url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url or not model:
+            raise PersonaAxisError("the openai judge needs --judge-url (or OPENAI_BASE_URL) and --judge-model")
+        return OpenAIJudge(base_url, model, api_key_env=key_env, cache_dir=cache_dir)
+    raise PersonaAxisError(f"unknown judge {kind!r}: use offline or openai")

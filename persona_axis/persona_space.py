@@ -1,0 +1,194 @@
+"""The geometry of persona space: PCA of role vectors and how it lines up with the Assistant Axis.
+
+Role vectors are [layers, hidden] mean activations, one per character role; the axis is
+mean(default Assistant) − mean(role vectors), also [layers, hidden]. A higher projection on the
+axis means more Assistant-like. PCA runs in float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from persona_axis.errors import PersonaAxisError
+
+N_VARIANCE_REPORTED = 10
+
+
+@dataclass
+class PCAResult:
+    """PCA of n role vectors, with k = min(n − 1, hidden) components.
+
+    components: [k, hidden] unit rows, in the coordinates the PCA ran in (scaled ones if standardised).
+    variance_explained: [k] fractions of the total variance, summing to 1.
+    loadings: [n, k] the centred (and scaled) data projected on the components.
+    scale: [hidden] the per-dimension divisor applied before the SVD (all ones unless standardised).
+    """
+
+    components: Tensor
+    variance_explained: Tensor
+    loadings: Tensor
+    standardised: bool
+    scale: Tensor
+
+
+def pca(vectors: Tensor, standardise: bool = False) -> PCAResult:
+    """Mean-centred PCA of vectors [n_roles, hidden] via SVD (float64).
+
+    With standardise=True each dimension is also divided by its standard deviation (dimensions
+    that do not vary are left as they are). Each component's sign is fixed so that its largest
+    coordinate is positive, which makes the result deterministic.
+    """
+    x = torch.as_tensor(vectors).detach().to(torch.float64).cpu()
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise PersonaAxisError(f"PCA needs a [n_roles >= 2, hidden] matrix; got shape {tuple(x.shape)}")
+    x = x - x.mean(dim=0)
+    scale = torch.ones(x.shape[1], dtype=torch.float64)
+    if standardise:
+        std = x.std(dim=0)
+        scale = torch.where(std > 0, std, scale)
+        x = x / scale
+    _, singular, vh = torch.linalg.svd(x, full_matrices=False)
+    k = min(x.shape[0] - 1, x.shape[1])
+    singular, components = singular[:k], vh[:k]
+    total = (singular**2).sum()
+    if total <= 0:
+        raise PersonaAxisError("all role vectors are identical: there is no variance for PCA to explain")
+    peak = components.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(components.gather(1, peak))
+    components = components * signs
+    return PCAResult(components=components, variance_explained=singular**2 / total,
+                     loadings=x @ components.T, standardised=standardise, scale=scale)
+
+
+def n_components_for(variance_explained: Tensor | list[float], fraction: float = 0.70) -> int:
+    """Smallest k whose first k components explain at least `fraction` of the variance ([k] input)."""
+    shares = torch.as_tensor(variance_explained, dtype=torch.float64)
+    cumulative = torch.cumsum(shares, dim=0)
+    reached = (cumulative >= fraction - 1e-12).nonzero()
+    return int(reached[0]) + 1 if len(reached) else len(shares)
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine between two [hidden] vectors (0 if either is zero)."""
+    denominator = a.norm() * b.norm()
+    return float(a @ b / denominator) if denominator > 0 else 0.0
+
+
+def _check_inputs(role_vectors: Mapping[str, Tensor], axis: Tensor, layer: int) -> Tensor:
+    """Validate shapes and the layer; return the roles stacked as [n_roles, layers, hidden] float64."""
+    if len(role_vectors) < 2:
+        raise PersonaAxisError(f"need at least 2 role vectors for PCA; got {len(role_vectors)} — "
+                               "lower --min-score3-count or add roles")
+    if axis.dim() != 2:
+        raise PersonaAxisError(f"axis must be [layers, hidden]; got shape {tuple(axis.shape)}")
+    for role, vector in role_vectors.items():
+        if tuple(vector.shape) != tuple(axis.shape):
+            raise PersonaAxisError(f"role vector {role!r} has shape {tuple(vector.shape)} but the axis has "
+                                   f"{tuple(axis.shape)}: use role vectors and an axis from the same model")
+    if not 0 <= layer < axis.shape[0]:
+        raise PersonaAxisError(f"layer {layer} is out of range: the vectors have {axis.shape[0]} layers (0-based)")
+    stacked = torch.stack([torch.as_tensor(v).detach().to(torch.float64).cpu() for v in role_vectors.values()])
+    if not torch.isfinite(stacked).all() or not torch.isfinite(axis).all():
+        raise PersonaAxisError("role vectors or axis contain NaN or inf values: recompute them")
+    return stacked
+
+
+def _axis_in_pca_space(axis_row: Tensor, result: PCAResult) -> Tensor:
+    """The axis direction [hidden] expressed in the (possibly scaled) coordinates the PCA ran in."""
+    return axis_row / result.scale
+
+
+def _cos_axis_pc1_per_layer(stacked: Tensor, axis: Tensor, standardise: bool = False) -> list[float]:
+    """|cos(axis[l], PC1 at layer l)| for every layer; stacked is [n_roles, layers, hidden], axis [layers, hidden]."""
+    axis64 = axis.detach().to(torch.float64).cpu()
+    cosines = []
+    for layer in range(axis64.shape[0]):
+        result = pca(stacked[:, layer], standardise)
+        cosines.append(abs(_cosine(result.components[0], _axis_in_pca_space(axis64[layer], result))))
+    return cosines
+
+
+def _ranked(scores: Mapping[str, float], top: int) -> tuple[list[str], list[str]]:
+    """The `top` names with the highest scores (highest first) and lowest (lowest first)."""
+    order = sorted(scores, key=lambda name: scores[name], reverse=True)
+    return order[:top], order[::-1][:top]
+
+
+def _group_means(projection: Mapping[str, float], groups: Mapping[str, str]) -> dict[str, float]:
+    """Mean axis projection per group, highest first; roles without a group tag are left out."""
+    members: dict[str, list[float]] = {}
+    for role, value in projection.items():
+        if role in groups:
+            members.setdefault(groups[role], []).append(value)
+    means = {group: sum(values) / len(values) for group, values in members.items()}
+    return dict(sorted(means.items(), key=lambda item: item[1], reverse=True))
+
+
+def analyze_persona_space(role_vectors: Mapping[str, Tensor], axis: Tensor, layer: int,
+                          groups: Mapping[str, str] | None = None, standardise: bool = False,
+                          top: int = 5) -> dict[str, Any]:
+    """PCA of the role vectors (each [layers, hidden]) at `layer` and its relation to the axis [layers, hidden].
+
+    PC1 loadings are oriented so that the end the axis points to (the Assistant end) is positive;
+    "cos_axis_pc1" covers every layer, the rest is at `layer`. Returns a JSON-serialisable dict
+    (layer, layers, n_roles_used, standardised, variance_explained, n_components_70, cos_axis_pc1,
+    pc1_loadings, pc1_top/bottom, axis_projection, axis_top/bottom, pc2_loadings with >= 3 roles,
+    group_mean_axis_projection when groups are given).
+    """
+    stacked = _check_inputs(role_vectors, axis, layer)
+    names = list(role_vectors)
+    axis_row = axis[layer].detach().to(torch.float64).cpu()
+    axis_norm = axis_row.norm()
+    if axis_norm == 0:
+        raise PersonaAxisError(f"the axis is all zeros at layer {layer}: it has no direction to project on")
+    result = pca(stacked[:, layer], standardise)
+    orientation = 1.0 if _cosine(result.components[0], _axis_in_pca_space(axis_row, result)) >= 0 else -1.0
+    pc1 = {name: orientation * float(v) for name, v in zip(names, result.loadings[:, 0])}
+    projection = {name: float(v) for name, v in zip(names, stacked[:, layer] @ (axis_row / axis_norm))}
+    pc1_top, pc1_bottom = _ranked(pc1, top)
+    axis_top, axis_bottom = _ranked(projection, top)
+    variance = [float(v) for v in result.variance_explained]
+    analysis: dict[str, Any] = {
+        "layer": layer,
+        "layers": int(axis.shape[0]),
+        "n_roles_used": len(names),
+        "standardised": standardise,
+        "variance_explained": variance[:N_VARIANCE_REPORTED],
+        "n_components_70": n_components_for(variance, 0.70),
+        "cos_axis_pc1": _cos_axis_pc1_per_layer(stacked, axis, standardise),
+        "pc1_loadings": pc1,
+        "pc1_top": pc1_top,
+        "pc1_bottom": pc1_bottom,
+        "axis_projection": projection,
+        "axis_top": axis_top,
+        "axis_bottom": axis_bottom,
+    }
+    if result.loadings.shape[1] >= 2:
+        analysis["pc2_loadings"] = {name: float(v) for name, v in zip(names, result.loadings[:, 1])}
+    if groups:
+        analysis["group_mean_axis_projection"] = _group_means(projection, groups)
+    return analysis
+
+
+def pc1_loading_correlation(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, int]:
+    """Pearson correlation of two runs' PC1 loadings over their shared roles, and how many roles are shared.
+
+    Loadings from analyze_persona_space are already oriented to the Assistant end, so they are
+    correlated as they are.
+    """
+    shared = sorted(set(a) & set(b))
+    if len(shared) < 3:
+        raise PersonaAxisError(f"need at least 3 roles shared by both runs to correlate PC1 loadings; "
+                               f"got {len(shared)} — run both with the same role set")
+    x = torch.tensor([a[r] for r in shared], dtype=torch.float64)
+    y = torch.tensor([b[r] for r in shared], dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = x.norm() * y.norm()
+    if denominator == 0:
+        raise PersonaAxisError("PC1 loadings are constant over the shared roles in one run: correlation is undefined")
+    return float((x @ y / denominator).clamp(-1.0, 1.0)), len(shared)

@@ -1,0 +1,267 @@
+"""OpenAIJudge against a real chat-completions server on 127.0.0.1 whose replies each test scripts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persona_axis.errors import PersonaAxisError
+from persona_axis.judges.base import JudgeItem
+from persona_axis.judges.http import SYSTEM_PROMPT, OpenAIJudge, parse_reply
+
+ITEM = JudgeItem(role="pirate", description="a swashbuckling sea rover", question="Where is the treasure?",
+                 response="Arr, buried on Skull Island, matey!")
+
+
+@dataclass
+class Reply:
+    """One scripted server answer: a chat completion with `content`, or a raw `body` with any status."""
+
+    content: str = "Plays the pirate throughout.\nSCORE: 3"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    body: bytes | None = None
+
+    def payload(self) -> bytes:
+        if self.body is not None:
+            return self.body
+        if self.status != 200:
+            return json.dumps({"error": {"message": f"scripted {self.status}"}}).encode()
+        message = {"role": "assistant", "content": self.content}
+        return json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+
+
+class FakeServer(ThreadingHTTPServer):
+    """Records every request, tracks the most requests seen in flight, and answers with `respond(body)`."""
+
+    daemon_threads = False  # server_close() joins the handler threads
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.respond: Callable[[dict[str, Any]], Reply] = lambda body: Reply()
+        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def play(self, *replies: Reply) -> None:
+        """Answer with these replies in turn, then keep repeating the last one."""
+        queue = deque(replies)
+        self.respond = lambda body: queue.popleft() if len(queue) > 1 else queue[0]
+
+    def answer(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> Reply:
+        with self.lock:
+            self.requests.append((path, headers, body))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            reply = self.respond(body)
+        time.sleep(reply.delay_s)
+        with self.lock:
+            self.in_flight -= 1  # before the answer is sent, so the client cannot start its next request first
+        return reply
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FakeServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        reply = self.server.answer(self.path, dict(self.headers), body)
+        payload = reply.payload()
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        try:
+            self.wfile.write(payload)
+        except OSError:  # the client gave up (a timeout test)
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer()
+    thread = threading.Thread(target=fake.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield fake
+    finally:
+        fake.shutdown()
+        fake.server_close()
+        thread.join()
+
+
+def make_judge(server: FakeServer, **kwargs: Any) -> OpenAIJudge:
+    options: dict[str, Any] = {"model": "judge-m", "api_key_env": "PA_TEST_JUDGE_KEY", "backoff_s": 0.01,
+                               "max_attempts": 3, "timeout_s": 5.0}
+    return OpenAIJudge(server.base_url, **{**options, **kwargs})
+
+
+def test_good_reply_is_scored_and_request_carries_model_messages_and_key(
+        server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PA_TEST_JUDGE_KEY", "sk-test-123")
+    server.play(Reply("It speaks as a pirate but admits being an AI.\nSCORE: 2"))
+    judge = make_judge(server)
+    [verdict] = judge.score([ITEM])
+    assert judge.id == "openai:judge-m"
+    assert (verdict.score, verdict.judge) == (2, "openai:judge-m")
+    assert verdict.rationale == "It speaks as a pirate but admits being an AI."
+    [(path, headers, body)] = server.requests
+    assert path == "/v1/chat/completions"
+    assert headers["Authorization"] == "Bearer sk-test-123"
+    assert body["model"] == "judge-m" and body["temperature"] == 0 and body["max_tokens"] == 200
+    system, user = body["messages"]
+    assert system == {"role": "system", "content": SYSTEM_PROMPT}
+    assert user["role"] == "user"
+    for text in (ITEM.role, ITEM.description, ITEM.question, ITEM.response):
+        assert text in user["content"]
+
+
+def test_missing_key_sends_no_authorization(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PA_TEST_JUDGE_KEY", raising=False)
+    assert make_judge(server).score([ITEM])[0].score == 3
+    assert "Authorization" not in server.requests[0][1]
+
+
+def test_429_then_500_then_success_is_retried(server: FakeServer) -> None:
+    server.play(Reply(status=429), Reply(status=500), Reply("Fully the pirate.\nSCORE: 3"))
+    [verdict] = make_judge(server).score([ITEM])
+    assert verdict.score == 3
+    assert len(server.requests) == 3
+
+
+def test_retry_after_is_honoured(server: FakeServer) -> None:
+    server.play(Reply(status=503, headers={"Retry-After": "1"}), Reply())
+    start = time.monotonic()
+    [verdict] = make_judge(server).score([ITEM])
+    assert verdict.score == 3
+    assert time.monotonic() - start >= 0.95  # backoff_s alone would wait ~0.01 s
+
+
+def test_timeout_is_retried(server: FakeServer) -> None:
+    server.play(Reply(delay_s=0.5), Reply("Stays in role.\nSCORE: 3"))
+    [verdict] = make_judge(server, timeout_s=0.2).score([ITEM])
+    assert verdict.score == 3
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("content, why", [
+    ("Plays the role well, I would say a three.", "no SCORE line"),
+    ("First thought.\nSCORE: 1\nOn reflection.\nSCORE: 2", "2 SCORE lines"),
+    ("Out of scale.\nSCORE: 5", "score 5 out of range"),
+    ("Between two.\nSCORE: 2.5", "non-integer score"),
+    ("Wordy.\nSCORE: three", "non-integer score"),
+])
+def test_malformed_reply_is_retried_then_unscored(server: FakeServer, content: str, why: str) -> None:
+    server.play(Reply(content))
+    [verdict] = make_judge(server, max_attempts=3).score([ITEM])
+    assert verdict.score is None
+    assert verdict.rationale.startswith(f"unscored: {why}")
+    assert len(server.requests) == 3
+
+
+def test_malformed_then_good_counts_as_an_attempt(server: FakeServer) -> None:
+    server.play(Reply("no verdict"), Reply("In role.\nSCORE: 3"))
+    assert make_judge(server, max_attempts=2).score([ITEM])[0].score == 3
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("text, score", [("SCORE: 0", 0), ("score:3", 3), ("  Score :  1  ", 1),
+                                         ("Reason.\nSCORE: 2\n", 2)])
+def test_parse_reply_accepts_case_and_spacing(text: str, score: int) -> None:
+    assert parse_reply(text)[0] == score
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_client_error_raises_at_once(server: FakeServer, status: int) -> None:
+    server.play(Reply(status=status))
+    start = time.monotonic()
+    with pytest.raises(PersonaAxisError, match=f"HTTP {status}.*PA_TEST_JUDGE_KEY"):
+        make_judge(server, max_attempts=5, backoff_s=1.0).score([ITEM])
+    assert len(server.requests) == 1
+    assert time.monotonic() - start < 0.5
+
+
+def test_client_error_stops_the_rest_of_the_batch(server: FakeServer) -> None:
+    server.play(Reply(status=401, delay_s=0.05))
+    with pytest.raises(PersonaAxisError, match="HTTP 401"):
+        make_judge(server, concurrency=2).score([ITEM] * 20)
+    assert len(server.requests) <= 4
+
+
+def test_non_chat_completion_body_raises(server: FakeServer) -> None:
+    server.play(Reply(body=b"<html>not an API</html>"))
+    with pytest.raises(PersonaAxisError, match="chat completion"):
+        make_judge(server).score([ITEM])
+
+
+def test_cache_hit_makes_no_request(server: FakeServer, tmp_path: Path) -> None:
+    server.play(Reply("In role.\nSCORE: 3"))
+    first = make_judge(server, cache_dir=tmp_path).score([ITEM])
+    assert len(server.requests) == 1
+    second = make_judge(server, cache_dir=tmp_path).score([ITEM])
+    assert second == first
+    assert len(server.requests) == 1
+    [entry] = tmp_path.glob("*/*.json")
+    assert entry.parent.name == entry.stem[:2]
+    assert json.loads(entry.read_text())["reply"] == "In role.\nSCORE: 3"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_malformed_result_is_not_cached(server: FakeServer, tmp_path: Path) -> None:
+    server.play(Reply("no verdict here"))
+    assert make_judge(server, cache_dir=tmp_path, max_attempts=2).score([ITEM])[0].score is None
+    assert not list(tmp_path.rglob("*.json"))
+    server.play(Reply("In role.\nSCORE: 3"))
+    assert make_judge(server, cache_dir=tmp_path, max_attempts=2).score([ITEM])[0].score == 3
+    assert len(server.requests) == 3
+
+
+def test_concurrency_is_bounded_and_order_kept(server: FakeServer) -> None:
+    def by_item(body: dict[str, Any]) -> Reply:
+        n = int(body["messages"][1]["content"].split("question-")[1].split()[0])
+        return Reply(f"item {n}\nSCORE: {n % 4}", delay_s=0.2)
+
+    server.respond = by_item
+    items = [JudgeItem("pirate", "a sea rover", f"question-{n} ?", "Arr") for n in range(6)]
+    verdicts = make_judge(server, concurrency=2).score(items)
+    assert [v.rationale for v in verdicts] == [f"item {n}" for n in range(6)]
+    assert [v.score for v in verdicts] == [n % 4 for n in range(6)]
+    assert server.max_in_flight == 2
+    assert len(server.requests) == 6
+
+
+def test_server_errors_on_every_attempt_raise(server: FakeServer) -> None:
+    server.play(Reply(status=502))
+    with pytest.raises(PersonaAxisError, match="unreachable.*HTTP 502"):
+        make_judge(server, max_attempts=3).score([ITEM])
+    assert len(server.requests) == 3
+
+
+def test_unreachable_url_raises_after_attempts() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "judge-m", max_attempts=3, backoff_s=0.01)
+    with pytest.raises(PersonaAxisError, match=f"judge unreachable at http://127.0.0.1:{port}/v1/chat/completions"):
+        judge.score([ITEM])

@@ -1,0 +1,159 @@
+"""PCA of persona space on synthetic role vectors whose answers are known by construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import Tensor
+
+from persona_axis.errors import PersonaAxisError
+from persona_axis.persona_space import analyze_persona_space, n_components_for, pc1_loading_correlation, pca
+
+LAYERS, HIDDEN, N_ROLES = 4, 32, 12
+
+
+def synthetic(seed: int = 0, noise: float = 0.02) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, float]]:
+    """Role vectors default − a·direction + noise, one direction per layer.
+
+    Returns (role_vectors {role: [layers, hidden]}, axis [layers, hidden], direction [layers, hidden] unit rows,
+    the coefficient a of each role).
+    """
+    g = torch.Generator().manual_seed(seed)
+    default = torch.randn(LAYERS, HIDDEN, generator=g)
+    direction = torch.randn(LAYERS, HIDDEN, generator=g)
+    direction = direction / direction.norm(dim=1, keepdim=True)
+    coefs = {f"role{i:02d}": float(a) for i, a in enumerate(torch.linspace(0.5, 3.0, N_ROLES))}
+    roles = {name: default - a * direction + noise * torch.randn(LAYERS, HIDDEN, generator=g)
+             for name, a in coefs.items()}
+    axis = default - torch.stack(list(roles.values())).mean(dim=0)
+    return roles, axis, direction, coefs
+
+
+def test_pca_recovers_the_direction_at_every_layer() -> None:
+    roles, _, direction, _ = synthetic()
+    stacked = torch.stack(list(roles.values()))
+    for layer in range(LAYERS):
+        result = pca(stacked[:, layer])
+        assert abs(float(result.components[0].double() @ direction[layer].double())) > 0.95
+
+
+def test_pca_shapes_unit_rows_and_variance_sum() -> None:
+    vectors = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    for standardise in (False, True):
+        result = pca(vectors, standardise=standardise)
+        assert result.components.shape == (5, 10)
+        assert result.loadings.shape == (6, 5)
+        assert result.standardised is standardise
+        assert torch.allclose(result.components.norm(dim=1), torch.ones(5, dtype=torch.float64))
+        assert float(result.variance_explained.sum()) == pytest.approx(1.0)
+        assert bool((result.variance_explained[:-1] >= result.variance_explained[1:]).all())
+
+
+def test_pca_loadings_are_centred_data_on_components() -> None:
+    vectors = torch.randn(5, 7, generator=torch.Generator().manual_seed(2)).double()
+    result = pca(vectors)
+    centred = vectors - vectors.mean(dim=0)
+    assert torch.allclose(result.loadings, centred @ result.components.T)
+    # with k = n − 1 components the centred data is reconstructed exactly
+    assert torch.allclose(result.loadings @ result.components, centred, atol=1e-10)
+
+
+def test_pca_standardise_ignores_scale_of_a_dimension() -> None:
+    vectors = torch.randn(8, 4, generator=torch.Generator().manual_seed(3)).double()
+    stretched = vectors * torch.tensor([1.0, 1000.0, 1.0, 1.0], dtype=torch.float64)
+    plain, scaled = pca(stretched), pca(stretched, standardise=True)
+    assert float(plain.variance_explained[0]) > 0.99  # dominated by the stretched dimension
+    assert torch.allclose(scaled.variance_explained, pca(vectors, standardise=True).variance_explained)
+    assert torch.allclose(scaled.loadings.abs(), pca(vectors, standardise=True).loadings.abs())
+
+
+def test_variance_of_a_constructed_case_and_n_components() -> None:
+    # eight roles at ±sqrt(variance) on four orthogonal axes: variances 5, 3, 1, 1
+    spreads = torch.tensor([5.0, 3.0, 1.0, 1.0], dtype=torch.float64).sqrt()
+    vectors = torch.cat([torch.diag(spreads), -torch.diag(spreads)])  # [8, 4], mean zero
+    shares = pca(vectors).variance_explained
+    assert torch.allclose(shares, torch.tensor([0.5, 0.3, 0.1, 0.1], dtype=torch.float64))
+    assert n_components_for(shares) == 2
+    assert n_components_for(shares, 0.5) == 1
+    assert n_components_for(shares, 0.85) == 3
+    assert n_components_for([0.7, 0.3]) == 1
+
+
+def test_analysis_finds_axis_and_ranks_roles() -> None:
+    roles, axis, _, coefs = synthetic()
+    analysis = analyze_persona_space(roles, axis, layer=2, top=3)
+    assert analysis["layers"] == LAYERS and analysis["layer"] == 2 and analysis["n_roles_used"] == N_ROLES
+    assert len(analysis["cos_axis_pc1"]) == LAYERS
+    assert all(c > 0.95 for c in analysis["cos_axis_pc1"])
+    by_a = sorted(coefs, key=lambda r: coefs[r])
+    assert analysis["axis_top"] == by_a[:3]  # the smallest a is closest to the Assistant
+    assert analysis["axis_bottom"] == by_a[::-1][:3]
+    # PC1 is oriented to the Assistant end, so it ranks roles the same way as the axis
+    assert analysis["pc1_top"] == by_a[:3] and analysis["pc1_bottom"] == by_a[::-1][:3]
+    assert sum(analysis["variance_explained"]) <= 1.0 + 1e-9
+    assert analysis["variance_explained"][0] > 0.9 and analysis["n_components_70"] == 1
+    assert len(analysis["variance_explained"]) == 10
+    assert set(analysis["pc2_loadings"]) == set(roles)
+    json.dumps(analysis)
+
+
+def test_axis_projection_values() -> None:
+    roles, axis, _, _ = synthetic()
+    analysis = analyze_persona_space(roles, axis, layer=1)
+    unit = axis[1] / axis[1].norm()
+    for name, vector in roles.items():
+        assert analysis["axis_projection"][name] == pytest.approx(float(vector[1] @ unit), rel=1e-5)
+
+
+def test_orientation_does_not_depend_on_pca_sign() -> None:
+    roles, axis, _, _ = synthetic()
+    flipped = {name: -vector for name, vector in roles.items()}
+    # negating every vector flips the axis too; the Assistant end must still come out on top
+    a = analyze_persona_space(roles, axis, layer=0)
+    b = analyze_persona_space(flipped, -axis, layer=0)
+    assert a["pc1_top"] == b["pc1_top"]
+    assert pc1_loading_correlation(a["pc1_loadings"], b["pc1_loadings"])[0] == pytest.approx(1.0)
+
+
+def test_standardised_analysis_and_groups() -> None:
+    roles, axis, _, coefs = synthetic(noise=0.01)
+    groups = {name: "near" if a < 1.5 else "far" for name, a in coefs.items()}
+    analysis = analyze_persona_space(roles, axis, layer=3, groups=groups, standardise=True)
+    assert analysis["standardised"] is True
+    assert all(c > 0.9 for c in analysis["cos_axis_pc1"])
+    means = analysis["group_mean_axis_projection"]
+    assert list(means) == ["near", "far"] and means["near"] > means["far"]
+
+
+def test_two_roles_have_one_component_and_no_pc2() -> None:
+    roles, axis, _, _ = synthetic()
+    two = dict(list(roles.items())[:2])
+    analysis = analyze_persona_space(two, axis, layer=0)
+    assert analysis["variance_explained"] == pytest.approx([1.0])
+    assert "pc2_loadings" not in analysis and "group_mean_axis_projection" not in analysis
+
+
+def test_too_few_roles_is_a_clear_error() -> None:
+    roles, axis, _, _ = synthetic()
+    with pytest.raises(PersonaAxisError, match="need at least 2 role vectors for PCA; got 1"):
+        analyze_persona_space(dict(list(roles.items())[:1]), axis, layer=0)
+
+
+def test_bad_layer_and_shape_are_errors() -> None:
+    roles, axis, _, _ = synthetic()
+    with pytest.raises(PersonaAxisError, match="out of range"):
+        analyze_persona_space(roles, axis, layer=LAYERS)
+    with pytest.raises(PersonaAxisError, match="shape"):
+        analyze_persona_space(roles, axis[:, :8], layer=0)
+
+
+def test_loading_correlation() -> None:
+    a = {"x": 1.0, "y": 2.0, "z": 4.0, "only_a": 9.0}
+    b = {"x": 1.0, "y": 2.0, "z": 4.0, "only_b": -3.0}
+    assert pc1_loading_correlation(a, b) == (pytest.approx(1.0), 3)
+    negated = {k: -v for k, v in a.items()}
+    assert pc1_loading_correlation(a, negated) == (pytest.approx(-1.0), 4)
+    with pytest.raises(PersonaAxisError, match="at least 3 roles shared"):
+        pc1_loading_correlation({"x": 1.0, "y": 2.0}, {"x": 1.0, "y": 2.0, "z": 3.0})
