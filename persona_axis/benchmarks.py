@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -132,3 +133,173 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         "weight_read_limit_tokens_per_s": round(weight_read_limit, 1),
         "fraction_of_weight_read_limit": round(rates["onepass"] / weight_read_limit, 4),
     }
+
+
+def _cap_block(lm: LoadedModel, size: int = 8) -> list[int]:
+    """A contiguous block of `size` layers at about 70 % depth (clipped to the model)."""
+    start = min(round(0.7 * lm.n_layers), lm.n_layers - size)
+    return list(range(max(0, start), max(0, start) + min(size, lm.n_layers)))
+
+
+def _random_directions(lm: LoadedModel, seed: int = 0) -> torch.Tensor:
+    """One random unit direction per layer [layers, hidden] float32 (speed does not depend on the direction)."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(lm.n_layers, lm.hidden_size, generator=generator)
+    return directions / directions.norm(dim=-1, keepdim=True)
+
+
+def _naive_cap_hooks(lm: LoadedModel, directions: torch.Tensor, layers: list[int]) -> list[Any]:
+    """Capping written the obvious way: per-layer hooks with an einsum projection, a clamp and a subtraction.
+
+    Ceiling form, as other tools store it: cap c along v = −â with c = −τ (the same floor, τ = 0 here).
+    """
+    handles = []
+    for layer in layers:
+        v = (-directions[layer]).to(lm.device, lm.dtype)
+
+        def hook(_module: Any, _inputs: Any, output: Any, v: torch.Tensor = v) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            excess = (torch.einsum("bsd,d->bs", hidden, v) - 0.0).clamp(min=0)
+            hidden = hidden - excess.unsqueeze(-1) * v
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handles.append(lm.layers[layer].register_forward_hook(hook))
+    return handles
+
+
+def bench_steer(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds: int = 3) -> dict[str, Any]:
+    """Tokens/s with capping on 8 layers, addition on 1 layer (ours, steering-vectors, repeng), naive capping.
+
+    Directions are random unit vectors with floors at 0 (caps then engage on a large share of
+    positions, more than a calibrated 25th-percentile floor would); the cost of our caps does not
+    depend on how often they engage. Every variant runs through the same decode loop.
+    """
+    from persona_axis.steering import Addition, Cap
+
+    conversations = bench_conversations(batch)
+    directions = _random_directions(lm)
+    block, middle = _cap_block(lm), lm.n_layers // 2
+    add_vector = directions[middle] * 4.0
+
+    def run(**kwargs: Any) -> int:
+        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch,
+                                         capture=False, **kwargs))
+
+    def naive_cap8() -> int:
+        handles = _naive_cap_hooks(lm, directions, block)
+        try:
+            return run()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    variants: dict[str, Callable[[], int]] = {
+        "plain": run,
+        "cap8": lambda: run(interventions={layer: Cap(directions[layer], 0.0) for layer in block}),
+        "add1": lambda: run(interventions={middle: Addition(add_vector)}),
+        "naive_cap8": naive_cap8,
+    }
+    variants.update(_peer_variants(lm, middle, add_vector, run))
+    run()  # warm-up
+    rates = _interleaved(variants, rounds)
+    report: dict[str, Any] = {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "batch": batch,
+                              "new_tokens": new_tokens, "rounds": rounds, "cap_layers": f"{block[0]}:{block[-1] + 1}",
+                              "add_layer": middle, "plain_tokens_per_s": round(rates["plain"], 1)}
+    for name in ("cap8", "add1", "steering_vectors_add1", "repeng_add1", "naive_cap8"):
+        report[f"{name}_ratio"] = round(rates[name] / rates["plain"], 4) if name in rates else None
+    report["cap8_vs_naive_cap8"] = round(rates["cap8"] / rates["naive_cap8"], 4)
+    return report
+
+
+def _peer_variants(lm: LoadedModel, layer: int, vector: torch.Tensor,
+                   run: Callable[..., int]) -> dict[str, Callable[[], int]]:
+    """The same one-layer addition through steering-vectors and repeng, when they are installed."""
+    variants: dict[str, Callable[[], int]] = {}
+    try:
+        from steering_vectors import SteeringVector
+    except ImportError:
+        SteeringVector = None  # noqa: N806
+    if SteeringVector is not None:
+        steering = SteeringVector({layer: vector.to(lm.device, lm.dtype)}, layer_type="decoder_block")
+
+        def steering_vectors_add1() -> int:
+            with steering.apply(lm.model, multiplier=1.0):
+                return run()
+
+        variants["steering_vectors_add1"] = steering_vectors_add1
+    try:
+        import numpy as np
+
+        if not hasattr(np, "float_"):  # repeng 0.4.0 still names np.float_, removed in NumPy 2
+            np.float_ = np.float64  # type: ignore[attr-defined]
+        import repeng
+    except ImportError:
+        repeng = None
+    if repeng is not None:
+        model_type = lm.model.config.model_type
+        control = repeng.ControlVector(model_type, {layer: vector.float().numpy()})
+
+        def repeng_add1() -> int:
+            wrapped = repeng.ControlModel(lm.model, [layer])
+            try:
+                wrapped.set_control(control, coeff=1.0)
+                return run()
+            finally:
+                wrapped.unwrap()
+
+        variants["repeng_add1"] = repeng_add1
+    return variants
+
+
+def bench_monitor(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds: int = 3) -> dict[str, Any]:
+    """Live-monitor overhead on decoding, and one-pass vs per-prefix projection of multi-turn conversations."""
+    from persona_axis.axis import Axis
+    from persona_axis.monitor import project_by_prefix, project_conversation
+
+    conversations = bench_conversations(batch)
+    axis = Axis(_random_directions(lm))
+    layer = lm.n_layers // 2
+
+    def run(**kwargs: Any) -> int:
+        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch,
+                                         capture=False, **kwargs))
+
+    run()
+    rates = _interleaved({"plain": run, "monitored": lambda: run(watch=(layer, axis.vectors[layer]))}, rounds)
+    replies = generate(lm, conversations[:4], max_new_tokens=48, batch_size=4, capture=False).texts
+    dialogues = _bench_dialogues(replies, turns=8)
+
+    def onepass() -> int:
+        for dialogue in dialogues:
+            project_conversation(lm, axis, dialogue, layer=layer)
+        return len(dialogues)
+
+    def per_prefix() -> int:
+        for dialogue in dialogues:
+            project_by_prefix(lm, axis, dialogue, layer)
+        return len(dialogues)
+
+    conv_rates = _interleaved({"onepass": onepass, "per_prefix": per_prefix}, rounds)
+    return {
+        "model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "batch": batch, "new_tokens": new_tokens,
+        "rounds": rounds, "layer": layer,
+        "plain_tokens_per_s": round(rates["plain"], 1),
+        "monitored_tokens_per_s": round(rates["monitored"], 1),
+        "monitor_ratio": round(rates["monitored"] / rates["plain"], 4),
+        "conversations": len(dialogues), "turns_per_conversation": len(dialogues[0]),
+        "onepass_conversations_per_s": round(conv_rates["onepass"], 3),
+        "per_prefix_conversations_per_s": round(conv_rates["per_prefix"], 3),
+        "conversation_speedup": round(conv_rates["onepass"] / conv_rates["per_prefix"], 3),
+    }
+
+
+def _bench_dialogues(replies: list[str], turns: int) -> list[list[Message]]:
+    """Conversations of `turns` user/assistant pairs built from bench requests and real replies."""
+    dialogues = []
+    for k in range(len(replies)):
+        messages: list[Message] = [{"role": "system", "content": "You are a helpful assistant."}]
+        for t in range(turns):
+            messages.append({"role": "user", "content": BENCH_REQUESTS[(k + t) % len(BENCH_REQUESTS)]})
+            messages.append({"role": "assistant", "content": replies[(k + t) % len(replies)].strip() or "Sure."})
+        dialogues.append(messages)
+    return dialogues

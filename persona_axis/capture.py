@@ -103,3 +103,38 @@ def response_means_by_forward(
             )
         results.append(recorder.means().cpu())
     return torch.cat(results)
+
+
+class StepProjectionRecorder:
+    """Per-token projections on a unit direction at one layer, for the decode steps a mask selects.
+
+    The live monitor: each decode step costs one [batch, hidden] x [hidden] product. After a
+    generation, `values[i]` lists the projections of sequence i's response tokens, in order.
+    """
+
+    def __init__(self, layer: int, direction: Tensor, batch: int, device: torch.device) -> None:
+        self.layer = layer
+        self._unit = (direction.float() / direction.float().norm()).to(device)
+        self._staging = torch.zeros(batch, dtype=torch.float32, device=device)
+        self._steps: list[tuple[Tensor, Tensor]] = []
+        self.last: Tensor = self._staging
+
+    def ops(self) -> dict[int, list[LayerOp]]:
+        def project_last(hidden: Tensor) -> None:
+            torch.mv(hidden[:, -1].float(), self._unit, out=self._staging)
+
+        return {self.layer: [project_last]}
+
+    def commit(self, mask: Tensor) -> None:
+        """Keep this step's projections for sequences where `mask` [batch] is true."""
+        self.last = self._staging.clone()
+        self._steps.append((self.last, mask.clone()))
+
+    @property
+    def values(self) -> list[list[float]]:
+        """Per sequence, the projections of its recorded tokens in order."""
+        if not self._steps:
+            return [[] for _ in range(self._staging.shape[0])]
+        values = torch.stack([v for v, _ in self._steps], dim=1).tolist()  # [batch, steps]
+        masks = torch.stack([m for _, m in self._steps], dim=1).tolist()
+        return [[v for v, keep in zip(row, mask) if keep] for row, mask in zip(values, masks)]

@@ -11,18 +11,18 @@ response positions of a separate forward pass over prompt + response.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from persona_axis.capture import StepMeanRecorder
+from persona_axis.capture import StepMeanRecorder, StepProjectionRecorder
 from persona_axis.errors import PersonaAxisError
 from persona_axis.hooks import layer_hooks, merge_ops
 from persona_axis.models import LoadedModel, Message
-from persona_axis.steering import InterventionMap, intervention_ops
+from persona_axis.steering import InterventionMap, check_vector, intervention_ops
 
 
 @dataclass
@@ -31,6 +31,7 @@ class GenerationResult:
 
     means: [n, len(layers), hidden] float32 per-layer means over each response's tokens, or None
     when nothing was captured. finished[i] is False when reply i was cut by max_new_tokens.
+    projections[i]: per-token projections of reply i on the watched direction (when `watch` is set).
     """
 
     texts: list[str]
@@ -38,6 +39,12 @@ class GenerationResult:
     finished: list[bool]
     means: Tensor | None
     layers: list[int]
+    projections: list[list[float]] | None = None
+
+
+# Called after every decode step with (conversation indices [b], the tokens just fed [b] long,
+# their projections on the watched direction [b] float32, and which rows are response tokens [b] bool).
+TokenCallback = Callable[[list[int], Tensor, Tensor, Tensor], None]
 
 
 def stop_token_ids(lm: LoadedModel) -> list[int]:
@@ -85,6 +92,8 @@ def generate(
     batch_size: int = 16,
     capture: bool | Sequence[int] = True,
     interventions: InterventionMap | None = None,
+    watch: tuple[int, Tensor] | None = None,
+    on_token: TokenCallback | None = None,
     progress: bool = False,
 ) -> GenerationResult:
     """Generate the assistant's next reply for each conversation, capturing activations as it goes.
@@ -92,12 +101,16 @@ def generate(
     conversations: lists of {"role", "content"} messages. Batches are formed from prompts of
     similar length (left padding) and results come back in input order. capture: True for every
     layer, a list of layer indices, or False. interventions: {layer: intervention(s)} applied at
-    every forward pass (see steering.py). Sampling is seeded per batch with `seed`.
+    every forward pass (see steering.py). Sampling is seeded per batch with `seed`. watch:
+    (layer, direction [hidden]) records every reply token's projection on the unit direction at
+    that layer (the live monitor), streamed to `on_token` as generation goes.
     """
     if max_new_tokens < 1:
         raise PersonaAxisError("max_new_tokens must be at least 1")
     layers = _capture_layers(lm, capture)
     steer_ops = intervention_ops(lm, interventions or {})
+    if watch is not None:
+        watch = (lm.check_layer(watch[0]), check_vector(watch[1], lm.hidden_size, "watched direction"))
     prompts = [lm.chat_prompt(list(c)) for c in conversations]
     lengths = [len(lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -105,20 +118,23 @@ def generate(
     tokens: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     means = torch.zeros(len(prompts), len(layers), lm.hidden_size) if layers else None
+    projections: list[list[float]] | None = [[] for _ in prompts] if watch is not None else None
     bar = tqdm(total=len(prompts), desc="generating", unit="reply", disable=not progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = _generate_batch(
-            lm, [prompts[i] for i in chunk], max_new_tokens, temperature, top_p, seed + start, layers, steer_ops
-        )
+        batch = _generate_batch(lm, [prompts[i] for i in chunk], max_new_tokens, temperature, top_p, seed + start,
+                                layers, steer_ops, watch, on_token, chunk)
         for row, i in enumerate(chunk):
             tokens[i], finished[i] = batch.tokens[row], batch.finished[row]
             texts[i] = lm.tokenizer.decode(tokens[i], skip_special_tokens=True)
             if means is not None and batch.means is not None:
                 means[i] = batch.means[row].cpu()
+            if projections is not None and batch.projections is not None:
+                projections[i] = batch.projections[row]
         bar.update(len(chunk))
     bar.close()
-    return GenerationResult(texts=texts, token_ids=tokens, finished=finished, means=means, layers=layers)
+    return GenerationResult(texts=texts, token_ids=tokens, finished=finished, means=means, layers=layers,
+                            projections=projections)
 
 
 def preallocated_cache(model: torch.nn.Module, capacity: int) -> object:
@@ -159,6 +175,7 @@ class _BatchOutput:
     tokens: list[list[int]]
     finished: list[bool]
     means: Tensor | None
+    projections: list[list[float]] | None
 
 
 @torch.inference_mode()
@@ -171,6 +188,9 @@ def _generate_batch(
     seed: int,
     layers: list[int],
     steer_ops: dict[int, list],
+    watch: tuple[int, Tensor] | None,
+    on_token: TokenCallback | None,
+    rows: list[int],
 ) -> _BatchOutput:
     model, device = lm.model, lm.device
     enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -181,8 +201,10 @@ def _generate_batch(
     pad = torch.tensor(lm.tokenizer.pad_token_id, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     recorder = StepMeanRecorder(layers, batch, lm.hidden_size, device) if layers else None
+    watcher = StepProjectionRecorder(watch[0], watch[1], batch, device) if watch is not None else None
+    recorders = [r for r in (recorder, watcher) if r is not None]
     cache = preallocated_cache(model, enc.input_ids.shape[1] + max_new_tokens)
-    ops = merge_ops(steer_ops, recorder.ops() if recorder else {})
+    ops = merge_ops(steer_ops, *(r.ops() for r in recorders))
 
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     generated: list[Tensor] = []
@@ -199,7 +221,7 @@ def _generate_batch(
             next_ids = torch.where(alive, _pick_tokens(out.logits[:, -1], temperature, top_p, generator), pad)
             generated.append(next_ids)
             alive = alive & ~torch.isin(next_ids, stops)
-            if not alive.any() or (step == max_new_tokens - 1 and recorder is None):
+            if not alive.any() or (step == max_new_tokens - 1 and not recorders):
                 break
             attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
             positions = positions[:, -1:] + 1
@@ -213,8 +235,10 @@ def _generate_batch(
                 use_cache=True,
                 **({"logits_to_keep": 1} if forward is model else {}),
             )
-            if recorder is not None:
-                recorder.commit(alive)
+            for r in recorders:
+                r.commit(alive)
+            if on_token is not None and watcher is not None:
+                on_token(rows, next_ids, watcher.last, alive)
 
     ids = torch.stack(generated, dim=1).tolist()
     stop_set = set(stops.tolist())
@@ -223,4 +247,5 @@ def _generate_batch(
         cut = next((k for k, t in enumerate(row) if t in stop_set), None)
         tokens.append(row if cut is None else row[:cut])
         finished.append(cut is not None)
-    return _BatchOutput(tokens=tokens, finished=finished, means=recorder.means() if recorder else None)
+    return _BatchOutput(tokens=tokens, finished=finished, means=recorder.means() if recorder else None,
+                        projections=watcher.values if watcher else None)

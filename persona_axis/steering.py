@@ -113,20 +113,35 @@ def mean_ablation(direction: Tensor, mean: Tensor, positions: Positions = "all")
 class Cap(_Intervention):
     """Floor on the projection along a unit axis: x ← x + max(0, τ − x·â) â.
 
-    After it, x·â ≥ τ at every position; positions already at or above τ are unchanged.
+    After it, x·â ≥ τ at every position; positions already at or above τ are unchanged. With
+    track=True it counts, over generated tokens (forward passes of one position), how many it
+    raised: `engaged()` is that fraction.
     """
 
     axis: Tensor
     floor: float
+    track: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._unit = unit(torch.as_tensor(self.axis).float())
+        self.raised = torch.zeros(())
+        self.seen = torch.zeros(())
 
     def apply(self, hidden: Tensor) -> Tensor:
         a = self._unit.to(hidden.device)
         raise_by = (self.floor - hidden.float() @ a).clamp_min_(0.0)
+        if self.track and hidden.shape[1] == 1:
+            self.raised = self.raised + (raise_by > 0).sum().cpu()
+            self.seen = self.seen + raise_by.numel()
         return hidden + (raise_by[..., None] * a).to(hidden.dtype)
+
+    def engaged(self) -> float:
+        """Fraction of generated-token positions this cap raised since the last reset (0 when none seen)."""
+        return float(self.raised / self.seen) if self.seen > 0 else 0.0
+
+    def reset(self) -> None:
+        self.raised, self.seen = torch.zeros(()), torch.zeros(())
 
     def vectors(self) -> list[Tensor]:
         return [self.axis]

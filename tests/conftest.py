@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from chat_server import server  # noqa: F401  (fixture: a chat-completions server on 127.0.0.1)
 
 from persona_axis.models import LoadedModel, converted_gguf_dir, embedded_gguf_path, wrap_model
 
@@ -73,3 +74,14 @@ def tokenizer(embedded_dir: str) -> Any:
 @pytest.fixture()
 def tiny_llama(tokenizer: Any) -> LoadedModel:
     return wrap_model(tiny_model("llama"), tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_dir: str) -> str:
+    """A tiny random Llama saved as a model directory (with the embedded tokenizer), loadable by spec."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(directory)
+    return str(directory)

@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from persona_axis.capture import response_means_by_forward
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate, stop_token_ids
@@ -91,3 +91,28 @@ def test_generation_errors(tiny_llama: LoadedModel) -> None:
         generate(tiny_llama, CONVERSATIONS, max_new_tokens=0)
     with pytest.raises(PersonaAxisError, match="out of range"):
         generate(tiny_llama, CONVERSATIONS, capture=[5])
+
+
+def test_watch_records_per_token_projections_matching_the_forward(tiny_llama: LoadedModel) -> None:
+    torch.manual_seed(5)
+    direction = torch.randn(64)
+    streamed: dict[int, list[float]] = {}
+
+    def on_token(rows: list[int], ids: torch.Tensor, proj: torch.Tensor, alive: torch.Tensor) -> None:
+        for k, row in enumerate(rows):
+            if alive[k]:
+                streamed.setdefault(row, []).append(float(proj[k]))
+
+    result = generate(tiny_llama, CONVERSATIONS[:3], max_new_tokens=7, batch_size=2, capture=False,
+                      watch=(1, direction), on_token=on_token)
+    assert result.projections is not None
+    unit = direction / direction.norm()
+    for i, conversation in enumerate(CONVERSATIONS[:3]):
+        prompt = tiny_llama.tokenizer(tiny_llama.chat_prompt(conversation), add_special_tokens=False).input_ids
+        with torch.no_grad():
+            states = tiny_llama.model(input_ids=torch.tensor([prompt + result.token_ids[i]]),
+                                      output_hidden_states=True).hidden_states
+        expected = (states[2][0, len(prompt):] @ unit).tolist()
+        assert len(result.projections[i]) == len(result.token_ids[i])
+        torch.testing.assert_close(torch.tensor(result.projections[i]), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+        assert streamed[i] == result.projections[i]  # the stream carried the same values, live

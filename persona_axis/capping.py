@@ -1,0 +1,360 @@
+"""Capping configs: floors on the Assistant-Axis projection, calibrated from a run's activations.
+
+A cap at layer l with floor τ raises any hidden state whose projection on the unit axis â_l is
+below τ up to τ (see `steering.Cap`). Floors are calibrated as percentiles of the projections of
+the run's stored response means. An experiment is a set of caps applied together, named
+"layers_<start>:<stop>-p<percentile>" (half-open layer range).
+
+Our file pair: `<stem>.safetensors` (one unit vector per distinct capped axis, "layer_<i>") and
+`<stem>.json` (model, sizes, provenance, experiments with their floors). Other tools store a
+torch file {"vectors": {name: {"layer", "vector"}}, "experiments": [{"id", "interventions":
+[{"vector", "cap"}]}]} where `cap` is a CEILING along the stored vector v:
+x ← x − max(0, x·v̂ − cap) v̂. A floor τ along â is exactly the ceiling −τ along −â.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import Tensor
+
+from persona_axis.axis import Axis, load_axis
+from persona_axis.catalog import DEFAULT_ROLE
+from persona_axis.errors import PersonaAxisError
+from persona_axis.models import LoadedModel
+from persona_axis.steering import Cap
+from persona_axis.store import atomic_write_bytes, load_tensors, read_jsonl
+
+POPULATIONS = ("all", "roles", "default", "roles_score3")
+FORMAT = "persona-axis/capping-config-v1"
+_ID_PATTERN = re.compile(r"layers_(\d+):(\d+)-p(\d+\.\d+|\d+(?:\.\d+)?e-\d+)")
+
+
+def _unit(vector: Tensor, what: str) -> Tensor:
+    """A finite non-zero vector [hidden] as a float32 unit vector; one already unit (±1e-6) is kept bit for bit."""
+    v = torch.as_tensor(vector).detach().float().cpu()
+    if v.dim() != 1 or not torch.isfinite(v).all():
+        raise PersonaAxisError(f"{what} must be a finite 1-D vector, got shape {tuple(v.shape)}")
+    norm = float(v.double().norm())
+    if norm == 0:
+        raise PersonaAxisError(f"{what} is all zeros: it has no direction to cap along")
+    return v.clone() if abs(norm - 1.0) <= 1e-6 else (v.double() / norm).float()
+
+
+@dataclass(eq=False)
+class CapLayer:
+    """A floor on the projection at one layer: axis [hidden] unit float32 (normalised on creation)."""
+
+    layer: int
+    axis: Tensor
+    floor: float
+
+    def __post_init__(self) -> None:
+        self.layer, self.floor = int(self.layer), float(self.floor)
+        if self.layer < 0 or not math.isfinite(self.floor):
+            raise PersonaAxisError(f"a cap needs a layer >= 0 and a finite floor, got layer {self.layer}, floor {self.floor}")
+        self.axis = _unit(self.axis, f"cap axis at layer {self.layer}")
+
+
+@dataclass(eq=False)
+class Experiment:
+    """Caps applied together (at most one per layer)."""
+
+    id: str
+    caps: list[CapLayer]
+
+    def __post_init__(self) -> None:
+        layers = [cap.layer for cap in self.caps]
+        if not layers or len(set(layers)) != len(layers):
+            raise PersonaAxisError(f"experiment {self.id!r} needs caps at distinct layers, got layers {layers}")
+
+    def interventions(self) -> dict[int, Cap]:
+        """{layer: Cap} for `generate(..., interventions=...)` or `steer`."""
+        return {cap.layer: Cap(cap.axis, floor=cap.floor) for cap in self.caps}
+
+
+@dataclass(eq=False)
+class CappingConfig:
+    """Experiments for one model. n_layers 0 means unknown (an imported config); model_hash "" likewise."""
+
+    model: str
+    model_hash: str
+    n_layers: int
+    hidden_size: int
+    source: str
+    population: str
+    experiments: dict[str, Experiment]
+
+    def __post_init__(self) -> None:
+        for key, experiment in self.experiments.items():
+            for cap in experiment.caps:
+                if key != experiment.id or cap.axis.shape[0] != self.hidden_size or 0 < self.n_layers <= cap.layer:
+                    raise PersonaAxisError(
+                        f"experiment {key!r} (id {experiment.id!r}) does not fit the config: its axis at layer "
+                        f"{cap.layer} has size {cap.axis.shape[0]}; the config's hidden size is {self.hidden_size} "
+                        f"and it has {self.n_layers or 'any number of'} layers")
+
+    def experiment(self, id: str) -> Experiment:
+        """The experiment with this id; an unknown id is an error that lists the available ones."""
+        if id not in self.experiments:
+            raise PersonaAxisError(f"unknown capping experiment {id!r}: choose one of {', '.join(self.experiments)}")
+        return self.experiments[id]
+
+    def check_model(self, lm: LoadedModel) -> None:
+        """Refuse a model whose layer count, hidden size or source hash differ from the config's."""
+        top = max((c.layer for e in self.experiments.values() for c in e.caps), default=-1)
+        fits = (self.n_layers in (0, lm.n_layers) and top < lm.n_layers and self.hidden_size == lm.hidden_size
+                and not (self.model_hash and lm.source_hash and self.model_hash != lm.source_hash))
+        if not fits:
+            raise PersonaAxisError(
+                f"capping config was made for {_describe(self.model, self.n_layers, self.hidden_size, self.model_hash)};"
+                f" this model is {_describe(lm.name, lm.n_layers, lm.hidden_size, lm.source_hash)}: "
+                "calibrate a config for this model"
+            )
+
+
+def _describe(name: str, n_layers: int, hidden: int, source_hash: str) -> str:
+    """'name ([layers, hidden], hash 0123456789ab)' for error messages; 0 layers is shown as '?'."""
+    digest = f", hash {source_hash[:12]}" if source_hash else ""
+    return f"{name or 'an unknown model'} ([{n_layers or '?'}, {hidden}]{digest})"
+
+
+def experiment_id(start: int, stop: int, percentile: float) -> str:
+    """"layers_<start>:<stop>-p<percentile>" for the half-open layer range [start, stop)."""
+    return f"layers_{start}:{stop}-p{float(percentile)!r}"
+
+
+def parse_experiment_id(s: str) -> tuple[int, int, float]:
+    """Inverse of `experiment_id`: (start, stop, percentile)."""
+    match = _ID_PATTERN.fullmatch(s)
+    if match:
+        start, stop, percentile = int(match[1]), int(match[2]), float(match[3])
+        if start < stop and 0 < percentile < 1:
+            return start, stop, percentile
+    raise PersonaAxisError(f"bad experiment id {s!r}: expected layers_<start>:<stop>-p<percentile> with "
+                           "start < stop and 0 < percentile < 1, e.g. layers_46:54-p0.25")
+
+
+def default_layer_block(n_layers: int) -> range:
+    """The default capped block: a contiguous ~15 % of the layers starting at ~70 % depth.
+
+    Rule: start = round(0.70 · n_layers), length = max(1, round(0.15 · n_layers)) (halves round
+    up), clipped to the model. 64 layers → 45:55 (published: 46:54); 80 → 56:68 (published:
+    56:72); 30 → 21:26; 3 → 2:3.
+    """
+    if n_layers < 1:
+        raise PersonaAxisError(f"a model needs at least one layer, not {n_layers}")
+    start = min(math.floor(0.70 * n_layers + 0.5), n_layers - 1)
+    length = max(1, math.floor(0.15 * n_layers + 0.5))
+    return range(start, min(start + length, n_layers))
+
+
+def _run_judge(run_dir: Path) -> str:
+    """The judge id the run's vectors step used (metadata only; the tensors are not read)."""
+    path = run_dir / "vectors.safetensors"
+    if not path.exists():
+        raise PersonaAxisError(f"population 'roles_score3' needs {path} (it names the run's judge): "
+                               "finish the run or choose another population")
+    with safe_open(str(path), framework="pt") as f:
+        return str(json.loads((f.metadata() or {})["summary"])["judge"])
+
+
+def _population_ids(run_dir: Path, population: str) -> set[str]:
+    """Record ids of the rollouts in a population (see `run_projections`)."""
+    if population not in POPULATIONS:
+        raise PersonaAxisError(f"unknown population {population!r}: choose one of {', '.join(POPULATIONS)}")
+    rollouts = read_jsonl(run_dir / "rollouts.jsonl")
+    if population == "all":
+        return {r["id"] for r in rollouts}
+    if population == "default":
+        return {r["id"] for r in rollouts if r["role"] == DEFAULT_ROLE}
+    roles = {r["id"] for r in rollouts if r["role"] != DEFAULT_ROLE}
+    if population == "roles":
+        return roles
+    judge = _run_judge(run_dir)
+    scores = {r["id"]: r["score"] for r in read_jsonl(run_dir / "scores.jsonl") if r["judge"] == judge}
+    return {i for i in roles if scores.get(i) == 3}
+
+
+def run_projections(run_dir: str | Path, axis: Axis, layers: Sequence[int], population: str = "all") -> Tensor:
+    """Projections of a run's response means on the unit axis -> [n, len(layers)] float32.
+
+    population: "all" (role and default rollouts), "roles", "default", or "roles_score3" (role
+    rollouts the run's judge scored 3). Chunk files are read one at a time, in file order.
+    """
+    root, layers = Path(run_dir), list(layers)
+    if not layers or any(not 0 <= layer < axis.n_layers for layer in layers):
+        raise PersonaAxisError(f"layers {layers} are not a non-empty set within the axis's "
+                               f"{axis.n_layers} layers (0..{axis.n_layers - 1})")
+    wanted = _population_ids(root, population)
+    units = torch.stack([axis.unit(layer) for layer in layers])  # [k, hidden]
+    parts = []
+    for path in sorted((root / "activations").glob("chunk-*.safetensors")):
+        tensors, meta = load_tensors(path)
+        means = tensors["means"]
+        if tuple(means.shape[1:]) != (axis.n_layers, axis.hidden_size):
+            raise PersonaAxisError(f"{path} holds activations {tuple(means.shape[1:])} that do not fit the axis "
+                                   f"[{axis.n_layers}, {axis.hidden_size}]: use this run's own axis")
+        rows = [row for row, record_id in enumerate(json.loads(meta["ids"])) if record_id in wanted]
+        parts.append(torch.einsum("nkh,kh->nk", means[rows][:, layers].float(), units))
+    projections = torch.cat(parts) if parts else torch.zeros(0, len(layers))
+    if len(projections) == 0:
+        raise PersonaAxisError(f"{root} has no stored activations of population {population!r}: "
+                               "finish the run's rollouts or choose another population")
+    return projections
+
+
+def calibrate(
+    run_dir: str | Path,
+    layers: Sequence[range] | range,
+    percentiles: Sequence[float],
+    population: str = "all",
+    *,
+    axis: Axis | None = None,
+) -> CappingConfig:
+    """One experiment per (layer range, percentile): floor τ_l = quantile of the projections at layer l.
+
+    axis: the axis to project on (default: the run's axis.safetensors). Ranges are half-open and
+    contiguous; percentiles lie strictly between 0 and 1.
+    """
+    blocks = [layers] if isinstance(layers, range) else list(layers)
+    if not percentiles or any(not 0 < p < 1 for p in percentiles):
+        raise PersonaAxisError(f"percentiles must lie strictly between 0 and 1 (e.g. 0.25), got {list(percentiles)}")
+    if not blocks or any(len(b) == 0 or b.step != 1 for b in blocks):
+        raise PersonaAxisError(f"layer ranges must be non-empty and contiguous, got {blocks}")
+    axis = load_axis(run_dir) if axis is None else axis
+    used = sorted({layer for block in blocks for layer in block})
+    projections = run_projections(run_dir, axis, used, population)
+    experiments = {}
+    for block in blocks:
+        for p in percentiles:
+            caps = [CapLayer(layer, axis.unit(layer), float(torch.quantile(projections[:, used.index(layer)], p)))
+                    for layer in block]
+            eid = experiment_id(block.start, block.stop, p)
+            experiments[eid] = Experiment(eid, caps)
+    return CappingConfig(axis.metadata.get("model", ""), axis.metadata.get("model_hash", ""), axis.n_layers,
+                         axis.hidden_size, str(run_dir), population, experiments)
+
+
+def _vector_table(config: CappingConfig) -> tuple[dict[str, CapLayer], dict[str, list[str]]]:
+    """Distinct cap axes by name ("layer_<i>", then "layer_<i>_<k>") and each experiment's names, cap by cap."""
+    table: dict[str, CapLayer] = {}
+    names: dict[str, list[str]] = {}
+    for eid, experiment in config.experiments.items():
+        names[eid] = []
+        for cap in experiment.caps:
+            same_layer = [n for n, c in table.items() if c.layer == cap.layer]
+            name = next((n for n in same_layer if torch.equal(table[n].axis, cap.axis)), None)
+            if name is None:
+                name = f"layer_{cap.layer}" + (f"_{len(same_layer)}" if same_layer else "")
+                table[name] = cap
+            names[eid].append(name)
+    return table, names
+
+
+def _stem(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+
+
+def save_config(config: CappingConfig, path: str | Path) -> None:
+    """Write `<stem>.safetensors` (unit axes [hidden]) and `<stem>.json`, each atomically."""
+    stem = _stem(path)
+    table, names = _vector_table(config)
+    data = save_safetensors_bytes({n: c.axis.contiguous() for n, c in table.items()}, metadata={"format": FORMAT})
+    document = {
+        "format": FORMAT, "model": config.model, "model_hash": config.model_hash, "n_layers": config.n_layers,
+        "hidden_size": config.hidden_size, "source": config.source, "population": config.population,
+        "vectors_file": f"{stem.name}.safetensors", "vectors_sha256": hashlib.sha256(data).hexdigest(),
+        "experiments": [{"id": eid, "caps": [{"layer": c.layer, "floor": c.floor, "vector": n}
+                                             for c, n in zip(e.caps, names[eid])]}
+                        for eid, e in config.experiments.items()],
+    }
+    atomic_write_bytes(Path(f"{stem}.safetensors"), data)
+    atomic_write_bytes(Path(f"{stem}.json"), json.dumps(document, indent=2).encode())
+
+
+def load_config(path: str | Path) -> CappingConfig:
+    """Read a config written by `save_config`, given its stem or either file's path."""
+    stem = _stem(path)
+    json_path, vectors_path = Path(f"{stem}.json"), Path(f"{stem}.safetensors")
+    if not json_path.exists() or not vectors_path.exists():
+        raise PersonaAxisError(f"capping config not found: {stem}.json and {stem}.safetensors are both needed")
+    data = vectors_path.read_bytes()
+    try:
+        doc = json.loads(json_path.read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r}")
+        if doc["vectors_sha256"] != hashlib.sha256(data).hexdigest():
+            raise ValueError(f"{vectors_path.name} is not the vectors file written with it")
+        vectors = load_safetensors_bytes(data)
+        experiments = {e["id"]: Experiment(e["id"], [CapLayer(c["layer"], vectors[c["vector"]], c["floor"])
+                                                     for c in e["caps"]]) for e in doc["experiments"]}
+        fields = [doc[k] for k in ("model", "model_hash", "n_layers", "hidden_size", "source", "population")]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PersonaAxisError(f"{json_path} is not a usable capping config ({exc}): save it again") from None
+    return CappingConfig(*fields, experiments)
+
+
+def export_torch_config(config: CappingConfig, path: str | Path) -> None:
+    """Write the ceiling structure other tools read: vectors −â, caps −τ (torch.save, tensors and plain values)."""
+    table, names = _vector_table(config)
+    obj = {
+        "vectors": {n: {"layer": c.layer, "vector": -c.axis} for n, c in table.items()},
+        "experiments": [{"id": eid, "interventions": [{"vector": n, "cap": -c.floor}
+                                                      for c, n in zip(e.caps, names[eid])]}
+                        for eid, e in config.experiments.items()],
+    }
+    torch.save(obj, path)
+
+
+def _foreign_vectors(obj: Any, where: str) -> dict[str, tuple[int, Tensor]]:
+    """{name: (layer, v̂ [hidden])} from a foreign file's "vectors" table, validated."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("vectors"), dict) and isinstance(obj.get("experiments"), list)):
+        raise PersonaAxisError(f"{where} is not a capping config: expected a dict with 'vectors' and 'experiments'")
+    table = {}
+    for name, entry in obj["vectors"].items():
+        layer = entry.get("layer") if isinstance(entry, dict) else None
+        vector = entry.get("vector") if isinstance(entry, dict) else None
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 or not isinstance(vector, Tensor):
+            raise PersonaAxisError(f"{where}: vector {name!r} needs an integer 'layer' >= 0 and a tensor 'vector'")
+        table[str(name)] = (layer, _unit(vector, f"{where}: vector {name!r}"))
+    sizes = sorted({v.shape[0] for _, v in table.values()})
+    if len(sizes) != 1:
+        raise PersonaAxisError(f"{where}: vectors have different sizes {sizes} (or there are none): "
+                               "every vector must have the model's hidden size")
+    return table
+
+
+def import_torch_config(path: str | Path, model: str = "", model_hash: str = "") -> CappingConfig:
+    """Read the foreign ceiling structure (torch.load with weights_only=True): (v, cap) → CapLayer(−v̂, −cap)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused, missing or truncated file
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PersonaAxisError(f"cannot read {path} as a tensors-only torch file: {reason}") from None
+    table = _foreign_vectors(obj, str(path))
+    experiments = {}
+    for entry in obj["experiments"]:
+        try:
+            eid, items = str(entry["id"]), entry["interventions"]
+            caps = [(table[str(i["vector"])], float(i["cap"])) for i in items]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PersonaAxisError(f"{path}: malformed experiment ({type(exc).__name__}: {exc}); each needs an "
+                                   "'id' and interventions naming a known vector with a numeric 'cap'") from None
+        if eid in experiments:
+            raise PersonaAxisError(f"{path}: experiment id {eid!r} appears twice; ids must be unique")
+        experiments[eid] = Experiment(eid, [CapLayer(layer, -v, -cap) for (layer, v), cap in caps])
+    hidden = next(iter(table.values()))[1].shape[0]
+    return CappingConfig(model, model_hash, 0, hidden, str(path), "unknown", experiments)

@@ -1,0 +1,44 @@
+"""Subcommands that watch conversations drift along the axis: monitor."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from persona_axis.cli.options import axis_options, print_json
+
+
+def cmd_monitor(args: argparse.Namespace) -> None:
+    from persona_axis.axis import load_axis
+    from persona_axis.models import load_model
+    from persona_axis.monitor import plot_trajectory, project_conversation, read_conversations
+
+    conversations = read_conversations(args.file)
+    axis = load_axis(args.axis)
+    lm = load_model(args.model, dtype=args.dtype)
+    layers = list(range(axis.n_layers)) if args.all_layers else None
+    results = [project_conversation(lm, axis, c, layers=layers, layer=args.layer) for c in conversations]
+    if args.plot:
+        plot_trajectory(results, args.plot, threshold=args.threshold)
+    if args.json:
+        print_json({"conversations": [{**asdict(r), "metadata": c.metadata} for r, c in zip(results, conversations)]})
+        return
+    for result in results:
+        print(f"=== {result.source} (projection on the axis at layer {result.layer}; higher = more Assistant-like)")
+        for turn in result.turns:
+            flag = "  <- below threshold" if args.threshold is not None and turn.projection < args.threshold else ""
+            print(f"turn {turn.index:3d} {turn.role:9s} {turn.projection:+9.3f}  ({turn.n_tokens} tokens){flag}")
+    if args.plot:
+        print(f"trajectory plot: {args.plot}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    monitor = sub.add_parser("monitor", help="per-turn projections of a conversation file (teacher-forced)")
+    monitor.add_argument("file", help="a conversation: JSON list of messages, an object holding one, or JSONL")
+    axis_options(monitor)
+    monitor.add_argument("--layer", type=int, help="layer to report (default: the middle layer)")
+    monitor.add_argument("--all-layers", action="store_true", help="also report every layer's projection")
+    monitor.add_argument("--threshold", type=float, help="draw and flag this projection (e.g. a capping floor)")
+    monitor.add_argument("--plot", help="write the trajectory plot (PNG) here")
+    monitor.add_argument("--json", action="store_true")
+    monitor.set_defaults(func=cmd_monitor)

@@ -1,0 +1,39 @@
+"""Options several subcommands share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default', a .gguf file, a model directory or a hub id")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where fast), float32, bfloat16 or float16")
+
+
+def axis_options(p: argparse.ArgumentParser) -> None:
+    model_options(p)
+    p.add_argument("--axis", required=True, help="a run directory or an axis file (.safetensors or torch file)")
+
+
+def intervention_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="capping config (default: <run>/capping.json when --axis is a run directory)")
+    p.add_argument("--cap", metavar="EXPERIMENT", help="apply this capping experiment, e.g. layers_21:25-p0.25")
+    p.add_argument("--steer", action="append", default=[], metavar="COEF@LAYER",
+                   help="add COEF x axis at LAYER (repeatable); COEF is in units of the axis length")
+
+
+def judge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="offline", help="offline (default) or openai")
+    p.add_argument("--judge-url", help="base URL of an OpenAI-compatible API (openai judge)")
+    p.add_argument("--judge-model", help="model name for the openai judge")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+
+
+def number_list(value: str) -> list[float]:
+    return [float(v) for v in value.replace(",", " ").split()]
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj))
