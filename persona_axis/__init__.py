@@ -1,5 +1,6 @@
 """persona-axis: find, monitor and cap the Assistant Axis of a chat model."""
 
+from persona_axis.axis import Axis, compute_axis, load_axis, save_axis
 from persona_axis.capture import response_means_by_forward
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import GenerationResult, generate
@@ -9,14 +10,18 @@ from persona_axis.steering import Ablation, Addition, Cap, mean_ablation, steer
 __all__ = [
     "Ablation",
     "Addition",
+    "Axis",
     "Cap",
     "GenerationResult",
     "LoadedModel",
     "PersonaAxisError",
+    "compute_axis",
     "generate",
+    "load_axis",
     "load_model",
     "mean_ablation",
     "response_means_by_forward",
+    "save_axis",
     "steer",
     "wrap_model",
 ]

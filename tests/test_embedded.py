@@ -36,3 +36,31 @@ def test_embedded_model_loads_from_cache_in_bfloat16() -> None:
     assert len(lm.source_hash) == 64
     result = generate(lm, [[{"role": "user", "content": "Say hello."}]], max_new_tokens=8, capture=False)
     assert result.texts[0].strip()
+
+
+def test_smoke_run_then_calibrate_and_capped_generation(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CI-sized pipeline on the embedded model, then the capping path on its axis."""
+    import json
+    from pathlib import Path
+
+    from persona_axis.cli import main
+
+    run = Path(str(tmp_path)) / "smoke"
+    assert main(["run", "--preset", "smoke", "--out", str(run), "--no-progress"]) == 0
+    assert (run / "report.html").exists()
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--json"]) == 0
+    analysis = json.loads(capsys.readouterr().out)
+    for key in ("layers", "n_roles_used", "roles_dropped", "variance_explained", "n_components_70",
+                "cos_axis_pc1", "pc1_top", "pc1_bottom", "axis_top", "axis_bottom"):
+        assert key in analysis
+    assert len(analysis["cos_axis_pc1"]) == 30
+    assert main(["calibrate", str(run), "--percentile", "0.5"]) == 0
+    experiment = capsys.readouterr().out.split()[0]
+    prompts = Path(str(tmp_path)) / "p.json"
+    prompts.write_text(json.dumps([{"role": "system", "content": "You are a ghost haunting an old inn."},
+                                   {"role": "user", "content": "Who are you?"}]))
+    assert main(["generate", str(prompts), "--axis", str(run), "--cap", experiment, "--compare", "--json",
+                 "--max-new-tokens", "24"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["conversations"]
+    assert row["capped"]["reply"].strip() and row["uncapped"]["reply"].strip()

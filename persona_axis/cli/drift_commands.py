@@ -1,0 +1,148 @@
+"""Subcommands for drift in simulated conversations: simulate, drift-report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from persona_axis.cli.options import axis_options, print_json
+
+
+def _simulator(args: argparse.Namespace, target: Any) -> Any:
+    """The user simulator the options ask for: an OpenAI-compatible endpoint, or a local model."""
+    from persona_axis.drift import LocalUserSimulator, OpenAIUserSimulator
+    from persona_axis.errors import PersonaAxisError
+    from persona_axis.models import load_model
+
+    if args.user_url:
+        if args.user_model or not args.user_model_name:
+            raise PersonaAxisError("--user-url needs --user-model-name (the endpoint's model) and no --user-model")
+        return OpenAIUserSimulator(args.user_url, args.user_model_name, args.user_key_env,
+                                   temperature=args.user_temperature)
+    if args.user_model_name:
+        raise PersonaAxisError("--user-model-name names a model behind --user-url: give --user-url too")
+    same = args.user_model in (None, args.model)
+    lm = target if same else load_model(args.user_model, dtype=args.dtype)
+    return LocalUserSimulator(lm, max_new_tokens=args.user_max_new_tokens, temperature=args.user_temperature,
+                              seed=args.seed)
+
+
+def _interventions(args: argparse.Namespace, lm: Any, axis: Any) -> dict[int, list[Any]]:
+    """Caps from --config/--cap (config default: <axis run>/capping), or none."""
+    from persona_axis.capping import load_config
+    from persona_axis.chat import build_interventions
+    from persona_axis.errors import PersonaAxisError
+
+    if not args.cap:
+        if args.config:
+            raise PersonaAxisError("--config is only used with --cap EXPERIMENT: name the experiment to apply")
+        return {}
+    path = args.config or (Path(args.axis) / "capping" if Path(args.axis).is_dir() else None)
+    return build_interventions(lm, axis, load_config(path) if path else None, args.cap)
+
+
+def _stats_json(stats: dict[str, dict[bool, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    return {d: {("capped" if c else "uncapped"): rows for c, rows in by_cap.items()} for d, by_cap in stats.items()}
+
+
+def _print_stats(stats: dict[str, dict[bool, list[dict[str, Any]]]]) -> None:
+    for domain, by_cap in stats.items():
+        for capped, rows in sorted(by_cap.items()):
+            print(f"=== {domain} ({'capped' if capped else 'uncapped'}): mean projection per turn, 95% t-interval")
+            for row in rows:
+                ci = (f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" if row["ci_low"] is not None
+                      else "(no CI with n=1)")
+                print(f"turn {row['turn']:3d}  {row['mean']:+9.3f}  {ci}  n={row['n']}")
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from persona_axis.axis import load_axis
+    from persona_axis.drift import plot_domains, simulate, turn_statistics
+    from persona_axis.models import load_model
+
+    axis = load_axis(args.axis)
+    target = load_model(args.model, dtype=args.dtype)
+    interventions = _interventions(args, target, axis)
+    records = simulate(target, axis, _simulator(args, target), args.domain, args.turns, args.n, layer=args.layer,
+                       interventions=interventions, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       out=args.out, progress=not args.json, temperature=args.temperature,
+                       batch_size=args.batch_size)
+    stats = turn_statistics(records)
+    if args.plot:
+        plot_domains(stats, args.plot)
+    if args.json:
+        print_json({"out": args.out, "statistics": _stats_json(stats), "conversations": records})
+        return
+    print(f"{len(records)} conversations x {args.turns} turns with {target.name}, projection at layer "
+          f"{records[0]['layer']} (higher = more Assistant-like)" + (f", capped by {args.cap}" if args.cap else ""))
+    _print_stats(stats)
+    if args.out:
+        print(f"conversations: {Path(args.out) / 'conversations.jsonl'}")
+    if args.plot:
+        print(f"plot: {args.plot}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def cmd_drift_report(args: argparse.Namespace) -> None:
+    from persona_axis.drift import fit_drift_predictor, load_simulations, lowest_turns, plot_domains, turn_statistics
+
+    records = load_simulations(args.dirs)
+    predictor = fit_drift_predictor(records, folds=args.folds, alpha=args.alpha)
+    stats = turn_statistics(records)
+    lowest = lowest_turns(records, args.lowest)
+    if args.plot:
+        plot_domains(stats, args.plot)
+    if args.json:
+        print_json({"predictor": predictor, "statistics": _stats_json(stats), "lowest": lowest})
+        return
+    delta = "n/a (no turn with a previous reply)" if predictor["r2_delta"] is None else f"{predictor['r2_delta']:.3f}"
+    print(f"drift predictor: {predictor['method']}")
+    print(f"  R² of the next reply's projection: {predictor['r2_absolute']:.3f};  R² of its change: {delta}  "
+          f"(n = {predictor['n_turns']} turns in {predictor['n_conversations']} conversations)")
+    _print_stats(stats)
+    print(f"=== the {len(lowest)} least Assistant-like turns")
+    for turn in lowest:
+        print(f"{turn['projection']:+9.3f}  {turn['conversation']} turn {turn['turn']}"
+              + (" (capped)" if turn["capped"] else ""))
+        print(f"    user:  {_one_line(turn['user'])}")
+        print(f"    reply: {_one_line(turn['reply'])}")
+    if args.plot:
+        print(f"plot: {args.plot}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sim = sub.add_parser("simulate", help="simulated multi-turn conversations by domain, projected on the axis")
+    axis_options(sim)
+    sim.add_argument("--domain", default="all", help="coding, writing, therapy, philosophy or all (default)")
+    sim.add_argument("--turns", type=int, default=6, help="user/assistant exchanges per conversation")
+    sim.add_argument("--n", type=int, default=10, help="conversations per domain")
+    sim.add_argument("--layer", type=int, help="layer to project at (default: the middle layer)")
+    sim.add_argument("--max-new-tokens", type=int, default=96, help="longest target reply in tokens")
+    sim.add_argument("--temperature", type=float, default=0.0, help="target sampling temperature (0: greedy)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--batch-size", type=int, default=32, help="conversations simulated together (and saved together)")
+    sim.add_argument("--user-model", metavar="SPEC", help="local model playing the user (default: the --model)")
+    sim.add_argument("--user-url", metavar="URL", help="OpenAI-compatible API playing the user instead")
+    sim.add_argument("--user-model-name", metavar="NAME", help="model name at --user-url")
+    sim.add_argument("--user-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    sim.add_argument("--user-temperature", type=float, default=0.8)
+    sim.add_argument("--user-max-new-tokens", type=int, default=80, help="longest user message (local simulator)")
+    sim.add_argument("--config", help="capping config (default: <run>/capping when --axis is a run directory)")
+    sim.add_argument("--cap", metavar="EXPERIMENT", help="cap the target with this experiment, e.g. layers_21:25-p0.25")
+    sim.add_argument("--out", metavar="DIR", help="save conversations here; a re-run resumes")
+    sim.add_argument("--plot", metavar="PNG", help="write the per-domain drift plot here")
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
+
+    report = sub.add_parser("drift-report", help="drift predictor R², per-turn statistics and lowest turns")
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="simulation directories (e.g. capped and uncapped)")
+    report.add_argument("--folds", type=int, default=5, help="cross-validation folds (whole conversations held out)")
+    report.add_argument("--alpha", type=float, default=1.0, help="ridge regularisation strength")
+    report.add_argument("--lowest", type=int, default=5, metavar="K", help="show the K least Assistant-like turns")
+    report.add_argument("--plot", metavar="PNG", help="write the per-domain drift plot here")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(func=cmd_drift_report)
