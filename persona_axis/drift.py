@@ -11,9 +11,7 @@ projection of the reply that follows it, cross-validated with whole conversation
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from persona_axis.axis import Axis
+from persona_axis.chat_api import TRANSPORT_ERRORS, NotAChatCompletion, completions_url, error_detail, post_chat
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.judges.offline import load_embedder
@@ -113,7 +112,7 @@ class OpenAIUserSimulator:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
                  temperature: float = 0.8) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = completions_url(base_url)
         self.model, self.api_key_env, self.timeout_s, self.temperature = model, api_key_env, timeout_s, temperature
         self.id = f"openai:{model}@{self.url}:t{temperature:g}"
 
@@ -122,28 +121,18 @@ class OpenAIUserSimulator:
 
     def _post(self, messages: list[Message]) -> str:
         """One chat-completions request -> the reply text; any failure is a PersonaAxisError."""
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": 200}
-        headers = {"Content-Type": "application/json"}
-        if key := os.environ.get(self.api_key_env):
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = response.read()
+            content = post_chat(self.url, self.model, messages, self.api_key_env, self.timeout_s, self.temperature)
         except urllib.error.HTTPError as exc:
-            with exc:
-                detail = " ".join(exc.read(300).decode("utf-8", "replace").split())
             raise PersonaAxisError(f"user simulator request failed with HTTP {exc.code} at {self.url} "
-                                   f"({detail or 'no detail'}): check the URL, the model name {self.model!r} "
-                                   f"and the API key in ${self.api_key_env}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                                   f"({error_detail(exc) or 'no detail'}): check the URL, the model name "
+                                   f"{self.model!r} and the API key in ${self.api_key_env}") from None
+        except NotAChatCompletion:
+            content = None
+        except TRANSPORT_ERRORS as exc:
             raise PersonaAxisError(f"user simulator unreachable at {self.url} ({getattr(exc, 'reason', exc)}): "
                                    "check the server is running and the URL is right") from None
-        try:
-            content = json.loads(payload)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            content = None
-        if not isinstance(content, str):
+        if content is None:
             raise PersonaAxisError(f"user simulator at {self.url} did not answer with a chat completion: "
                                    "check the URL points at the API root (often ending in /v1)")
         return content
@@ -161,10 +150,9 @@ def _digest(obj: Any) -> str:
 
 def _interventions_digest(interventions: InterventionMap) -> str | None:
     """A fingerprint of {layer: intervention(s)} (types, vectors, coefficients); None when there are none."""
-    described = {}
-    for layer, items in sorted(interventions.items()):
-        items = items if isinstance(items, Sequence) else [items]
-        described[str(layer)] = [[type(i).__name__, *(getattr(i, f.name) for f in fields(i))] for i in items]
+    described = {str(layer): [[type(i).__name__, *(getattr(i, f.name) for f in fields(i))]
+                              for i in (items if isinstance(items, Sequence) else [items])]
+                 for layer, items in sorted(interventions.items())}
     return _digest(described) if described else None
 
 
@@ -203,10 +191,12 @@ def simulate(target: LoadedModel, axis: Axis, simulator: UserSimulator, domain: 
              batch_size: int = 32) -> list[Record]:
     """Simulate n conversations of `turns` exchanges per domain ("all": every domain) with the target.
 
-    Turn 1 is each persona's opening; later user turns come from `simulator`. Conversations run in
-    batches of `batch_size`. Returns one record per conversation {"id", "domain", "persona_id",
-    "capped", "layer", "messages", "projections" [turns] (None for an empty reply)}: each reply's mean
-    projection on the unit axis at `layer` (default: the middle layer), captured during generation.
+    Turn 1 is each persona's opening; later user turns come from `simulator`. The target replies greedily
+    unless temperature > 0 (seeded by seed + turn); `interventions` (e.g. caps from chat.build_interventions)
+    apply to every target reply and mark the records capped. Conversations run in batches of `batch_size`.
+    Returns one record per conversation {"id", "domain", "persona_id", "capped", "layer", "messages",
+    "projections" [turns] (None for an empty reply)}: each reply's mean projection on the unit axis at
+    `layer` (default: the middle layer), captured during generation.
     With `out`, finished batches are appended to <out>/conversations.jsonl and a re-run skips them.
     """
     axis.check_model(target.n_layers, target.hidden_size, target.name)
@@ -237,51 +227,49 @@ def simulate(target: LoadedModel, axis: Axis, simulator: UserSimulator, domain: 
 
 
 def load_simulations(directories: Sequence[str | Path]) -> list[Record]:
-    """Conversation records of one or more simulation run directories, in file order."""
+    """Conversation records of one or more simulation run directories, in file order, each with its "run"."""
     records = []
     for directory in directories:
         path = Path(directory) / f"{CONVERSATIONS}.jsonl"
         if not path.exists():
             raise PersonaAxisError(f"{directory} holds no {path.name}: "
                                    f"run `persona-axis simulate --out {directory}` first")
-        records.extend(read_jsonl(path))
+        records.extend({**record, "run": str(directory)} for record in read_jsonl(path))
     return records
+
+
+def _mean_interval(values: list[float], confidence: float) -> dict[str, Any]:
+    """Mean of values, its t-based confidence interval (None for a single value), and n."""
+    from scipy.stats import t
+
+    mean, n = float(np.mean(values)), len(values)
+    if n < 2:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": n}
+    half = float(t.ppf((1 + confidence) / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
 def turn_statistics(records: Sequence[Record], confidence: float = 0.95) -> Stats:
     """Per domain, per capped flag, per turn: {"turn" (1-based), "mean", "ci_low", "ci_high", "n"}.
 
-    The interval is the t-based confidence interval of the mean (None with fewer than 2 values).
+    The interval is the t-based confidence interval of the mean projection (None when n = 1);
+    empty replies (projection None) are left out.
     """
-    from scipy.stats import t
-
-    grouped: dict[str, dict[bool, list[list[float]]]] = {}
+    values: dict[tuple[str, bool, int], list[float]] = {}
     for record in records:
-        per_turn = grouped.setdefault(record["domain"], {}).setdefault(record["capped"], [])
-        for k, value in enumerate(record["projections"]):
-            per_turn.extend([] for _ in range(k + 1 - len(per_turn)))
+        for turn, value in enumerate(record["projections"], 1):
             if value is not None:
-                per_turn[k].append(value)
+                values.setdefault((record["domain"], record["capped"], turn), []).append(value)
     stats: Stats = {}
-    for domain, by_cap in grouped.items():
-        for capped, per_turn in by_cap.items():
-            rows = []
-            for k, values in enumerate(per_turn, 1):
-                if not values:
-                    continue
-                mean, low, high = float(np.mean(values)), None, None
-                if len(values) > 1:
-                    sem = np.std(values, ddof=1) / np.sqrt(len(values))
-                    half = float(t.ppf((1 + confidence) / 2, len(values) - 1) * sem)
-                    low, high = mean - half, mean + half
-                rows.append({"turn": k, "mean": mean, "ci_low": low, "ci_high": high, "n": len(values)})
-            stats.setdefault(domain, {})[capped] = rows
+    for (domain, capped, turn), found in sorted(values.items(), key=lambda item: item[0][2]):  # by turn, stable
+        stats.setdefault(domain, {}).setdefault(capped, []).append({"turn": turn, **_mean_interval(found, confidence)})
     return stats
 
 
 def plot_domains(stats: Stats, path: str | Path) -> Path:
     """PNG of the mean projection per turn, one colour per domain (dashed: capped), with CI bands."""
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+    from matplotlib.ticker import MaxNLocator
 
     if not stats:
         raise PersonaAxisError("no conversations to plot")
@@ -296,37 +284,44 @@ def plot_domains(stats: Stats, path: str | Path) -> Path:
             ax.fill_between([r["turn"] for r in banded], [r["ci_low"] for r in banded], [r["ci_high"] for r in banded],
                             color=f"C{n % 10}", alpha=0.15, linewidth=0)
     ax.set(xlabel="turn", ylabel="mean projection (95 % CI)", title="Position on the Assistant Axis per turn")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     return Path(path)
 
 
-def _assistant_turns(record: Record) -> list[tuple[int, str, str, float | None]]:
-    """(turn index 0-based, user message before it, reply, projection) for each assistant turn."""
+def _conversation_key(record: Record) -> str:
+    """The conversation's id, prefixed by its run directory when it has one (ids repeat across runs)."""
+    return f"{record['run']}/{record['id']}" if "run" in record else record["id"]
+
+
+def _assistant_turns(record: Record) -> list[tuple[str, str, float | None]]:
+    """(user message before it, reply, projection) for each assistant turn, in order."""
     turns, user = [], ""
     for message in record["messages"]:
         if message["role"] == "user":
             user = message["content"]
         elif message["role"] == "assistant":
-            turns.append((len(turns), user, message["content"], record["projections"][len(turns)]))
+            turns.append((user, message["content"], record["projections"][len(turns)]))
     return turns
 
 
 def drift_dataset(records: Sequence[Record],
                   embedder: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One row per assistant turn with a projection: X [m, dim] embeddings of the user message before
-    it, y_abs [m] the reply's projection, y_delta [m] its change from the previous reply (NaN when
-    there is none), groups [m] conversation ids. embedder: any object with `encode(texts)` (default MiniLM).
+    it (dim 384 for the default all-MiniLM-L6-v2; `embedder` is any object with `encode(texts)`),
+    y_abs [m] the reply's projection, y_delta [m] its change from the previous reply (NaN when there
+    is none), groups [m] conversation keys ("run/id" for records read from run directories, else "id").
     """
     texts, y_abs, y_delta, groups = [], [], [], []
     for record in records:
         previous = None
-        for _, user, _, value in _assistant_turns(record):
+        for user, _, value in _assistant_turns(record):
             if value is not None:
                 texts.append(user)
                 y_abs.append(value)
                 y_delta.append(np.nan if previous is None else value - previous)
-                groups.append(record["id"])
+                groups.append(_conversation_key(record))
             previous = value
     if not texts:
         raise PersonaAxisError("no assistant turns with a projection: simulate some conversations first")
@@ -366,25 +361,19 @@ def fit_drift_predictor(records: Sequence[Record], folds: int = 5, alpha: float 
     projection ("r2_absolute") and to its change from the previous reply ("r2_delta"; turns with a
     previous reply only; None when fewer than 2 conversations have one)."""
     X, y_abs, y_delta, groups = drift_dataset(records, embedder)
-    used = min(folds, len(set(groups.tolist())))
-    has_previous = ~np.isnan(y_delta)
-    delta_groups = groups[has_previous]
-    r2_delta = (_cross_validated_r2(X[has_previous], y_delta[has_previous], delta_groups, folds, alpha)
-                if len(set(delta_groups.tolist())) >= 2 else None)
-    return {
-        "method": f"ridge regression (alpha={alpha:g}) on {X.shape[1]}-d user-message embeddings; GroupKFold by "
-                  f"conversation ({used} folds); R² pooled over out-of-fold predictions",
-        "n_turns": int(len(y_abs)),
-        "n_conversations": len(set(groups.tolist())),
-        "folds": used,
-        "r2_absolute": _cross_validated_r2(X, y_abs, groups, folds, alpha),
-        "r2_delta": r2_delta,
-    }
+    r2_absolute = _cross_validated_r2(X, y_abs, groups, folds, alpha)  # raises with fewer than 2 conversations
+    n_conversations, previous = len(set(groups.tolist())), ~np.isnan(y_delta)
+    r2_delta = (_cross_validated_r2(X[previous], y_delta[previous], groups[previous], folds, alpha)
+                if len(set(groups[previous].tolist())) >= 2 else None)
+    return {"method": f"ridge regression (alpha={alpha:g}) on {X.shape[1]}-d user-message embeddings; GroupKFold "
+                      f"by conversation; R² pooled over out-of-fold predictions",
+            "n_turns": len(y_abs), "n_conversations": n_conversations, "folds": min(folds, n_conversations),
+            "r2_absolute": r2_absolute, "r2_delta": r2_delta}
 
 
 def lowest_turns(records: Sequence[Record], k: int = 5) -> list[dict[str, Any]]:
     """The k assistant turns with the lowest projections (least Assistant-like), lowest first."""
-    turns = [{"domain": r["domain"], "conversation": r["id"], "capped": r["capped"], "turn": index + 1,
+    turns = [{"domain": r["domain"], "conversation": _conversation_key(r), "capped": r["capped"], "turn": index,
               "projection": value, "user": user, "reply": reply}
-             for r in records for index, user, reply, value in _assistant_turns(r) if value is not None]
+             for r in records for index, (user, reply, value) in enumerate(_assistant_turns(r), 1) if value is not None]
     return sorted(turns, key=lambda turn: turn["projection"])[:k]

@@ -102,7 +102,8 @@ def cmd_drift_report(args: argparse.Namespace) -> None:
     delta = "n/a (no turn with a previous reply)" if predictor["r2_delta"] is None else f"{predictor['r2_delta']:.3f}"
     print(f"drift predictor: {predictor['method']}")
     print(f"  R² of the next reply's projection: {predictor['r2_absolute']:.3f};  R² of its change: {delta}  "
-          f"(n = {predictor['n_turns']} turns in {predictor['n_conversations']} conversations)")
+          f"(n = {predictor['n_turns']} turns in {predictor['n_conversations']} conversations, "
+          f"{predictor['folds']} folds)")
     _print_stats(stats)
     print(f"=== the {len(lowest)} least Assistant-like turns")
     for turn in lowest:

@@ -8,7 +8,6 @@ failure raises PersonaAxisError, a malformed reply becomes an unscored verdict. 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import random
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from persona_axis.chat_api import TRANSPORT_ERRORS, NotAChatCompletion, completions_url, error_detail, post_chat
 from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import SCORES, JudgeItem, Verdict
 
@@ -105,7 +105,7 @@ class OpenAIJudge:
                                    f"got {concurrency} and {max_attempts}")
         self.id = f"openai:{model}"
         self.model = model
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = completions_url(base_url)
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.max_attempts = max_attempts
@@ -163,38 +163,23 @@ class OpenAIJudge:
 
     def _post(self, messages: list[dict[str, str]]) -> str:
         """One chat-completions request; returns the reply text or raises _Transient / PersonaAxisError."""
-        body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 200}
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = response.read()
+            return post_chat(self.url, self.model, messages, self.api_key_env, self.timeout_s, temperature=0) or ""
         except urllib.error.HTTPError as exc:
             raise self._http_failure(exc) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        except NotAChatCompletion:
+            raise PersonaAxisError(f"judge at {self.url} did not answer with a chat completion; "
+                                   f"check the URL points at the API root (often ending in /v1)") from None
+        except TRANSPORT_ERRORS as exc:
             raise _Transient(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
-        return self._reply_text(payload)
 
     def _http_failure(self, exc: urllib.error.HTTPError) -> Exception:
         """The exception for an HTTP error status: _Transient for 429/5xx, PersonaAxisError for other 4xx."""
-        with exc:
-            detail = " ".join(exc.read(300).decode("utf-8", "replace").split())
+        detail = error_detail(exc)
         if exc.code == 429 or exc.code >= 500:
             return _Transient(f"HTTP {exc.code}", retry_after_s(exc.headers.get("Retry-After")))
         return PersonaAxisError(f"judge request failed with HTTP {exc.code} at {self.url} ({detail or 'no detail'}); "
                                 f"check the URL, the model name {self.model!r} and the API key in ${self.api_key_env}")
-
-    def _reply_text(self, payload: bytes) -> str:
-        """The assistant message in a chat-completions response ('' when it has no text)."""
-        try:
-            content = json.loads(payload)["choices"][0]["message"].get("content")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise PersonaAxisError(f"judge at {self.url} did not answer with a chat completion; "
-                                   f"check the URL points at the API root (often ending in /v1)") from None
-        return content if isinstance(content, str) else ""
 
     def _cache_path(self, key: str) -> Path | None:
         return self.cache_dir / key[:2] / f"{key}.json" if self.cache_dir is not None else None
