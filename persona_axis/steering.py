@@ -125,16 +125,25 @@ class Cap(_Intervention):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._unit = unit(torch.as_tensor(self.axis).float())
+        self._cast: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.raised = torch.zeros(())
         self.seen = torch.zeros(())
 
+    def _units(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The unit axis in float32 and in the hidden dtype, on the hidden device (cached)."""
+        key = (hidden.device, hidden.dtype)
+        if key not in self._cast:
+            a = self._unit.to(hidden.device)
+            self._cast[key] = (a, a.to(hidden.dtype))
+        return self._cast[key]
+
     def apply(self, hidden: Tensor) -> Tensor:
-        a = self._unit.to(hidden.device)
-        raise_by = (self.floor - hidden.float() @ a).clamp_min_(0.0)
+        a, a_model = self._units(hidden)
+        raise_by = (self.floor - hidden.float() @ a).clamp_min_(0.0)  # projection in float32: [batch, seq]
         if self.track and hidden.shape[1] == 1:
             self.raised = self.raised + (raise_by > 0).sum().cpu()
             self.seen = self.seen + raise_by.numel()
-        return hidden + (raise_by[..., None] * a).to(hidden.dtype)
+        return torch.addcmul(hidden, raise_by.to(hidden.dtype).unsqueeze(-1), a_model)
 
     def engaged(self) -> float:
         """Fraction of generated-token positions this cap raised since the last reset (0 when none seen)."""

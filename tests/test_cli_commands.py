@@ -146,3 +146,9 @@ def test_judge_eval_confusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["judge-eval", str(labels), "--json", "--fold", "B"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == 2 and sum(sum(row.values()) for row in report["confusion"].values()) == 2
+
+
+def test_analyze_compares_pc1_loadings_between_runs(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", str(tiny_run), "--compare", str(tiny_run), "--json"]) == 0
+    correlation = json.loads(capsys.readouterr().out)["pc1_correlation"]
+    assert correlation["pearson_r"] == pytest.approx(1.0) and correlation["shared_roles"] >= 3

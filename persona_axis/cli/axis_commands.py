@@ -72,10 +72,19 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from persona_axis.pipeline import analyze_run
 
     analysis = analyze_run(args.run, layer=args.layer, standardise=args.standardise)
+    if args.compare:
+        from persona_axis.persona_space import pc1_loading_correlation
+
+        other = analyze_run(args.compare, standardise=args.standardise)
+        r, shared = pc1_loading_correlation(analysis["pc1_loadings"], other["pc1_loadings"])
+        analysis["pc1_correlation"] = {"run": args.compare, "pearson_r": r, "shared_roles": shared}
     if args.json:
         print_json(analysis)
     else:
         print(headline(analysis))
+        if args.compare:
+            c = analysis["pc1_correlation"]
+            print(f"PC1 loadings vs {c['run']}: Pearson r {c['pearson_r']:.3f} over {c['shared_roles']} shared roles")
         print(f"report: {Path(args.run) / 'report.html'}")
 
 
@@ -122,6 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     analyze.add_argument("run", help="run directory")
     analyze.add_argument("--layer", type=int, help="layer for PCA and rankings (default: the middle layer)")
     analyze.add_argument("--standardise", action="store_true", help="scale each dimension to unit variance first")
+    analyze.add_argument("--compare", metavar="RUN", help="correlate PC1 role loadings with another run (e.g. model)")
     analyze.add_argument("--json", action="store_true", help="print one JSON object")
     analyze.set_defaults(func=cmd_analyze)
 
