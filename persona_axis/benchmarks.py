@@ -41,6 +41,11 @@ def bench_conversations(n: int) -> list[list[Message]]:
     return [[{"role": "user", "content": BENCH_REQUESTS[i % len(BENCH_REQUESTS)]}] for i in range(n)]
 
 
+# Every variant generates exactly `new_tokens` per reply (end-of-turn ignored), so all do the same work:
+# otherwise a variant that changes the text also changes how many rows of the batch idle after finishing.
+FIXED = {"stop_at_eos": False}
+
+
 def generated_tokens(result: GenerationResult) -> int:
     """Tokens the model produced: response tokens plus each end-of-turn token."""
     return sum(len(t) for t in result.token_ids) + sum(result.finished)
@@ -88,13 +93,15 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
     prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
 
     def plain() -> int:
-        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=False))
+        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=False,
+                                         **FIXED))
 
     def onepass() -> int:
-        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=True))
+        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=True,
+                                         **FIXED))
 
     def twopass() -> int:
-        result = generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=False)
+        result = generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=False, **FIXED)
         response_means_by_forward(lm, prompt_ids, result.token_ids, all_layers, batch_size=batch)
         return generated_tokens(result)
 
@@ -102,10 +109,9 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         enc = lm.tokenizer([lm.chat_prompt(c) for c in conversations], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(lm.device)
         with torch.inference_mode():
-            out = lm.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+            out = lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                     pad_token_id=lm.tokenizer.pad_token_id)
-        new = out[:, enc.input_ids.shape[1]:]
-        return int((new != lm.tokenizer.pad_token_id).sum()) + int((new == lm.tokenizer.pad_token_id).any(1).sum())
+        return out[:, enc.input_ids.shape[1]:].numel()
 
     plain()  # warm-up: allocator, thread pools, tokenizer caches
     rates = _interleaved({"plain": plain, "onepass": onepass, "twopass": twopass, "hf": hf_generate}, rounds)
@@ -183,7 +189,7 @@ def bench_steer(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds:
 
     def run(**kwargs: Any) -> int:
         return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch,
-                                         capture=False, **kwargs))
+                                         capture=False, **FIXED, **kwargs))
 
     def naive_cap8() -> int:
         handles = _naive_cap_hooks(lm, directions, block)
@@ -289,7 +295,7 @@ def bench_monitor(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, round
 
     def run(**kwargs: Any) -> int:
         return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch,
-                                         capture=False, **kwargs))
+                                         capture=False, **FIXED, **kwargs))
 
     run()
     rates = _interleaved({"plain": run, "monitored": lambda: run(watch=(layer, axis.vectors[layer]))}, rounds)

@@ -94,6 +94,7 @@ def generate(
     interventions: InterventionMap | None = None,
     watch: tuple[int, Tensor] | None = None,
     on_token: TokenCallback | None = None,
+    stop_at_eos: bool = True,
     progress: bool = False,
 ) -> GenerationResult:
     """Generate the assistant's next reply for each conversation, capturing activations as it goes.
@@ -103,7 +104,8 @@ def generate(
     layer, a list of layer indices, or False. interventions: {layer: intervention(s)} applied at
     every forward pass (see steering.py). Sampling is seeded per batch with `seed`. watch:
     (layer, direction [hidden]) records every reply token's projection on the unit direction at
-    that layer (the live monitor), streamed to `on_token` as generation goes.
+    that layer (the live monitor), streamed to `on_token` as generation goes. stop_at_eos=False
+    generates exactly max_new_tokens for every reply (for benchmarks: equal work in every variant).
     """
     if max_new_tokens < 1:
         raise PersonaAxisError("max_new_tokens must be at least 1")
@@ -123,7 +125,7 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = _generate_batch(lm, [prompts[i] for i in chunk], max_new_tokens, temperature, top_p, seed + start,
-                                layers, steer_ops, watch, on_token, chunk)
+                                layers, steer_ops, watch, on_token, chunk, stop_at_eos)
         for row, i in enumerate(chunk):
             tokens[i], finished[i] = batch.tokens[row], batch.finished[row]
             texts[i] = lm.tokenizer.decode(tokens[i], skip_special_tokens=True)
@@ -191,13 +193,14 @@ def _generate_batch(
     watch: tuple[int, Tensor] | None,
     on_token: TokenCallback | None,
     rows: list[int],
+    stop_at_eos: bool,
 ) -> _BatchOutput:
     model, device = lm.model, lm.device
     enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     attention = enc.attention_mask
     positions = (attention.cumsum(-1) - 1).clamp_min(0)
     batch = attention.shape[0]
-    stops = torch.tensor(stop_token_ids(lm), device=device)
+    stops = torch.tensor(stop_token_ids(lm) if stop_at_eos else [], dtype=torch.long, device=device)
     pad = torch.tensor(lm.tokenizer.pad_token_id, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     recorder = StepMeanRecorder(layers, batch, lm.hidden_size, device) if layers else None

@@ -116,3 +116,10 @@ def test_watch_records_per_token_projections_matching_the_forward(tiny_llama: Lo
         assert len(result.projections[i]) == len(result.token_ids[i])
         torch.testing.assert_close(torch.tensor(result.projections[i]), torch.tensor(expected), atol=1e-4, rtol=1e-4)
         assert streamed[i] == result.projections[i]  # the stream carried the same values, live
+
+
+def test_stop_at_eos_false_generates_exactly_max_new_tokens(tiny_llama: LoadedModel) -> None:
+    lm = _with_frequent_stop_token(tiny_llama)
+    stopped = generate(lm, CONVERSATIONS, max_new_tokens=10, capture=False)
+    fixed = generate(lm, CONVERSATIONS, max_new_tokens=10, capture=False, stop_at_eos=False)
+    assert any(stopped.finished) and all(len(ids) == 10 for ids in fixed.token_ids) and not any(fixed.finished)
