@@ -142,9 +142,10 @@ def generate(
 def preallocated_cache(model: torch.nn.Module, capacity: int) -> object:
     """A DynamicCache whose full-attention layers write into buffers of `capacity` positions.
 
-    The stock layer concatenates its whole history at every step (quadratic copying, about a third
-    of decode time on a small model); this one writes the new keys/values in place and returns
-    views. Models with sliding-window or other layer kinds keep the stock cache.
+    The stock layer concatenates its whole history at every step (copying that grows with the
+    length; the largest cost after matrix products in a profile of the embedded model); this one
+    writes the new keys/values in place and returns views. Models with sliding-window or other
+    layer kinds keep the stock cache.
     """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
