@@ -39,6 +39,10 @@ class Axis:
     def hidden_size(self) -> int:
         return int(self.vectors.shape[1])
 
+    def layer_or_middle(self, layer: int | None) -> int:
+        """`layer`, or the middle layer (n_layers // 2) when None: the default layer of every report."""
+        return self.n_layers // 2 if layer is None else layer
+
     def unit(self, layer: int) -> Tensor:
         """Unit axis direction at a layer [hidden]."""
         return self.vectors[layer] / self.vectors[layer].norm()

@@ -41,9 +41,15 @@ def bench_conversations(n: int) -> list[list[Message]]:
     return [[{"role": "user", "content": BENCH_REQUESTS[i % len(BENCH_REQUESTS)]}] for i in range(n)]
 
 
-# Every variant generates exactly `new_tokens` per reply (end-of-turn ignored), so all do the same work:
-# otherwise a variant that changes the text also changes how many rows of the batch idle after finishing.
-FIXED = {"stop_at_eos": False}
+def fixed_generate(lm: LoadedModel, conversations: list[list[Message]], new_tokens: int, batch: int,
+                   **kwargs: Any) -> GenerationResult:
+    """Generate exactly `new_tokens` per reply (end-of-turn ignored; no capture unless asked), in one batch.
+
+    Every benchmark variant runs through this, so all do the same work: otherwise a variant that
+    changes the text also changes how many rows of the batch idle after finishing.
+    """
+    return generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, stop_at_eos=False,
+                    **{"capture": False, **kwargs})
 
 
 def generated_tokens(result: GenerationResult) -> int:
@@ -93,15 +99,13 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
     prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
 
     def plain() -> int:
-        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=False,
-                                         **FIXED))
+        return generated_tokens(fixed_generate(lm, conversations, new_tokens, batch))
 
     def onepass() -> int:
-        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=True,
-                                         **FIXED))
+        return generated_tokens(fixed_generate(lm, conversations, new_tokens, batch, capture=True))
 
     def twopass() -> int:
-        result = generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, capture=False, **FIXED)
+        result = fixed_generate(lm, conversations, new_tokens, batch)
         response_means_by_forward(lm, prompt_ids, result.token_ids, all_layers, batch_size=batch)
         return generated_tokens(result)
 
@@ -188,8 +192,7 @@ def bench_steer(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds:
     add_vector = directions[middle] * 4.0
 
     def run(**kwargs: Any) -> int:
-        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch,
-                                         capture=False, **FIXED, **kwargs))
+        return generated_tokens(fixed_generate(lm, conversations, new_tokens, batch, **kwargs))
 
     def naive_cap8() -> int:
         handles = _naive_cap_hooks(lm, directions, block)
@@ -294,8 +297,7 @@ def bench_monitor(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, round
     layer = lm.n_layers // 2
 
     def run(**kwargs: Any) -> int:
-        return generated_tokens(generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch,
-                                         capture=False, **FIXED, **kwargs))
+        return generated_tokens(fixed_generate(lm, conversations, new_tokens, batch, **kwargs))
 
     run()
     rates = _interleaved({"plain": run, "monitored": lambda: run(watch=(layer, axis.vectors[layer]))}, rounds)

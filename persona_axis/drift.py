@@ -202,7 +202,7 @@ def simulate(target: LoadedModel, axis: Axis, simulator: UserSimulator, domain: 
     axis.check_model(target.n_layers, target.hidden_size, target.name)
     if turns < 1 or n < 1 or batch_size < 1:
         raise PersonaAxisError(f"turns, n and batch_size must be at least 1, got {turns}, {n} and {batch_size}")
-    layer = target.check_layer(axis.n_layers // 2 if layer is None else layer)
+    layer = target.check_layer(axis.layer_or_middle(layer))
     plan = conversation_plan(domain, n)
     interventions = interventions or {}
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}

@@ -223,7 +223,7 @@ class ConversationProjector:
 
         axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
         self.lm = lm
-        self.layer = lm.check_layer(axis.n_layers // 2 if layer is None else layer)
+        self.layer = lm.check_layer(axis.layer_or_middle(layer))
         recorded = sorted({self.layer, *(lm.check_layer(i) for i in layers or ())})
         self._units = {i: axis.unit(i).to(lm.device) for i in recorded}
         self._cache = DynamicCache(config=lm.model.config)

@@ -245,7 +245,7 @@ def analyze_run(run_dir: str | Path, layer: int | None = None, standardise: bool
     tensors, meta = load_tensors(root / "vectors.safetensors")
     summary = json.loads(meta["summary"])
     axis = load_axis(root)
-    index = axis.n_layers // 2 if layer is None else layer
+    index = axis.layer_or_middle(layer)
     if not 0 <= index < axis.n_layers:
         raise PersonaAxisError(f"layer {index} is out of range: the axis has {axis.n_layers} layers")
     role_vectors = {name: tensors[name] for name in summary["roles_used"]}

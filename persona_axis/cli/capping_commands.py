@@ -70,7 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from persona_axis.errors import PersonaAxisError
 
     lm, axis, interventions = _session_parts(args)
-    layer = args.layer if args.layer is not None else axis.n_layers // 2
+    layer = axis.layer_or_middle(args.layer)
     session = ChatSession(lm, axis, interventions, system=args.system or "", max_new_tokens=args.max_new_tokens)
     print(f"chatting with {lm.name}" + (f", capped by {args.cap}" if args.cap else "")
           + ". An empty line or Ctrl-D ends the chat.", file=sys.stderr)
@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if conversation.messages[-1]["role"] != "user":
             raise PersonaAxisError(f"{conversation.source}: the last message must be the user's, to generate a reply")
     lm, axis, interventions = _session_parts(args)
-    layer = args.layer if args.layer is not None else axis.n_layers // 2
+    layer = axis.layer_or_middle(args.layer)
     messages = [c.messages for c in conversations]
     options = {"max_new_tokens": args.max_new_tokens}
     variants = {"capped": reply_batch(lm, axis, messages, interventions, **options)}
@@ -156,7 +156,7 @@ def cmd_steer_sweep(args: argparse.Namespace) -> None:
     axis = load_axis(args.axis)
     lm = load_model(args.model, dtype=args.dtype)
     judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env)
-    layer = args.layer if args.layer is not None else axis.n_layers // 2
+    layer = axis.layer_or_middle(args.layer)
     rows = steer_sweep(lm, axis, load_catalog(), judge, layer, args.coefs, n_roles=args.roles,
                        n_questions=args.questions, max_new_tokens=args.max_new_tokens, progress=True)
     if args.json:
