@@ -263,14 +263,7 @@ def _peer_variants(lm: LoadedModel, layer: int, vector: torch.Tensor,
                 return run()
 
         variants["steering_vectors_add1"] = steering_vectors_add1
-    try:
-        import numpy as np
-
-        if not hasattr(np, "float_"):  # repeng 0.4.0 still names np.float_, removed in NumPy 2
-            np.float_ = np.float64  # type: ignore[attr-defined]
-        import repeng
-    except ImportError:
-        repeng = None
+    repeng = _import_repeng()
     if repeng is not None:
         model_type = lm.model.config.model_type
         control = repeng.ControlVector(model_type, {layer: vector.float().numpy()})
@@ -285,6 +278,27 @@ def _peer_variants(lm: LoadedModel, layer: int, vector: torch.Tensor,
 
         variants["repeng_add1"] = repeng_add1
     return variants
+
+
+def _import_repeng() -> Any:
+    """repeng, or None when it is not installed.
+
+    repeng 0.4.0 names np.float_ (removed in NumPy 2) in annotations evaluated when its module loads, so
+    the alias exists only while it is imported, then numpy is left as it was.
+    """
+    import numpy as np
+
+    added = not hasattr(np, "float_")
+    if added:
+        np.float_ = np.float64  # type: ignore[attr-defined]
+    try:
+        import repeng
+    except ImportError:
+        return None
+    finally:
+        if added:
+            del np.float_  # type: ignore[attr-defined]
+    return repeng
 
 
 def bench_monitor(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds: int = 3) -> dict[str, Any]:

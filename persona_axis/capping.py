@@ -1,12 +1,13 @@
 """Capping configs: floors on the Assistant-Axis projection, calibrated from a run's activations.
 
 A cap at layer l with floor τ raises any hidden state whose projection on the unit axis â_l is
-below τ up to τ (see `steering.Cap`). Floors are calibrated as percentiles of the projections of
-the run's stored response means. An experiment is a set of caps applied together, named
+below τ up to τ (see `steering.Cap`). Floors are calibrated from a run (persona_axis.calibration).
+An experiment is a set of caps applied together, named
 "layers_<start>:<stop>-p<percentile>" (half-open layer range).
 
 Our file pair: `<stem>.safetensors` (one unit vector per distinct capped axis, "layer_<i>") and
-`<stem>.json` (model, sizes, provenance, experiments with their floors). Other tools store a
+`<stem>.json` (model, sizes, provenance, experiments with their floors and each cap's measured
+stats: default_mean, engaged_default, engaged_roles where calibration recorded them). Other tools store a
 torch file {"vectors": {name: {"layer", "vector"}}, "experiments": [{"id", "interventions":
 [{"vector", "cap"}]}]} where `cap` is a CEILING along the stored vector v:
 x ← x − max(0, x·v̂ − cap) v̂. A floor τ along â is exactly the ceiling −τ along −â.
@@ -18,26 +19,22 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
-from persona_axis.axis import Axis, load_axis
-from persona_axis.catalog import DEFAULT_ROLE
 from persona_axis.errors import PersonaAxisError
 from persona_axis.models import LoadedModel
 from persona_axis.steering import Cap
-from persona_axis.store import atomic_write_bytes, load_tensors, read_jsonl
+from persona_axis.store import atomic_write_bytes
 
-POPULATIONS = ("all", "roles", "default", "roles_score3")
 FORMAT = "persona-axis/capping-config-v1"
+CAP_STATS = ("default_mean", "engaged_default", "engaged_roles")
 _ID_PATTERN = re.compile(r"layers_(\d+):(\d+)-p(\d+\.\d+|\d+(?:\.\d+)?e-\d+)")
 
 
@@ -54,11 +51,15 @@ def _unit(vector: Tensor, what: str) -> Tensor:
 
 @dataclass(eq=False)
 class CapLayer:
-    """A floor on the projection at one layer: axis [hidden] unit float32 (normalised on creation)."""
+    """A floor on the projection at one layer: axis [hidden] unit float32 (normalised on creation).
+
+    stats: what calibration measured about this cap (default_mean, engaged_default, engaged_roles).
+    """
 
     layer: int
     axis: Tensor
     floor: float
+    stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer, self.floor = int(self.layer), float(self.floor)
@@ -146,6 +147,14 @@ def parse_experiment_id(s: str) -> tuple[int, int, float]:
                            "start < stop and 0 < percentile < 1, e.g. layers_46:54-p0.25")
 
 
+def parse_layer_block(s: str) -> range:
+    """'A:B' -> range(A, B), a half-open block of layers with 0 <= A < B (e.g. '21:26')."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", s)
+    if not match or int(match[1]) >= int(match[2]):
+        raise PersonaAxisError(f"bad layer block {s!r}: expected A:B with 0 <= A < B (half-open), e.g. 21:26")
+    return range(int(match[1]), int(match[2]))
+
+
 def default_layer_block(n_layers: int) -> range:
     """The default capped block: a contiguous ~15 % of the layers starting at ~70 % depth.
 
@@ -158,93 +167,6 @@ def default_layer_block(n_layers: int) -> range:
     start = min(math.floor(0.70 * n_layers + 0.5), n_layers - 1)
     length = max(1, math.floor(0.15 * n_layers + 0.5))
     return range(start, min(start + length, n_layers))
-
-
-def _run_judge(run_dir: Path) -> str:
-    """The judge id the run's vectors step used (metadata only; the tensors are not read)."""
-    path = run_dir / "vectors.safetensors"
-    if not path.exists():
-        raise PersonaAxisError(f"population 'roles_score3' needs {path} (it names the run's judge): "
-                               "finish the run or choose another population")
-    with safe_open(str(path), framework="pt") as f:
-        return str(json.loads((f.metadata() or {})["summary"])["judge"])
-
-
-def _population_ids(run_dir: Path, population: str) -> set[str]:
-    """Record ids of the rollouts in a population (see `run_projections`)."""
-    if population not in POPULATIONS:
-        raise PersonaAxisError(f"unknown population {population!r}: choose one of {', '.join(POPULATIONS)}")
-    rollouts = read_jsonl(run_dir / "rollouts.jsonl")
-    if population == "all":
-        return {r["id"] for r in rollouts}
-    if population == "default":
-        return {r["id"] for r in rollouts if r["role"] == DEFAULT_ROLE}
-    roles = {r["id"] for r in rollouts if r["role"] != DEFAULT_ROLE}
-    if population == "roles":
-        return roles
-    judge = _run_judge(run_dir)
-    scores = {r["id"]: r["score"] for r in read_jsonl(run_dir / "scores.jsonl") if r["judge"] == judge}
-    return {i for i in roles if scores.get(i) == 3}
-
-
-def run_projections(run_dir: str | Path, axis: Axis, layers: Sequence[int], population: str = "all") -> Tensor:
-    """Projections of a run's response means on the unit axis -> [n, len(layers)] float32.
-
-    population: "all" (role and default rollouts), "roles", "default", or "roles_score3" (role
-    rollouts the run's judge scored 3). Chunk files are read one at a time, in file order.
-    """
-    root, layers = Path(run_dir), list(layers)
-    if not layers or any(not 0 <= layer < axis.n_layers for layer in layers):
-        raise PersonaAxisError(f"layers {layers} are not a non-empty set within the axis's "
-                               f"{axis.n_layers} layers (0..{axis.n_layers - 1})")
-    wanted = _population_ids(root, population)
-    units = torch.stack([axis.unit(layer) for layer in layers])  # [k, hidden]
-    parts = []
-    for path in sorted((root / "activations").glob("chunk-*.safetensors")):
-        tensors, meta = load_tensors(path)
-        means = tensors["means"]
-        if tuple(means.shape[1:]) != (axis.n_layers, axis.hidden_size):
-            raise PersonaAxisError(f"{path} holds activations {tuple(means.shape[1:])} that do not fit the axis "
-                                   f"[{axis.n_layers}, {axis.hidden_size}]: use this run's own axis")
-        rows = [row for row, record_id in enumerate(json.loads(meta["ids"])) if record_id in wanted]
-        parts.append(torch.einsum("nkh,kh->nk", means[rows][:, layers].float(), units))
-    projections = torch.cat(parts) if parts else torch.zeros(0, len(layers))
-    if len(projections) == 0:
-        raise PersonaAxisError(f"{root} has no stored activations of population {population!r}: "
-                               "finish the run's rollouts or choose another population")
-    return projections
-
-
-def calibrate(
-    run_dir: str | Path,
-    layers: Sequence[range] | range,
-    percentiles: Sequence[float],
-    population: str = "all",
-    *,
-    axis: Axis | None = None,
-) -> CappingConfig:
-    """One experiment per (layer range, percentile): floor τ_l = quantile of the projections at layer l.
-
-    axis: the axis to project on (default: the run's axis.safetensors). Ranges are half-open and
-    contiguous; percentiles lie strictly between 0 and 1.
-    """
-    blocks = [layers] if isinstance(layers, range) else list(layers)
-    if not percentiles or any(not 0 < p < 1 for p in percentiles):
-        raise PersonaAxisError(f"percentiles must lie strictly between 0 and 1 (e.g. 0.25), got {list(percentiles)}")
-    if not blocks or any(len(b) == 0 or b.step != 1 for b in blocks):
-        raise PersonaAxisError(f"layer ranges must be non-empty and contiguous, got {blocks}")
-    axis = load_axis(run_dir) if axis is None else axis
-    used = sorted({layer for block in blocks for layer in block})
-    projections = run_projections(run_dir, axis, used, population)
-    experiments = {}
-    for block in blocks:
-        for p in percentiles:
-            caps = [CapLayer(layer, axis.unit(layer), float(torch.quantile(projections[:, used.index(layer)], p)))
-                    for layer in block]
-            eid = experiment_id(block.start, block.stop, p)
-            experiments[eid] = Experiment(eid, caps)
-    return CappingConfig(axis.metadata.get("model", ""), axis.metadata.get("model_hash", ""), axis.n_layers,
-                         axis.hidden_size, str(run_dir), population, experiments)
 
 
 def _vector_table(config: CappingConfig) -> tuple[dict[str, CapLayer], dict[str, list[str]]]:
@@ -277,7 +199,7 @@ def save_config(config: CappingConfig, path: str | Path) -> None:
         "format": FORMAT, "model": config.model, "model_hash": config.model_hash, "n_layers": config.n_layers,
         "hidden_size": config.hidden_size, "source": config.source, "population": config.population,
         "vectors_file": f"{stem.name}.safetensors", "vectors_sha256": hashlib.sha256(data).hexdigest(),
-        "experiments": [{"id": eid, "caps": [{"layer": c.layer, "floor": c.floor, "vector": n}
+        "experiments": [{"id": eid, "caps": [{"layer": c.layer, "floor": c.floor, "vector": n, **c.stats}
                                              for c, n in zip(e.caps, names[eid])]}
                         for eid, e in config.experiments.items()],
     }
@@ -299,7 +221,8 @@ def load_config(path: str | Path) -> CappingConfig:
         if doc["vectors_sha256"] != hashlib.sha256(data).hexdigest():
             raise ValueError(f"{vectors_path.name} is not the vectors file written with it")
         vectors = load_safetensors_bytes(data)
-        experiments = {e["id"]: Experiment(e["id"], [CapLayer(c["layer"], vectors[c["vector"]], c["floor"])
+        experiments = {e["id"]: Experiment(e["id"], [CapLayer(c["layer"], vectors[c["vector"]], c["floor"],
+                                                              {k: float(c[k]) for k in CAP_STATS if k in c})
                                                      for c in e["caps"]]) for e in doc["experiments"]}
         fields = [doc[k] for k in ("model", "model_hash", "n_layers", "hidden_size", "source", "population")]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -337,24 +260,53 @@ def _foreign_vectors(obj: Any, where: str) -> dict[str, tuple[int, Tensor]]:
     return table
 
 
-def import_torch_config(path: str | Path, model: str = "", model_hash: str = "") -> CappingConfig:
-    """Read the foreign ceiling structure (torch.load with weights_only=True): (v, cap) → CapLayer(−v̂, −cap)."""
+@dataclass(frozen=True)
+class TorchImportSkips:
+    """What `import_torch_config` left out, as the reference does: interventions without a 'cap' key
+    ("<experiment id>/<vector name>"), and the ids of experiments that had no capped intervention at all."""
+
+    interventions: tuple[str, ...]
+    experiments: tuple[str, ...]
+
+
+def _foreign_caps(entry: Any, table: dict[str, tuple[int, Tensor]], where: str
+                  ) -> tuple[str, list[tuple[tuple[int, Tensor], float]], list[str]]:
+    """(id, [((layer, v̂), cap)], ["<id>/<vector>" of each intervention without a cap]) of one foreign experiment."""
+    try:
+        eid, items = str(entry["id"]), entry["interventions"]
+        capped = [i for i in items if "cap" in i]
+        skipped = [f"{eid}/{i.get('vector', '?')}" for i in items if "cap" not in i]
+        return eid, [(table[str(i["vector"])], float(i["cap"])) for i in capped], skipped
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PersonaAxisError(f"{where}: malformed experiment ({type(exc).__name__}: {exc}); each needs an "
+                               "'id' and interventions naming a known vector with a numeric 'cap'") from None
+
+
+def import_torch_config(path: str | Path, model: str = "", model_hash: str = ""
+                        ) -> tuple[CappingConfig, TorchImportSkips]:
+    """Read the foreign ceiling structure (torch.load with weights_only=True): (v, cap) → CapLayer(−v̂, −cap).
+
+    Interventions without a 'cap' key are skipped, and an experiment left with none is dropped; both are
+    reported in the returned TorchImportSkips.
+    """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refused, missing or truncated file
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise PersonaAxisError(f"cannot read {path} as a tensors-only torch file: {reason}") from None
     table = _foreign_vectors(obj, str(path))
-    experiments = {}
+    experiments: dict[str, Experiment] = {}
+    skipped: list[str] = []
+    dropped: list[str] = []
     for entry in obj["experiments"]:
-        try:
-            eid, items = str(entry["id"]), entry["interventions"]
-            caps = [(table[str(i["vector"])], float(i["cap"])) for i in items]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PersonaAxisError(f"{path}: malformed experiment ({type(exc).__name__}: {exc}); each needs an "
-                                   "'id' and interventions naming a known vector with a numeric 'cap'") from None
-        if eid in experiments:
+        eid, caps, left_out = _foreign_caps(entry, table, str(path))
+        if eid in experiments or eid in dropped:
             raise PersonaAxisError(f"{path}: experiment id {eid!r} appears twice; ids must be unique")
-        experiments[eid] = Experiment(eid, [CapLayer(layer, -v, -cap) for (layer, v), cap in caps])
+        skipped += left_out
+        if caps:
+            experiments[eid] = Experiment(eid, [CapLayer(layer, -v, -cap) for (layer, v), cap in caps])
+        else:
+            dropped.append(eid)
     hidden = next(iter(table.values()))[1].shape[0]
-    return CappingConfig(model, model_hash, 0, hidden, str(path), "unknown", experiments)
+    config = CappingConfig(model, model_hash, 0, hidden, str(path), "unknown", experiments)
+    return config, TorchImportSkips(tuple(skipped), tuple(dropped))

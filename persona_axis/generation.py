@@ -41,6 +41,12 @@ class GenerationResult:
     layers: list[int]
     projections: list[list[float]] | None = None
 
+    def captured_means(self) -> Tensor:
+        """`means` [n, len(layers), hidden]; raises ValueError when generate ran without capture."""
+        if self.means is None:
+            raise ValueError("these replies were generated without capture: pass capture=True or a list of layers")
+        return self.means
+
 
 # Called after every decode step with (conversation indices [b], the tokens just fed [b] long,
 # their projections on the watched direction [b] float32, and which rows are response tokens [b] bool).

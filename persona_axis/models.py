@@ -11,11 +11,15 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from torch import nn
 
@@ -35,6 +39,8 @@ _LAYER_PATHS = (
 )
 
 Message = dict[str, str]
+# What reading a truncated or corrupt GGUF file raises, in gguf's reader or in transformers' conversion.
+_GGUF_READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, EOFError, OSError, struct.error)
 
 
 @dataclass
@@ -72,9 +78,12 @@ class LoadedModel:
 
         A system message with empty content is dropped (the model's own default applies); for
         templates without a system role, the system text is folded into the first user turn.
+        `enable_thinking=False` reaches the template, so templates that branch on it (Qwen3) open the
+        reply without a thinking block; other templates ignore it.
         """
         return self.tokenizer.apply_chat_template(
-            prepare_messages(messages, self.system_role), tokenize=False, add_generation_prompt=True
+            prepare_messages(messages, self.system_role), tokenize=False, add_generation_prompt=True,
+            enable_thinking=False,
         )
 
     def check_layer(self, layer: int) -> int:
@@ -106,7 +115,7 @@ def template_has_system_role(tokenizer: Any) -> bool:
             tokenize=False,
             add_generation_prompt=True,
         )
-    except Exception:  # templates signal "no system role" by raising inside Jinja
+    except (jinja2.TemplateError, ValueError):  # templates signal "no system role" by raising inside Jinja
         return False
     return probe in text
 
@@ -143,12 +152,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return torch.float32
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU feature flags listed in /proc/cpuinfo (empty where the file is missing, e.g. not Linux)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = cpuinfo.read_text()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return set()
+    return {flag for line in text.splitlines() if line.split(":")[0].strip() == "flags"
+            for flag in line.partition(":")[2].split()}
+
+
+def _cpu_has_fast_bf16() -> bool:
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def cache_root() -> Path:
@@ -178,17 +193,43 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def converted_gguf_dir(gguf: Path) -> tuple[Path, str]:
-    """Dequantise a GGUF file once into a safetensors model directory in the cache; return (dir, sha256)."""
+@contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, transformers' progress bars are off unless `enabled`; the previous setting comes back after."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
+
+
+def converted_gguf_dir(gguf: Path, progress: bool = True) -> tuple[Path, str]:
+    """Dequantise a GGUF file once into a safetensors model directory in the cache; return (dir, sha256).
+
+    A truncated or corrupt file raises PersonaAxisError and leaves nothing in the cache.
+    """
     sha = file_sha256(gguf)
     target = cache_root() / "gguf" / sha[:16]
     if (target / "config.json").exists():
         return target, sha
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logging.getLogger(__name__).info("converting %s once to %s", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        GGUFReader(gguf)  # parses the header and tensor index: fails fast on a truncated or corrupt file
+        with transformers_progress(progress):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except _GGUF_READ_ERRORS as exc:
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise PersonaAxisError(f"cannot read {gguf} ({type(exc).__name__}: {detail}): the file is truncated, corrupt "
+                               "or not a GGUF model; download or reinstall it") from None
     # transformers keeps its GGUF quantizer flags on the dequantised model and then refuses to save it.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -200,23 +241,28 @@ def converted_gguf_dir(gguf: Path) -> tuple[Path, str]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
-    except OSError:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the rename
+        if not (isinstance(exc, OSError) and (target / "config.json").exists()):  # another process may have won
             raise
     return target, sha
 
 
-def _resolve_source(spec: str) -> tuple[str, str, str]:
-    """Map a model spec to (directory or hub id, display name, source hash)."""
+def _resolve_source(spec: str, progress: bool = True) -> tuple[str, str, str]:
+    """Map a model spec to (directory or hub id, display name, source hash); GGUF files are converted once."""
     if spec == "default":
-        directory, sha = converted_gguf_dir(embedded_gguf_path())
+        directory, sha = converted_gguf_dir(embedded_gguf_path(), progress)
         return str(directory), "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF)", sha
+    from persona_axis.model_zoo import PACKAGED_MODELS, installed_path
+
+    if spec in PACKAGED_MODELS:
+        directory, sha = converted_gguf_dir(installed_path(spec), progress)
+        return str(directory), PACKAGED_MODELS[spec].description, sha
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise PersonaAxisError(f"GGUF file not found: {spec}")
-        directory, sha = converted_gguf_dir(path)
+        directory, sha = converted_gguf_dir(path, progress)
         return str(directory), path.name, sha
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -226,7 +272,8 @@ def _resolve_source(spec: str) -> tuple[str, str, str]:
         raise PersonaAxisError(f"cannot load {spec}: expected 'default', a .gguf file, a model directory or a hub id")
     if "/" not in spec and not _in_hub_cache(spec):
         raise PersonaAxisError(
-            f"unknown model {spec!r}: use 'default', a path to a .gguf file or model directory, or a hub id like owner/name"
+            f"unknown model {spec!r}: use 'default', a packaged model ({', '.join(PACKAGED_MODELS)}), "
+            "a path to a .gguf file or model directory, or a hub id like owner/name"
         )
     return spec, spec, spec
 
@@ -248,22 +295,25 @@ def _directory_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device: str | None = None) -> LoadedModel:
+def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device: str | None = None,
+               progress: bool = True) -> LoadedModel:
     """Load a causal chat LM for persona work.
 
     spec: "default" (embedded SmolLM2-135M-Instruct), a path to a .gguf file, a local model
     directory, or a Hugging Face hub id (needs the hub or a warm HF cache). dtype: "auto" picks
     bfloat16 where matmuls are fast in it, else float32. device: "cpu", "cuda", ... (default:
-    cuda when available).
+    cuda when available). progress=False silences transformers' progress bars (GGUF conversion,
+    weight loading) while loading.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, name, source_hash = _resolve_source(spec)
+    where, name, source_hash = _resolve_source(spec, progress)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        with transformers_progress(progress):
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise PersonaAxisError(
             f"cannot load model {spec!r}: {str(exc).splitlines()[0]} "
@@ -278,7 +328,7 @@ def wrap_model(model: nn.Module, tokenizer: Any, name: str = "model", source_has
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     text_config = model.config.get_text_config()
-    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd")
+    hidden = getattr(text_config, "hidden_size", None) or text_config.n_embd
     layers = find_decoder_layers(model)
     return LoadedModel(
         model=model,

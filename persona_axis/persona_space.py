@@ -83,7 +83,7 @@ def _check_inputs(role_vectors: Mapping[str, Tensor], axis: Tensor, layer: int) 
     """Validate shapes and the layer; return the roles stacked as [n_roles, layers, hidden] float64."""
     if len(role_vectors) < 2:
         raise PersonaAxisError(f"need at least 2 role vectors for PCA; got {len(role_vectors)} — "
-                               "lower --min-score3-count or add roles")
+                               "lower --min-score3 or add roles")
     if axis.dim() != 2:
         raise PersonaAxisError(f"axis must be [layers, hidden]; got shape {tuple(axis.shape)}")
     for role, vector in role_vectors.items():
@@ -103,14 +103,51 @@ def _axis_in_pca_space(axis_row: Tensor, result: PCAResult) -> Tensor:
     return axis_row / result.scale
 
 
+def _pc1_per_layer(stacked: Tensor, axis: Tensor, standardise: bool = False) -> list[tuple[Tensor, PCAResult]]:
+    """Per layer: PC1 of the role vectors turned toward the axis (in PCA coordinates) and the layer's PCA.
+
+    stacked is [n_roles, layers, hidden], axis [layers, hidden]; components are float64 [hidden].
+    """
+    axis64 = axis.detach().to(torch.float64).cpu()
+    out = []
+    for layer in range(axis64.shape[0]):
+        result = pca(stacked[:, layer], standardise)
+        pc1 = result.components[0]
+        out.append((pc1 if _cosine(pc1, _axis_in_pca_space(axis64[layer], result)) >= 0 else -pc1, result))
+    return out
+
+
 def _cos_axis_pc1_per_layer(stacked: Tensor, axis: Tensor, standardise: bool = False) -> list[float]:
     """|cos(axis[l], PC1 at layer l)| for every layer; stacked is [n_roles, layers, hidden], axis [layers, hidden]."""
     axis64 = axis.detach().to(torch.float64).cpu()
-    cosines = []
-    for layer in range(axis64.shape[0]):
-        result = pca(stacked[:, layer], standardise)
-        cosines.append(abs(_cosine(result.components[0], _axis_in_pca_space(axis64[layer], result))))
-    return cosines
+    return [abs(_cosine(pc1, _axis_in_pca_space(axis64[layer], result)))
+            for layer, (pc1, result) in enumerate(_pc1_per_layer(stacked, axis, standardise))]
+
+
+def trait_alignment(trait_vectors: Mapping[str, Tensor], role_vectors: Mapping[str, Tensor], axis: Tensor,
+                    standardise: bool = False) -> dict[str, dict[str, list[float]]]:
+    """How each trait lines up with the axis and with the roles' PC1, at every layer.
+
+    trait_vectors and role_vectors map names to [layers, hidden]; axis is [layers, hidden]. A trait's
+    direction is its vector minus the mean of all trait vectors (centred as PCA centres roles), so
+    the ranking says which traits sit toward the Assistant end, not what all replies share.
+    Returns {"cos_axis": {trait: [layers]}, "cos_pc1": {trait: [layers]}}; PC1 is oriented toward
+    the axis (positive = Assistant end) and, when standardised, compared in PCA coordinates.
+    """
+    if len(trait_vectors) < 2:
+        raise PersonaAxisError(f"need at least 2 trait vectors to centre them; got {len(trait_vectors)}")
+    roles = _check_inputs(role_vectors, axis, 0)
+    traits = _check_inputs(trait_vectors, axis, 0)
+    centred = traits - traits.mean(0)  # [n_traits, layers, hidden]
+    axis64 = axis.detach().to(torch.float64).cpu()
+    names = list(trait_vectors)
+    cos_axis: dict[str, list[float]] = {n: [] for n in names}
+    cos_pc1: dict[str, list[float]] = {n: [] for n in names}
+    for layer, (pc1, result) in enumerate(_pc1_per_layer(roles, axis, standardise)):
+        for name, row in zip(names, centred[:, layer]):
+            cos_axis[name].append(_cosine(row, axis64[layer]))
+            cos_pc1[name].append(_cosine(row / result.scale, pc1))
+    return {"cos_axis": cos_axis, "cos_pc1": cos_pc1}
 
 
 def _ranked(scores: Mapping[str, float], top: int) -> tuple[list[str], list[str]]:
@@ -192,3 +229,17 @@ def pc1_loading_correlation(a: Mapping[str, float], b: Mapping[str, float]) -> t
     if denominator == 0:
         raise PersonaAxisError("PC1 loadings are constant over the shared roles in one run: correlation is undefined")
     return float((x @ y / denominator).clamp(-1.0, 1.0)), len(shared)
+
+
+def unjudged_cos_axis_pc1(default: Tensor, role_vectors: Mapping[str, Tensor], standardise: bool = False) -> list[float]:
+    """|cos(axis, PC1)| per layer when every role answer counts (no judge): the judge's filter made visible.
+
+    default [layers, hidden] is the mean default-Assistant activation; role_vectors map names to
+    [layers, hidden] means over all of a role's answers. The axis is recomputed from them.
+    """
+    if not role_vectors:
+        raise PersonaAxisError("no all-answer role vectors: the run stored none")
+    stacked = torch.stack([torch.as_tensor(v).detach().to(torch.float64).cpu() for v in role_vectors.values()])
+    axis = default.detach().to(torch.float64).cpu() - stacked.mean(0)
+    _check_inputs(role_vectors, axis, 0)
+    return _cos_axis_pc1_per_layer(stacked, axis, standardise)

@@ -15,54 +15,68 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from persona_axis.axis import Axis, axis_metadata, compute_axis, save_axis
-from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role
+from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.models import LoadedModel
-from persona_axis.store import RunStore, load_tensors
+from persona_axis.store import RunStore, load_tensors, rollout_kind
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What a run generates. roles_per_group=None means every role; default_prompts=None every default prompt."""
+    """What a run generates.
+
+    Default prompts, roles and traits all answer the same first `questions` questions, so question
+    content cannot leak into the axis. roles_per_group=None means every role; default_prompts=None
+    every default prompt; traits=None every trait (0: none). Replies are sampled at `temperature`
+    with nucleus `top_p` (temperature 0: greedy), seeded per chunk with seed + chunk index.
+    """
 
     prompts_per_role: int
     questions: int
-    default_questions: int
     max_new_tokens: int
     min_score3: int
     roles_per_group: int | None = None
     default_prompts: int | None = None
-    temperature: float = 0.0
+    traits: int | None = 0
+    prompts_per_trait: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.9
     seed: int = 0
     batch_size: int = 64
 
 
 PRESETS: dict[str, Settings] = {
-    # CI-sized: 2 roles per group, a handful of short answers; well under 3 minutes on 2 cores.
-    "smoke": Settings(prompts_per_role=1, questions=3, default_questions=4, max_new_tokens=24, min_score3=1,
-                      roles_per_group=2, default_prompts=3, batch_size=16),
-    # Every role, once or twice: minutes on 2 cores; the README's main command.
-    "quick": Settings(prompts_per_role=1, questions=2, default_questions=8, max_new_tokens=48, min_score3=1),
-    # Every role with enough answers for stable vectors: under an hour on 2 cores.
-    "standard": Settings(prompts_per_role=3, questions=12, default_questions=40, max_new_tokens=64, min_score3=3),
-    # The full design: 5 prompts x 240 questions for every role (days on a CPU; meant for a GPU).
-    "paper": Settings(prompts_per_role=5, questions=240, default_questions=240, max_new_tokens=256, min_score3=10),
+    # CI-sized: 2 roles per group and 4 traits, a handful of short answers; well under 3 minutes on 2 cores.
+    "smoke": Settings(prompts_per_role=1, questions=3, max_new_tokens=24, min_score3=1, roles_per_group=2,
+                      default_prompts=3, traits=4, batch_size=16),
+    # Every role and every trait, once or twice: minutes on 2 cores; the README's main command.
+    "quick": Settings(prompts_per_role=1, questions=2, max_new_tokens=48, min_score3=1, traits=None),
+    # Every role and trait with enough answers for stable vectors: about an hour on 2 cores.
+    "standard": Settings(prompts_per_role=2, questions=10, max_new_tokens=64, min_score3=3, traits=None),
+    # The published design: 5 prompts x 240 questions for every role and trait, 50 score-3 answers per kept
+    # vector (days on a CPU; meant for a GPU).
+    "paper": Settings(prompts_per_role=5, questions=240, max_new_tokens=256, min_score3=50, traits=None,
+                      prompts_per_trait=5),
 }
 
 
 @dataclass(frozen=True)
 class PlanItem:
+    """One rollout to generate: `system` prompt + `question`, answered as `kind` ("default", "role", "trait")."""
+
     id: str
     role: str
     prompt_index: int
     question_id: str
     system: str
     question: str
+    kind: str = "role"
 
 
 def select_roles(catalog: Catalog, settings: Settings, names: list[str] | None) -> tuple[Role, ...]:
@@ -80,22 +94,37 @@ def select_roles(catalog: Catalog, settings: Settings, names: list[str] | None) 
     return tuple(chosen)
 
 
-def plan_rollouts(catalog: Catalog, settings: Settings, roles: tuple[Role, ...]) -> list[PlanItem]:
-    """Every (system prompt, question) pair to generate: default-Assistant prompts first, then each role."""
-    plan = []
+def select_traits(catalog: Catalog, settings: Settings) -> tuple[Role, ...]:
+    """Traits a run covers: the catalogue's first `settings.traits` (all when None, none when 0)."""
+    return catalog.traits if settings.traits is None else catalog.traits[: settings.traits]
+
+
+def trait_record_name(name: str) -> str:
+    """The key a trait's rollouts and vector are stored under, apart from role names: "trait:<name>"."""
+    return f"trait:{name}"
+
+
+def plan_rollouts(catalog: Catalog, settings: Settings, roles: tuple[Role, ...],
+                  traits: tuple[Role, ...] = ()) -> list[PlanItem]:
+    """Every (system prompt, question) pair to generate: default prompts, then each role, then each trait.
+
+    Every group answers the same questions (the catalogue's first `settings.questions`).
+    """
+    questions = catalog.questions[: settings.questions]
     defaults = catalog.defaults[: settings.default_prompts] if settings.default_prompts else catalog.defaults
-    for p, system in enumerate(defaults):
-        for q in catalog.questions[: settings.default_questions]:
-            plan.append(PlanItem(f"{DEFAULT_ROLE}|p{p}|{q.id}", DEFAULT_ROLE, p, q.id, system, q.text))
-    for role in roles:
-        for p, system in enumerate(role.prompts[: settings.prompts_per_role]):
-            for q in catalog.questions[: settings.questions]:
-                plan.append(PlanItem(f"{role.name}|p{p}|{q.id}", role.name, p, q.id, system, q.text))
-    return plan
+    groups = [("default", DEFAULT_ROLE, defaults)]
+    groups += [("role", role.name, role.prompts[: settings.prompts_per_role]) for role in roles]
+    groups += [("trait", trait_record_name(t.name), t.prompts[: settings.prompts_per_trait]) for t in traits]
+    return [PlanItem(f"{name}|p{p}|{q.id}", name, p, q.id, system, q.text, kind)
+            for kind, name, prompts in groups for p, system in enumerate(prompts) for q in questions]
 
 
-def chunk_file(index: int) -> str:
-    return f"activations/chunk-{index:05d}.safetensors"
+def question_ids_by_kind(plan: list[PlanItem]) -> dict[str, list[str]]:
+    """{kind: the distinct question ids its rollouts answer, in plan order} (recorded in the manifest)."""
+    found: dict[str, dict[str, None]] = {}
+    for item in plan:
+        found.setdefault(item.kind, {})[item.question_id] = None
+    return {kind: list(ids) for kind, ids in found.items()}
 
 
 def step_rollouts(store: RunStore, lm: LoadedModel, plan: list[PlanItem], settings: Settings, progress: bool) -> None:
@@ -105,16 +134,15 @@ def step_rollouts(store: RunStore, lm: LoadedModel, plan: list[PlanItem], settin
     bar = tqdm(total=len(plan), desc="rollouts", unit="reply", disable=not progress)
     for index, start in enumerate(range(0, len(plan), size)):
         chunk = plan[start : start + size]
-        if store.has(chunk_file(index)) and all(item.id in done for item in chunk):
+        if store.has(store.chunk_file(index)) and all(item.id in done for item in chunk):
             bar.update(len(chunk))
             continue
         conversations = [
             [{"role": "system", "content": item.system}, {"role": "user", "content": item.question}] for item in chunk
         ]
         result = generate(lm, conversations, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                          seed=settings.seed + index, batch_size=len(chunk))
-        assert result.means is not None
-        store.save_tensors(chunk_file(index), {"means": result.means}, {"ids": json.dumps([i.id for i in chunk])})
+                          top_p=settings.top_p, seed=settings.seed + index, batch_size=len(chunk))
+        store.save_chunk(index, result.captured_means(), [i.id for i in chunk])
         store.append("rollouts", [
             {**asdict(item), "chunk": index, "response": text, "n_tokens": len(ids), "finished": fin}
             for item, text, ids, fin in zip(chunk, result.texts, result.token_ids, result.finished)
@@ -125,53 +153,105 @@ def step_rollouts(store: RunStore, lm: LoadedModel, plan: list[PlanItem], settin
     store.mark_step("rollouts", {"done": True, "n": len(plan)})
 
 
-def step_scores(store: RunStore, judge: Judge, catalog: Catalog, progress: bool, batch: int = 64) -> None:
-    """Judge every role rollout this judge has not scored yet (default-Assistant rollouts are not judged).
+def _judge_items(records: list[dict[str, Any]], catalog: Catalog) -> list[JudgeItem]:
+    """What the judge sees for each role or trait rollout: the character's name, description and eval prompt."""
+    characters = {r.name: r for r in catalog.roles} | {trait_record_name(t.name): t for t in catalog.traits}
+    items = []
+    for record in records:
+        character = characters.get(record["role"])
+        name = record["role"].removeprefix("trait:") if rollout_kind(record) == "trait" else record["role"]
+        items.append(JudgeItem(name, character.description if character else "", record["question"],
+                               record["response"], eval_prompt=character.eval_prompt if character else "",
+                               kind=rollout_kind(record)))
+    return items
 
-    Scores carry the judge's id, so switching judges re-judges the same rollouts without regenerating.
+
+def step_scores(store: RunStore, judges: dict[str, Judge], catalog: Catalog, progress: bool, batch: int = 64) -> None:
+    """Judge every role and trait rollout its judge (judges["role"], judges["trait"]) has not scored yet.
+
+    Default-Assistant rollouts are not judged. Scores carry the judge's id, so switching judges
+    re-judges the same rollouts without regenerating.
     """
-    scored = {r["id"] for r in store.records("scores") if r["judge"] == judge.id}
-    todo = [r for r in store.records("rollouts") if r["role"] != DEFAULT_ROLE and r["id"] not in scored]
-    descriptions = {role.name: role.description for role in catalog.roles}
+    records = [r for r in store.records("rollouts") if rollout_kind(r) in judges]
+    scored = {(r["id"], r["judge"]) for r in store.records("scores")}
+    todo = [r for r in records if (r["id"], judges[rollout_kind(r)].id) not in scored]
     bar = tqdm(total=len(todo), desc="judging", unit="reply", disable=not progress)
-    for start in range(0, len(todo), batch):
-        records = todo[start : start + batch]
-        items = [JudgeItem(r["role"], descriptions.get(r["role"], ""), r["question"], r["response"]) for r in records]
-        verdicts = judge.score(items)
-        store.append("scores", [
-            {"id": r["id"], "score": v.score, "judge": judge.id, "rationale": v.rationale}
-            for r, v in zip(records, verdicts)
-        ])
-        bar.update(len(records))
+    for kind, judge in judges.items():
+        mine = [r for r in todo if rollout_kind(r) == kind]
+        for start in range(0, len(mine), batch):
+            part = mine[start : start + batch]
+            verdicts = judge.score(_judge_items(part, catalog))
+            store.append("scores", [
+                {"id": r["id"], "score": v.score, "judge": judge.id, "rationale": v.rationale}
+                for r, v in zip(part, verdicts)
+            ])
+            bar.update(len(part))
     bar.close()
     store.mark_step("scores", {"done": True})
 
 
-def step_vectors(store: RunStore, roles: tuple[Role, ...], judge_id: str, min_score3: int) -> dict[str, Any]:
-    """Role vectors (mean of score-3 activations) and the default vector; roles short of score-3 answers are dropped."""
-    role_of = {r["id"]: r["role"] for r in store.records("rollouts")}
-    score_of = {r["id"]: r["score"] for r in store.records("scores") if r["judge"] == judge_id}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for path in sorted((store.root / "activations").glob("chunk-*.safetensors")):
-        tensors, meta = load_tensors(path)
-        for row, record_id in enumerate(json.loads(meta["ids"])):
-            role = role_of.get(record_id)
-            if role is None or (role != DEFAULT_ROLE and score_of.get(record_id) != 3):
-                continue
-            sums[role] = sums.get(role, 0) + tensors["means"][row].double()
-            counts[role] = counts.get(role, 0) + 1
-    if DEFAULT_ROLE not in sums:
+VECTOR_FILES = {"roles": "vectors.safetensors", "traits": "trait_vectors.safetensors",
+                "all_answers": "role_vectors_all_answers.safetensors"}
+
+
+def _accumulate(store: RunStore, judges: dict[str, str]) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, int]]]:
+    """One pass over the activation chunks: float64 sums [layers, hidden] and counts per set and name.
+
+    Sets: "roles" (score-3 role answers, plus "default" for every default answer), "traits"
+    (score-3 trait answers), "all_answers" (every role answer, whatever its score).
+    """
+    kinds = store.rollout_kinds()
+    names = {r["id"]: r["role"] for r in store.records("rollouts")}
+    scores = store.scores_by(judges["role"]) | store.scores_by(judges.get("trait", judges["role"]))
+    sums: dict[str, dict[str, Tensor]] = {k: {} for k in VECTOR_FILES}
+    counts: dict[str, dict[str, int]] = {k: {} for k in VECTOR_FILES}
+
+    def add(group: str, name: str, row: Tensor) -> None:
+        sums[group][name] = sums[group].get(name, 0) + row.double()
+        counts[group][name] = counts[group].get(name, 0) + 1
+
+    for ids, means in store.activation_chunks():
+        for row, record_id in enumerate(ids):
+            kind, name = kinds.get(record_id), names.get(record_id, "")
+            if kind == "default":
+                add("roles", DEFAULT_ROLE, means[row])
+            elif kind == "role":
+                add("all_answers", name, means[row])
+                if scores.get(record_id) == 3:
+                    add("roles", name, means[row])
+            elif kind == "trait" and scores.get(record_id) == 3:
+                add("traits", name.removeprefix("trait:"), means[row])
+    return sums, counts
+
+
+def step_vectors(store: RunStore, roles: tuple[Role, ...], judges: dict[str, str], min_score3: int,
+                 traits: tuple[Role, ...] = ()) -> dict[str, Any]:
+    """Role vectors (mean of score-3 answers), the default vector, trait vectors and all-answer role vectors.
+
+    Each vector is [layers, hidden] float32. Roles and traits short of `min_score3` score-3 answers
+    are dropped (listed, never silently). judges: {"role": judge id, "trait": judge id}. Writes
+    vectors.safetensors (default + kept roles), trait_vectors.safetensors (kept traits) and
+    role_vectors_all_answers.safetensors (every role with an answer, no judge involved).
+    """
+    sums, counts = _accumulate(store, judges)
+    if DEFAULT_ROLE not in sums["roles"]:
         raise PersonaAxisError("no default-Assistant rollouts found: the rollouts step did not finish")
-    used = [r.name for r in roles if counts.get(r.name, 0) >= min_score3]
-    dropped = {r.name: counts.get(r.name, 0) for r in roles if r.name not in used}
-    vectors = {name: (sums[name] / counts[name]).float() for name in [DEFAULT_ROLE, *used]}
-    summary = {"roles_used": used, "roles_dropped": dropped, "score3_counts": {n: counts.get(n, 0) for n in used},
-               "judge": judge_id,
-               "n_default": counts[DEFAULT_ROLE], "min_score3": min_score3,
+    used = [r.name for r in roles if counts["roles"].get(r.name, 0) >= min_score3]
+    traits_used = [t.name for t in traits if counts["traits"].get(t.name, 0) >= min_score3]
+    kept = {"roles": [DEFAULT_ROLE, *used], "traits": traits_used, "all_answers": list(sums["all_answers"])}
+    summary = {"roles_used": used, "roles_dropped": {r.name: counts["roles"].get(r.name, 0) for r in roles
+                                                     if r.name not in used},
+               "score3_counts": {n: counts["roles"][n] for n in used}, "judge": judges["role"],
+               "trait_judge": judges.get("trait", ""), "traits_used": traits_used,
+               "traits_dropped": {t.name: counts["traits"].get(t.name, 0) for t in traits if t.name not in traits_used},
+               "n_default": counts["roles"][DEFAULT_ROLE], "min_score3": min_score3,
                "groups": {r.name: r.group for r in roles}}
-    store.save_tensors("vectors.safetensors", vectors, {"summary": json.dumps(summary)})
-    store.mark_step("vectors", {"done": True, "roles_used": len(used), "roles_dropped": len(dropped)})
+    for group, file in VECTOR_FILES.items():
+        vectors = {name: (sums[group][name] / counts[group][name]).float() for name in kept[group]}
+        if vectors or group == "roles":
+            store.save_tensors(file, vectors, {"summary": json.dumps(summary)})
+    store.mark_step("vectors", {"done": True, "roles_used": len(used), "roles_dropped": len(roles) - len(used),
+                                "traits_used": len(traits_used)})
     return summary
 
 
@@ -210,20 +290,37 @@ def run_pipeline(
     role_names: list[str] | None = None,
     preset: str = "custom",
     progress: bool = True,
+    trait_judge: Judge | None = None,
 ) -> Path:
-    """Run (or resume) every step into `out`; returns the run directory. Refuses a directory whose run differs."""
-    roles = select_roles(catalog, settings, role_names)
+    """Run (or resume) every step into `out`; returns the run directory. Refuses a directory whose run differs.
+
+    `judge` scores role adherence; `trait_judge` (default: `judge`) scores trait expression.
+    `{model_name}` in the catalogue's prompts becomes the model's short name.
+    """
+    catalog = catalog.for_model(short_model_name(lm.name))
+    roles, traits = select_roles(catalog, settings, role_names), select_traits(catalog, settings)
+    plan = plan_rollouts(catalog, settings, roles, traits)
     identity = {
         "model": lm.name, "model_hash": lm.source_hash, "dtype": str(lm.dtype).removeprefix("torch."),
         "catalog": catalog.digest(), "roles": sorted(r.name for r in roles), "settings": asdict(settings),
     }
+    judges = {"role": judge, "trait": trait_judge or judge}
     with RunStore.open(out) as store:
-        store.claim(identity, {"preset": preset, "versions": _versions(), "catalog_source": catalog.source})
-        step_rollouts(store, lm, plan_rollouts(catalog, settings, roles), settings, progress)
-        step_scores(store, judge, catalog, progress)
-        summary = step_vectors(store, roles, judge.id, settings.min_score3)
+        store.claim(identity, {"preset": preset, "versions": _versions(), "catalog_source": catalog.source,
+                               "questions": question_ids_by_kind(plan), "traits": [t.name for t in traits]})
+        step_rollouts(store, lm, plan, settings, progress)
+        step_scores(store, judges, catalog, progress)
+        summary = step_vectors(store, roles, {k: j.id for k, j in judges.items()}, settings.min_score3, traits)
         step_axis(store, lm, summary["roles_used"])
     return Path(out)
+
+
+def run_catalog(run_dir: str | Path) -> Catalog:
+    """The catalogue a run was made with (its manifest's catalog_source: "builtin" or a directory)."""
+    from persona_axis.catalog import load_catalog
+
+    source = RunStore(Path(run_dir)).read_manifest().get("catalog_source", "builtin")
+    return load_catalog(None if source == "builtin" else source)
 
 
 def preset_settings(name: str, **overrides: Any) -> Settings:
@@ -233,28 +330,61 @@ def preset_settings(name: str, **overrides: Any) -> Settings:
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def analyze_run(run_dir: str | Path, layer: int | None = None, standardise: bool = False) -> dict[str, Any]:
-    """Persona-space analysis of a finished run; writes persona_space.json, figures/ and report.html."""
+N_TRAITS_RANKED = 10
+
+
+def _trait_rankings(alignment: dict[str, dict[str, list[float]]], layer: int) -> dict[str, list[list[Any]]]:
+    """At `layer`: the traits nearest each end of the axis and of PC1, as [name, cosine] pairs."""
+    out = {}
+    for key in ("cos_axis", "cos_pc1"):
+        ordered = sorted(alignment[key].items(), key=lambda item: item[1][layer], reverse=True)
+        pairs = [[name, round(values[layer], 4)] for name, values in ordered]
+        out[f"traits_{key}_top"] = pairs[:N_TRAITS_RANKED]
+        out[f"traits_{key}_bottom"] = pairs[::-1][:N_TRAITS_RANKED]
+    return out
+
+
+def analyze_run(run_dir: str | Path, layer: int | None = None, standardise: bool = False,
+                write: bool = True) -> dict[str, Any]:
+    """Persona-space analysis of a finished run; with write=True also writes persona_space.json, figures/, report.html.
+
+    Beyond the PCA of role vectors (persona_space.analyze_persona_space) it adds, when the run
+    stored them: the traits ranked by cosine with the axis and with PC1 at every layer, and
+    cos(axis, PC1) per layer for role vectors built from all answers (no judge).
+    """
     from persona_axis.axis import load_axis
-    from persona_axis.persona_space import analyze_persona_space
+    from persona_axis.persona_space import analyze_persona_space, trait_alignment, unjudged_cos_axis_pc1
     from persona_axis.report import write_report
 
     root = Path(run_dir)
-    if not (root / "vectors.safetensors").exists() or not (root / "axis.safetensors").exists():
+    if not (root / VECTOR_FILES["roles"]).exists() or not (root / "axis.safetensors").exists():
         raise PersonaAxisError(f"{root} has no finished run (vectors and axis missing): run `persona-axis run` first")
-    tensors, meta = load_tensors(root / "vectors.safetensors")
+    tensors, meta = load_tensors(root / VECTOR_FILES["roles"])
     summary = json.loads(meta["summary"])
     axis = load_axis(root)
     index = axis.layer_or_middle(layer)
     if not 0 <= index < axis.n_layers:
-        raise PersonaAxisError(f"layer {index} is out of range: the axis has {axis.n_layers} layers")
+        raise PersonaAxisError(f"layer {index} is out of range: the axis has {axis.n_layers} layers (0..{axis.n_layers - 1})")
     role_vectors = {name: tensors[name] for name in summary["roles_used"]}
     analysis = analyze_persona_space(role_vectors, axis.vectors, index, summary["groups"], standardise=standardise)
     analysis["roles_dropped"] = summary["roles_dropped"]
-    manifest = json.loads((root / "manifest.json").read_text())
+    if (root / VECTOR_FILES["all_answers"]).exists():
+        everything, _ = load_tensors(root / VECTOR_FILES["all_answers"])
+        analysis["n_roles_all_answers"] = len(everything)
+        analysis["cos_axis_pc1_all_answers"] = unjudged_cos_axis_pc1(tensors[DEFAULT_ROLE], everything, standardise)
+    traits_path = root / VECTOR_FILES["traits"]
+    trait_vectors = load_tensors(traits_path)[0] if traits_path.exists() else {}
+    analysis["traits_used"], analysis["traits_dropped"] = len(trait_vectors), summary.get("traits_dropped", {})
+    if len(trait_vectors) >= 2:
+        alignment = trait_alignment(trait_vectors, role_vectors, axis.vectors, standardise)
+        analysis["trait_alignment"] = alignment
+        analysis.update(_trait_rankings(alignment, index))
+    if not write:
+        return analysis
+    manifest = RunStore(root).read_manifest()
     (root / "persona_space.json").write_text(json.dumps(analysis, indent=2))
     details = {"model": manifest["identity"]["model"], "preset": manifest.get("preset", ""),
                "judge": summary["judge"], "default rollouts": summary["n_default"],
-               "min score-3 answers per role": summary["min_score3"], "roles_dropped": summary["roles_dropped"]}
+               "trait judge": summary.get("trait_judge", ""), "min score-3 answers per role": summary["min_score3"]}
     write_report(analysis, root, title=f"Persona space of {manifest['identity']['model']}", details=details)
     return analysis

@@ -1,25 +1,27 @@
 """Figures and a self-contained HTML (plus Markdown) report of a persona-space analysis.
 
-The input is the dict returned by persona_axis.persona_space.analyze_persona_space.
+The input is the dict returned by persona_axis.persona_space.analyze_persona_space. Figures are built as
+matplotlib Figure objects directly (no pyplot state), so importing this module switches no backend.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import ConnectionPatch
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-N_LABELLED = 5
+N_LABELLED = 5  # roles labelled at each end of PC1 on the scatter
+LABEL_CHARS = 32  # longer role names are shortened on the scatter
+LABEL_GAP = 0.06  # least vertical distance between two scatter labels, as a fraction of the plot height
 N_RANKED = 15
 FIGURE_NAMES = ("variance_explained.png", "pc1_pc2.png", "cos_axis_pc1.png", "axis_ranking.png")
+TRAIT_FIGURE = "traits_axis.png"
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -33,10 +35,15 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Save a figure as PNG and close it."""
+    """Save a figure as PNG."""
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
+
+
+def _figure(width: float, height: float) -> tuple[Figure, Axes]:
+    """A figure of width × height inches with one axes, laid out by constrained layout."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots()
 
 
 def _variance_figure(analysis: Mapping[str, Any]) -> Figure:
@@ -44,7 +51,7 @@ def _variance_figure(analysis: Mapping[str, Any]) -> Figure:
     shares = analysis["variance_explained"]
     ks = list(range(1, len(shares) + 1))
     cumulative = [sum(shares[:k]) for k in ks]
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    fig, ax = _figure(6, 4)
     ax.bar(ks, shares, color="tab:blue", label="per component")
     ax.plot(ks, cumulative, "o-", color="tab:orange", label="cumulative")
     ax.axhline(0.70, color="grey", linestyle="--", linewidth=1, label="70 %")
@@ -54,28 +61,88 @@ def _variance_figure(analysis: Mapping[str, Any]) -> Figure:
     return fig
 
 
+def spread_positions(targets: list[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
+    """Positions in [low, high], in the order of `targets`, as near each target as a distance of at least
+    `gap` between neighbours allows (the gap shrinks when the range cannot hold them all): labels that
+    would collide are pushed apart, deterministically."""
+    if not targets:
+        return []
+    gap = min(gap, (high - low) / max(len(targets) - 1, 1))
+    order = sorted(range(len(targets)), key=lambda k: targets[k])
+    placed = [min(max(targets[k], low), high) for k in order]
+    for k in range(1, len(placed)):  # push up what sits too close above its lower neighbour
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    placed[-1] = min(placed[-1], high)
+    for k in range(len(placed) - 2, -1, -1):  # pull down what the top limit pushed back
+        placed[k] = min(placed[k], placed[k + 1] - gap)
+    out = [0.0] * len(targets)
+    for k, position in zip(order, placed):
+        out[k] = position
+    return out
+
+
+def short_label(name: str) -> str:
+    """The name, or for a long one its start and end around an ellipsis (LABEL_CHARS characters in all)."""
+    if len(name) <= LABEL_CHARS:
+        return name
+    head = (LABEL_CHARS - 1) // 2
+    return f"{name[:head]}…{name[head + 1 - LABEL_CHARS:]}"
+
+
+def labelled_ends(pc1: Mapping[str, float]) -> tuple[list[str], list[str]]:
+    """The roles labelled on the scatter: up to N_LABELLED at the low end of PC1 and at the high end, disjoint."""
+    ordered = sorted(pc1, key=lambda r: pc1[r])
+    low = ordered[:min(N_LABELLED, (len(ordered) + 1) // 2)]
+    return low, ordered[max(len(low), len(ordered) - N_LABELLED):]
+
+
+def _label_column(fig: Figure, column: Axes, scatter: Axes, roles: list[str], points: dict[str, tuple[float, float]],
+                  side: str) -> None:
+    """Role names in a column beside the scatter, spread apart vertically, each joined to its point by a line."""
+    column.set_axis_off()
+    y0, y1 = scatter.get_ylim()
+    targets = [(points[r][1] - y0) / (y1 - y0) for r in roles]
+    x, align = (1.0, "right") if side == "left" else (0.0, "left")
+    for role, y in zip(roles, spread_positions(targets, LABEL_GAP)):
+        column.text(x, y, short_label(role), transform=column.transAxes, ha=align, va="center", fontsize=8)
+        line = ConnectionPatch(xyA=(x, y), coordsA=column.transAxes, xyB=points[role], coordsB=scatter.transData,
+                               color="grey", linewidth=0.5)
+        line.set_in_layout(False)
+        fig.add_artist(line)
+
+
 def _pc_scatter_figure(analysis: Mapping[str, Any]) -> Figure:
-    """Roles on PC1/PC2 coloured by their axis projection; the roles at each end of PC1 are labelled."""
+    """Roles on PC1/PC2 coloured by their axis projection. The roles at each end of PC1 are named in a
+    column on their side of the plot, spread so that no two names collide, with a line to their point."""
     pc1 = analysis["pc1_loadings"]
     pc2 = analysis.get("pc2_loadings", {})
-    roles = list(pc1)
-    xs, ys = [pc1[r] for r in roles], [pc2.get(r, 0.0) for r in roles]
-    fig, ax = plt.subplots(figsize=(7, 5.5), layout="constrained")
-    points = ax.scatter(xs, ys, c=[analysis["axis_projection"][r] for r in roles], cmap="viridis", s=25)
-    fig.colorbar(points, ax=ax, label="projection on the Assistant Axis")
-    ordered = sorted(roles, key=lambda r: pc1[r])
-    for role in dict.fromkeys(ordered[:N_LABELLED] + ordered[-N_LABELLED:]):
-        ax.annotate(role, (pc1[role], pc2.get(role, 0.0)), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="PC1 (Assistant end →)", ylabel="PC2" if pc2 else "PC2 (not available)",
-           title=f"Roles on the first two components (layer {analysis['layer']})")
+    points = {r: (pc1[r], pc2.get(r, 0.0)) for r in pc1}
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    left, scatter, right = fig.subplots(1, 3, width_ratios=[1, 3, 1])
+    dots = scatter.scatter([x for x, _ in points.values()], [y for _, y in points.values()],
+                           c=[analysis["axis_projection"][r] for r in points], cmap="viridis", s=25)
+    ys = [y for _, y in points.values()]
+    pad = 0.06 * (max(ys) - min(ys)) or 1.0
+    scatter.set_ylim(min(ys) - pad, max(ys) + pad)
+    fig.colorbar(dots, ax=[left, scatter, right], location="bottom", shrink=0.4,
+                 label="projection on the Assistant Axis")
+    low, high = labelled_ends(pc1)
+    _label_column(fig, left, scatter, low, points, "left")
+    _label_column(fig, right, scatter, high, points, "right")
+    scatter.set(xlabel="PC1 (Assistant end →)", ylabel="PC2" if pc2 else "PC2 (not available)",
+                title=f"Roles on the first two components (layer {analysis['layer']})")
     return fig
 
 
 def _cosine_figure(analysis: Mapping[str, Any]) -> Figure:
     """cos(axis, PC1) per layer, with the analysis layer marked."""
     cosines = analysis["cos_axis_pc1"]
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    ax.plot(range(len(cosines)), cosines, "o-", markersize=3)
+    fig, ax = _figure(6, 4)
+    ax.plot(range(len(cosines)), cosines, "o-", markersize=3, label="score-3 role vectors (judged)")
+    if "cos_axis_pc1_all_answers" in analysis:
+        unjudged = analysis["cos_axis_pc1_all_answers"]
+        ax.plot(range(len(unjudged)), unjudged, "s--", markersize=3, color="tab:grey",
+                label="every answer (no judge)")
     ax.axvline(analysis["layer"], color="grey", linestyle="--", linewidth=1, label=f"layer {analysis['layer']}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="layer", ylabel="cos(axis, PC1)", ylim=(0, 1.02), title="Alignment of the axis with PC1")
@@ -96,23 +163,46 @@ def _ranking_figure(analysis: Mapping[str, Any]) -> Figure:
     shown = ordered[:N_RANKED] + ordered[-N_RANKED:] if truncated else ordered
     values = [projection[r] - mean for r in shown]
     colours = ["tab:green" if v >= 0 else "tab:red" for v in values]
-    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.22 * len(shown) + 1)), layout="constrained")
+    fig, ax = _figure(7, max(3.0, 0.22 * len(shown) + 1))
     ax.barh(range(len(shown)), values, color=colours)
     if truncated:
         ax.axhline(N_RANKED - 0.5, color="grey", linestyle=":", linewidth=1)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(shown)), shown, fontsize=8)
-    ax.set(xlabel=f"projection on the unit axis − mean over roles ({mean:+.2f})",
+    ax.set(xlabel=f"projection on the unit axis\n− mean over roles ({mean:+.2f})",
            title=f"Roles along the Assistant Axis (layer {analysis['layer']})")
     return fig
 
 
+def _trait_figure(analysis: Mapping[str, Any]) -> Figure:
+    """Bars of the traits nearest each end of the axis: cosine of the centred trait vector with the axis."""
+    shown = analysis["traits_cos_axis_top"] + analysis["traits_cos_axis_bottom"][::-1]
+    shown = list(dict.fromkeys((name, value) for name, value in shown))[::-1]
+    fig, ax = _figure(7, max(3.0, 0.22 * len(shown) + 1))
+    ax.barh(range(len(shown)), [v for _, v in shown], color=["tab:green" if v >= 0 else "tab:red" for _, v in shown])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(shown)), [n for n, _ in shown], fontsize=8)
+    ax.set(xlabel="cos(trait − mean trait, axis)",
+           title=f"Traits at the two ends of the Assistant Axis (layer {analysis['layer']})")
+    return fig
+
+
+def build_figures(analysis: Mapping[str, Any]) -> dict[str, Figure]:
+    """The figures of an analysis by file name: four always; a fifth (traits along the axis) when the
+    analysis ranks traits."""
+    builders: list[Callable[[Mapping[str, Any]], Figure]] = [_variance_figure, _pc_scatter_figure, _cosine_figure,
+                                                              _ranking_figure]
+    figures = {name: build(analysis) for build, name in zip(builders, FIGURE_NAMES)}
+    if "traits_cos_axis_top" in analysis:
+        figures[TRAIT_FIGURE] = _trait_figure(analysis)
+    return figures
+
+
 def write_figures(analysis: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Write the four PNG figures of an analysis into out_dir (created if needed); return their paths."""
+    """Write the PNG figures of an analysis (see `build_figures`) into out_dir (created if needed); return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    builders = (_variance_figure, _pc_scatter_figure, _cosine_figure, _ranking_figure)
-    return [_save(build(analysis), out_dir / name) for build, name in zip(builders, FIGURE_NAMES)]
+    return [_save(fig, out_dir / name) for name, fig in build_figures(analysis).items()]
 
 
 def headline(analysis: Mapping[str, Any], details: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
@@ -120,9 +210,10 @@ def headline(analysis: Mapping[str, Any], details: Mapping[str, Any] | None = No
     cosines = analysis["cos_axis_pc1"]
     best = max(range(len(cosines)), key=lambda layer: cosines[layer])
     rows = [("layers", str(analysis["layers"])), ("roles used", str(analysis["n_roles_used"]))]
-    if details and "roles_dropped" in details:
-        dropped = details["roles_dropped"]
-        rows.append(("roles dropped", str(len(dropped) if isinstance(dropped, (list, tuple, set)) else dropped)))
+    if "roles_dropped" in analysis:
+        rows.append(("roles dropped (too few score-3 answers)", str(len(analysis["roles_dropped"]))))
+    if "traits_used" in analysis:
+        rows.append(("traits used / dropped", f"{analysis['traits_used']} / {len(analysis.get('traits_dropped', {}))}"))
     rows += [
         ("analysis layer", str(analysis["layer"])),
         ("variance explained by PC1", f"{analysis['variance_explained'][0]:.3f}"),
@@ -130,7 +221,36 @@ def headline(analysis: Mapping[str, Any], details: Mapping[str, Any] | None = No
         (f"cos(axis, PC1) at layer {analysis['layer']}", f"{cosines[analysis['layer']]:.3f}"),
         (f"best cos(axis, PC1): layer {best}", f"{cosines[best]:.3f}"),
     ]
+    if "cos_axis_pc1_all_answers" in analysis:
+        rows.append((f"cos(axis, PC1) at layer {analysis['layer']}, every answer (no judge)",
+                     f"{analysis['cos_axis_pc1_all_answers'][analysis['layer']]:.3f}"))
     return rows
+
+
+def _html_dropped(analysis: Mapping[str, Any]) -> str:
+    """Collapsible lists of the dropped roles and traits, each with its score-3 count."""
+    parts = []
+    for key, what in (("roles_dropped", "roles"), ("traits_dropped", "traits")):
+        dropped = analysis.get(key) or {}
+        if dropped:
+            names = ", ".join(f"{html.escape(n)} ({c})" for n, c in sorted(dropped.items()))
+            parts.append(f"<details><summary>{len(dropped)} {what} dropped: fewer score-3 answers than the run "
+                         f"required (count in brackets)</summary><p>{names}</p></details>")
+    return "<h2>Dropped</h2>" + "".join(parts) if parts else ""
+
+
+def _html_traits(analysis: Mapping[str, Any]) -> str:
+    """Tables of the traits nearest each end of the axis and of PC1 (cosines of centred trait vectors)."""
+    if "traits_cos_axis_top" not in analysis:
+        return ""
+    columns = [("toward the Assistant (axis)", "traits_cos_axis_top"), ("away from it (axis)", "traits_cos_axis_bottom"),
+               ("Assistant end of PC1", "traits_cos_pc1_top"), ("far end of PC1", "traits_cos_pc1_bottom")]
+    lists = "".join(f"<div><h3>{html.escape(title)}</h3><ol>"
+                    + "".join(f"<li>{html.escape(n)} ({v:+.3f})</li>" for n, v in analysis[key]) + "</ol></div>"
+                    for title, key in columns)
+    return (f"<h2>Traits along the axis (layer {analysis['layer']})</h2><p>Cosine of each trait vector, minus the "
+            f"mean over traits, with the axis and with PC1 of the roles; every layer is in persona_space.json.</p>"
+            f'<div class="ends">{lists}</div>')
 
 
 def _html_table(rows: list[tuple[str, str]]) -> str:
@@ -163,7 +283,7 @@ def _html_page(analysis: Mapping[str, Any], title: str, details: Mapping[str, An
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"{_html_table(headline(analysis, details))}<h2>Figures</h2>{images}{ends}{group_table}"
-            f"{detail_table}</body></html>\n")
+            f"{_html_traits(analysis)}{_html_dropped(analysis)}{detail_table}</body></html>\n")
 
 
 def _markdown(analysis: Mapping[str, Any], title: str, details: Mapping[str, Any] | None) -> str:
@@ -173,7 +293,11 @@ def _markdown(analysis: Mapping[str, Any], title: str, details: Mapping[str, Any
     lines += ["", f"- PC1, Assistant end: {', '.join(analysis['pc1_top'])}",
               f"- PC1, far end: {', '.join(analysis['pc1_bottom'])}",
               f"- axis, most Assistant-like: {', '.join(analysis['axis_top'])}",
-              f"- axis, least Assistant-like: {', '.join(analysis['axis_bottom'])}", ""]
+              f"- axis, least Assistant-like: {', '.join(analysis['axis_bottom'])}"]
+    if "traits_cos_axis_top" in analysis:
+        lines += [f"- traits toward the Assistant: {', '.join(n for n, _ in analysis['traits_cos_axis_top'])}",
+                  f"- traits away from it: {', '.join(n for n, _ in analysis['traits_cos_axis_bottom'])}"]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from persona_axis.errors import PersonaAxisError
 
 LOCK_NAME = ".lock"
+CHUNK_PATTERN = "activations/chunk-*.safetensors"
+KINDS = ("default", "role", "trait")  # what a rollout answers as: the default Assistant, a role, a trait
 
 
 def _readable_mode(path: str) -> None:
@@ -180,6 +182,37 @@ class RunStore:
 
     def has(self, relative: str) -> bool:
         return (self.root / relative).exists()
+
+    # -- activations ----------------------------------------------------------------------
+    @staticmethod
+    def chunk_file(index: int) -> str:
+        """Relative path of activation chunk `index` (the unit of resumable rollout work)."""
+        return f"activations/chunk-{index:05d}.safetensors"
+
+    def save_chunk(self, index: int, means: torch.Tensor, ids: list[str]) -> None:
+        """Save one chunk's response means [n, layers, hidden] with the record ids of its rows."""
+        self.save_tensors(self.chunk_file(index), {"means": means}, {"ids": json.dumps(ids)})
+
+    def activation_chunks(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(record ids [n], response means [n, layers, hidden]) of every stored chunk, one chunk at a time, in order."""
+        for path in sorted(self.root.glob(CHUNK_PATTERN)):
+            tensors, meta = load_tensors(path)
+            yield json.loads(meta["ids"]), tensors["means"]
+
+    def rollout_kinds(self) -> dict[str, str]:
+        """{record id: kind} of every rollout ("default", "role" or "trait"; see `rollout_kind`)."""
+        return {r["id"]: rollout_kind(r) for r in self.records("rollouts")}
+
+    def scores_by(self, judge: str, ids: Iterable[str] | None = None) -> dict[str, int | None]:
+        """{record id: score} of the scores this judge gave (optionally only for `ids`)."""
+        wanted = set(ids) if ids is not None else None
+        return {r["id"]: r["score"] for r in self.records("scores")
+                if r["judge"] == judge and (wanted is None or r["id"] in wanted)}
+
+
+def rollout_kind(record: dict[str, Any]) -> str:
+    """A rollout record's kind; records written before kinds existed are "default" or "role" by their role name."""
+    return str(record.get("kind") or ("default" if record["role"] == "default" else "role"))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -4,6 +4,7 @@
 versus how much they perturb default-Assistant next-token distributions; `pareto_front` keeps
 the experiments nothing beats on both. `steer_sweep` adds the axis at one layer with several
 coefficients and reports the judge's role-adherence distribution and the mean projection.
+Every projection is read at a layer no intervention touches (see persona_axis.measurement).
 """
 
 from __future__ import annotations
@@ -13,24 +14,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from persona_axis.axis import Axis
-from persona_axis.capping import Experiment, calibrate, experiment_id
-from persona_axis.catalog import Catalog
+from persona_axis.calibration import calibrate
+from persona_axis.capping import Experiment, default_layer_block, experiment_id
+from persona_axis.catalog import Catalog, role_play_conversations
+from persona_axis.chat import steering_vector
 from persona_axis.errors import PersonaAxisError
+from persona_axis.evals.capabilities import next_token_kl
 from persona_axis.generation import generate
 from persona_axis.judges.base import Judge, JudgeItem
+from persona_axis.measurement import check_layer_index, layer_after_block, measured_layer
 from persona_axis.models import LoadedModel, Message
-from persona_axis.steering import Addition, steer
+from persona_axis.steering import Addition
 
 
-@torch.inference_mode()
-def _log_probs(lm: LoadedModel, ids: Tensor) -> Tensor:
-    """Next-token log-probabilities [seq, vocab] float32 of one token sequence ids [seq]."""
-    return lm.model(input_ids=ids[None].to(lm.device)).logits[0].float().log_softmax(-1)
+def candidate_blocks(n_layers: int) -> list[range]:
+    """The blocks a sweep tries by default: `default_layer_block` and the same-size blocks a quarter
+    of the model earlier and later (clipped to the model; duplicates dropped), in layer order."""
+    block = default_layer_block(n_layers)
+    shift = max(1, n_layers // 4)
+    starts = sorted({max(0, block.start - shift), block.start, min(n_layers - len(block), block.start + shift)})
+    return [range(s, s + len(block)) for s in starts]
 
 
 def sweep(
@@ -48,8 +55,9 @@ def sweep(
     """Measure each (block, percentile) experiment calibrated from the run; one row per experiment.
 
     role_shift: mean over role-play conversations of (capped − uncapped) projection of the reply's
-    mean activation on the unit axis at layer min(block.stop, n_layers − 1). default_kl: mean over
-    every position of the default prompts + their uncapped replies (teacher-forced) of
+    mean activation on the unit axis at `measured_layer`, outside the capped block: block.stop
+    when the model has that layer, else block.start − 1 (`layer_after_block`). default_kl: mean
+    over every position of the default prompts + their uncapped replies (teacher-forced) of
     KL(uncapped ‖ capped) of the next-token distributions, in nats.
     """
     if not role_conversations or not default_conversations:
@@ -57,42 +65,26 @@ def sweep(
     axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
     config = calibrate(run_dir, blocks, percentiles, axis=axis)
     config.check_model(lm)
-    plan = [(config.experiment(experiment_id(b.start, b.stop, p)), min(b.stop, lm.n_layers - 1))
+    plan = [(config.experiment(experiment_id(b.start, b.stop, p)), layer_after_block(b, lm.n_layers))
             for b in blocks for p in percentiles]
     shifts = _role_shifts(lm, axis, plan, role_conversations, max_new_tokens, progress)
-    kls = _default_kls(lm, [e for e, _ in plan], default_conversations, max_new_tokens)
-    return [{"id": e.id, "role_shift": s, "default_kl": k} for (e, _), s, k in zip(plan, shifts, kls)]
+    kls = [r.kl for r in next_token_kl(lm, default_conversations, [e.interventions() for e, _ in plan], max_new_tokens)]
+    return [{"id": e.id, "measured_layer": layer, "role_shift": s, "default_kl": k}
+            for (e, layer), s, k in zip(plan, shifts, kls)]
 
 
 def _role_shifts(lm: LoadedModel, axis: Axis, plan: list[tuple[Experiment, int]],
                  conversations: Sequence[list[Message]], max_new_tokens: int, progress: bool) -> list[float]:
     """Per (experiment, measured layer): mean capped − uncapped projection of the replies' mean activations."""
     measured = sorted({layer for _, layer in plan})
-    base = generate(lm, conversations, max_new_tokens=max_new_tokens, capture=measured)
-    assert base.means is not None
-    base_proj = {layer: axis.project(base.means[:, k], layer) for k, layer in enumerate(measured)}
+    base = generate(lm, conversations, max_new_tokens=max_new_tokens, capture=measured).captured_means()
+    base_proj = {layer: axis.project(base[:, k], layer) for k, layer in enumerate(measured)}
     shifts = []
     for experiment, layer in tqdm(plan, desc="sweep", unit="experiment", disable=not progress):
         capped = generate(lm, conversations, max_new_tokens=max_new_tokens, capture=[layer],
-                          interventions=experiment.interventions())
-        assert capped.means is not None
-        shifts.append(float((axis.project(capped.means[:, 0], layer) - base_proj[layer]).mean()))
+                          interventions=experiment.interventions()).captured_means()
+        shifts.append(float((axis.project(capped[:, 0], layer) - base_proj[layer]).mean()))
     return shifts
-
-
-def _default_kls(lm: LoadedModel, experiments: list[Experiment], conversations: Sequence[list[Message]],
-                 max_new_tokens: int) -> list[float]:
-    """Per experiment: KL(uncapped ‖ capped) in nats, averaged over every position of prompt + uncapped reply."""
-    replies = generate(lm, conversations, max_new_tokens=max_new_tokens, capture=False)
-    totals, positions = [0.0] * len(experiments), 0
-    for conversation, reply in zip(conversations, replies.token_ids):
-        ids = torch.tensor(lm.tokenizer(lm.chat_prompt(list(conversation)), add_special_tokens=False).input_ids + reply)
-        plain = _log_probs(lm, ids)
-        positions += len(ids)
-        for k, experiment in enumerate(experiments):
-            with steer(lm, experiment.interventions()):
-                totals[k] += float((plain.exp() * (plain - _log_probs(lm, ids))).sum())
-    return [total / positions for total in totals]
 
 
 def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,37 +96,35 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in rows if not any(dominates(other, row) for other in rows)]
 
 
-def role_play_conversations(catalog: Catalog, n_roles: int, n_questions: int) -> list[tuple[str, list[Message]]]:
-    """(role name, conversation) pairs: an even spread of `n_roles` roles over the catalogue, first prompt each."""
-    step = max(1, len(catalog.roles) // max(1, n_roles))
-    roles = catalog.roles[::step][:n_roles]
-    return [(role.name, [{"role": "system", "content": role.prompts[0]}, {"role": "user", "content": q.text}])
-            for role in roles for q in catalog.questions[:n_questions]]
-
-
 def steer_sweep(lm: LoadedModel, axis: Axis, catalog: Catalog, judge: Judge, layer: int, coefs: Sequence[float],
-                n_roles: int = 12, n_questions: int = 2, max_new_tokens: int = 48,
-                progress: bool = False) -> list[dict[str, Any]]:
-    """For each coef, add coef x axis[layer] while role-play prompts are answered; judge and project the replies.
+                n_roles: int = 12, n_questions: int = 2, max_new_tokens: int = 48, progress: bool = False,
+                *, norms: Tensor | None = None, measure_at: int | None = None) -> dict[str, Any]:
+    """For each coef, add coef × v at `layer` while role-play prompts are answered; judge and project the replies.
 
-    Returns per coef: the judge's score counts ("0".."3", "unscored"), the mean score, and the mean
-    projection of the replies' mean activation on the unit axis at `layer`.
+    v is axis[layer], or with norms [layers] (see `chat.default_norms`) norms[layer] × the unit
+    axis, so coefs are relative to the default activation norm. Projections are read at
+    `measured_layer` (default: `measurement.measured_layer`'s choice, outside the steered layer).
+    Returns {"layer", "measured_layer", "unit_length" (‖v‖), "rows"}: per coef, the judge's score
+    counts ("0".."3", "unscored"), the mean score, and the mean projection of the replies' mean
+    activation on the unit axis at the measured layer.
     """
-    layer = lm.check_layer(layer)
+    layer = check_layer_index(layer, lm.n_layers, "steered layer")
     axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
+    measured = measured_layer(axis, [layer], measure_at)
+    vector = steering_vector(axis, layer, norms)
     pairs = role_play_conversations(catalog, n_roles, n_questions)
     descriptions = {r.name: r.description for r in catalog.roles}
     rows = []
     for coef in tqdm(coefs, desc="steer-sweep", unit="coef", disable=not progress):
-        result = generate(lm, [c for _, c in pairs], max_new_tokens=max_new_tokens, capture=[layer],
-                          interventions={layer: Addition(axis.vectors[layer], coef)} if coef else {})
-        assert result.means is not None
+        result = generate(lm, [c for _, c in pairs], max_new_tokens=max_new_tokens, capture=[measured],
+                          interventions={layer: Addition(vector, coef)} if coef else {})
+        means = result.captured_means()
         verdicts = judge.score([JudgeItem(name, descriptions[name], c[-1]["content"], text)
                                 for (name, c), text in zip(pairs, result.texts)])
         counts = Counter("unscored" if v.score is None else str(v.score) for v in verdicts)
         scored = [v.score for v in verdicts if v.score is not None]
         rows.append({"coef": coef, "n": len(pairs),
                      "scores": {k: counts.get(k, 0) for k in ("0", "1", "2", "3", "unscored")},
-                     "mean_score": round(sum(scored) / len(scored), 3) if scored else None,
-                     "mean_projection": round(float(axis.project(result.means[:, 0], layer).mean()), 3)})
-    return rows
+                     "mean_score": sum(scored) / len(scored) if scored else None,
+                     "mean_projection": float(axis.project(means[:, 0], measured).mean())})
+    return {"layer": layer, "measured_layer": measured, "unit_length": float(vector.norm()), "rows": rows}

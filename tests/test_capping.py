@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from persona_axis.axis import Axis, axis_metadata, save_axis
+from persona_axis.calibration import calibrate, run_projections
 from persona_axis.capping import (
     CapLayer,
     CappingConfig,
     Experiment,
-    calibrate,
     default_layer_block,
     experiment_id,
     export_torch_config,
     import_torch_config,
     load_config,
     parse_experiment_id,
-    run_projections,
     save_config,
 )
 from persona_axis.errors import PersonaAxisError
@@ -28,7 +27,10 @@ from persona_axis.store import RunStore
 
 LAYERS, HIDDEN = 4, 16
 # id -> role; scores per judge: "old" judged everything 3, "new" (the run's latest judge) only some.
-ROLES = {f"default|p0|q{i}": "default" for i in range(3)} | {f"pirate|p0|q{i}": "pirate" for i in range(5)}
+ROLES = ({f"default|p0|q{i}": "default" for i in range(3)} | {f"pirate|p0|q{i}": "pirate" for i in range(5)}
+         | {f"trait:calm|p0|q{i}": "trait:calm" for i in range(2)})
+DEFAULTS = {i for i, r in ROLES.items() if r == "default"}
+TRAITS = {i for i, r in ROLES.items() if r.startswith("trait:")}
 NEW_SCORE3 = {"pirate|p0|q0", "pirate|p0|q3"}
 
 
@@ -42,7 +44,8 @@ def make_run(root: Path, layers: int = LAYERS, hidden: int = HIDDEN, spread: flo
         for index, (start, stop) in enumerate([(0, 5), (5, len(ids))]):
             store.save_tensors(f"activations/chunk-{index:05d}.safetensors", {"means": means[start:stop]},
                                {"ids": json.dumps(ids[start:stop])})
-        store.append("rollouts", [{"id": i, "role": role} for i, role in ROLES.items()])
+        store.append("rollouts", [{"id": i, "role": role, **({"kind": "trait"} if i in TRAITS else {})}
+                                  for i, role in ROLES.items()])
         store.append("scores", [{"id": i, "score": 3, "judge": "old"} for i, r in ROLES.items() if r != "default"])
         store.append("scores", [{"id": i, "score": 3 if i in NEW_SCORE3 else 2, "judge": "new"}
                                 for i, r in ROLES.items() if r != "default"])
@@ -88,8 +91,10 @@ def test_calibrate_floors_are_quantiles_of_projections(tmp_path: Path) -> None:
     axis = make_run(tmp_path)
     config = calibrate(tmp_path, [range(1, 3), range(2, 4)], [0.25, 0.9])
     assert list(config.experiments) == ["layers_1:3-p0.25", "layers_1:3-p0.9", "layers_2:4-p0.25", "layers_2:4-p0.9"]
-    assert (config.model, config.n_layers, config.hidden_size, config.population) == ("tiny-llama", LAYERS, HIDDEN, "all")
-    expected = expected_projections(tmp_path, axis, [1, 2, 3], set(ROLES))
+    assert (config.model, config.n_layers, config.hidden_size, config.population) == \
+        ("tiny-llama", LAYERS, HIDDEN, "roles+traits")
+    expected = expected_projections(tmp_path, axis, [1, 2, 3], set(ROLES) - DEFAULTS)
+    default_mean = expected_projections(tmp_path, axis, [1, 2, 3], DEFAULTS).mean(0)
     for eid, experiment in config.experiments.items():
         start, stop, p = parse_experiment_id(eid)
         assert [c.layer for c in experiment.caps] == list(range(start, stop))
@@ -97,12 +102,15 @@ def test_calibrate_floors_are_quantiles_of_projections(tmp_path: Path) -> None:
             tau = torch.quantile(expected[:, cap.layer - 1], p)
             torch.testing.assert_close(torch.tensor(cap.floor), tau)
             assert torch.equal(cap.axis, axis.unit(cap.layer))
+            torch.testing.assert_close(torch.tensor(cap.stats["default_mean"]), default_mean[cap.layer - 1])
 
 
 @pytest.mark.parametrize("population, ids", [
     ("all", set(ROLES)),
-    ("roles", {i for i, r in ROLES.items() if r != "default"}),
-    ("default", {i for i, r in ROLES.items() if r == "default"}),
+    ("roles+traits", set(ROLES) - DEFAULTS),
+    ("roles", set(ROLES) - DEFAULTS - TRAITS),
+    ("traits", TRAITS),
+    ("default", DEFAULTS),
     ("roles_score3", NEW_SCORE3),  # the latest judge's scores, not the older judge's
 ])
 def test_populations_select_the_right_rollouts(tmp_path: Path, population: str, ids: set[str]) -> None:
@@ -140,8 +148,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         for eid, experiment in config.experiments.items():
             for a, b in zip(experiment.caps, loaded.experiment(eid).caps):
                 assert a.layer == b.layer and a.floor == b.floor and torch.equal(a.axis, b.axis)
+                assert a.stats == b.stats and set(a.stats) == {"default_mean"}
     doc = json.loads((tmp_path / "cap.json").read_text())
-    assert set(doc["experiments"][0]["caps"][0]) == {"layer", "floor", "vector"}
+    assert set(doc["experiments"][0]["caps"][0]) == {"layer", "floor", "vector", "default_mean"}
     (tmp_path / "cap.safetensors").write_bytes((tmp_path / "cap.safetensors").read_bytes() + b" ")
     with pytest.raises(PersonaAxisError, match="not the vectors file"):
         load_config(tmp_path / "cap")
@@ -155,7 +164,8 @@ def test_torch_export_import_round_trip_is_exact(tmp_path: Path) -> None:
     export_torch_config(config, tmp_path / "caps.pt")
     raw = torch.load(tmp_path / "caps.pt", weights_only=True)
     assert set(raw["vectors"]) == {f"layer_{i}" for i in range(4)}  # experiments share one vector per layer
-    imported = import_torch_config(tmp_path / "caps.pt", model="tiny-llama")
+    imported, skips = import_torch_config(tmp_path / "caps.pt", model="tiny-llama")
+    assert skips.interventions == skips.experiments == ()
     assert list(imported.experiments) == list(config.experiments)
     torch.manual_seed(5)
     hidden = torch.randn(2, 9, HIDDEN) * 3
@@ -173,7 +183,7 @@ def test_imported_ceiling_matches_the_plain_formula(tmp_path: Path) -> None:
     torch.save({"vectors": {"a": {"layer": 1, "vector": v1}, "b": {"layer": 2, "vector": v2}},
                 "experiments": [{"id": "both", "interventions": [{"vector": "a", "cap": 0.5}, {"vector": "b", "cap": -1.0}]}]},
                tmp_path / "foreign.pt")
-    interventions = import_torch_config(tmp_path / "foreign.pt").experiment("both").interventions()
+    interventions = import_torch_config(tmp_path / "foreign.pt")[0].experiment("both").interventions()
     x = torch.randn(3, 5, HIDDEN) * 2
     for layer, v, cap in [(1, v1, 0.5), (2, v2, -1.0)]:
         vhat = v / v.norm()

@@ -28,6 +28,7 @@ def test_digest_changes_with_content(tmp_path: Path) -> None:
     (tmp_path / "roles").mkdir()
     role = {"name": "hermit", "group": "human", "description": "d", "prompts": ["You are a hermit."]}
     (tmp_path / "roles" / "a.json").write_text(json.dumps([role]))
+    (tmp_path / "questions.jsonl").write_text('{"question": "Why?", "id": "q1"}\n')
     first = load_catalog(tmp_path).digest()
     role["prompts"] = ["You are a very old hermit."]
     (tmp_path / "roles" / "a.json").write_text(json.dumps([role]))
@@ -69,6 +70,22 @@ def test_malformed_catalogues_name_the_file(tmp_path: Path, files: dict[str, str
         (tmp_path / name).write_text(text)
     with pytest.raises(PersonaAxisError, match=message):
         load_catalog(tmp_path)
+
+
+def test_user_catalogue_without_questions_names_the_expected_files(tmp_path: Path) -> None:
+    (tmp_path / "roles").mkdir()
+    (tmp_path / "roles" / "a.json").write_text(json.dumps([{"name": "hermit", "prompts": ["You are a hermit."]}]))
+    with pytest.raises(PersonaAxisError, match="no questions file: add questions.jsonl or extraction_questions.jsonl"):
+        load_catalog(tmp_path)
+
+
+def test_our_flat_layout_reads_defaults_beside_the_roles(tmp_path: Path) -> None:
+    (tmp_path / "people.json").write_text(json.dumps([{"name": "hermit", "prompts": ["You are a hermit."]}]))
+    (tmp_path / "defaults.json").write_text(json.dumps({"prompts": ["", "You are {model_name}."]}))
+    (tmp_path / "questions.jsonl").write_text('{"question": "Why?", "id": "q1"}\n')
+    catalog = load_catalog(tmp_path)
+    assert [r.name for r in catalog.roles] == ["hermit"]
+    assert catalog.defaults == ("", "You are {model_name}.")
 
 
 def test_unknown_role() -> None:

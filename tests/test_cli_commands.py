@@ -12,6 +12,7 @@ from chat_server import FakeServer, Reply
 
 from persona_axis.capping import load_config
 from persona_axis.catalog import load_catalog
+from persona_axis.chat import default_norms
 from persona_axis.cli import main
 from persona_axis.judges.base import JudgeItem, Verdict
 from persona_axis.models import load_model
@@ -41,13 +42,29 @@ def _model(tiny_model_dir: str) -> list[str]:
 
 
 def test_calibrate_writes_experiments_and_refuses_bad_percentiles(
-        tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_run: Path, tiny_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["calibrate", str(tiny_run), "--layers", "1:3", "--percentile", "0.25", "--percentile", "0.5",
-                 "--export-torch", str(tiny_run / "caps.pt")]) == 0
-    out = capsys.readouterr().out
-    assert "layers_1:3-p0.25" in out and "layers_1:3-p0.5" in out
+                 "--export-torch", str(tiny_run / "caps.pt"), *_model(tiny_model_dir), "--samples", "2",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["population"] == "roles+traits"
+    assert [e["id"] for e in report["experiments"]] == ["layers_1:3-p0.25", "layers_1:3-p0.5"]
     config = load_config(tiny_run / "capping")
     assert sorted(config.experiments) == ["layers_1:3-p0.25", "layers_1:3-p0.5"]
+    for experiment in report["experiments"]:
+        assert [c["layer"] for c in experiment["caps"]] == [1, 2]
+        for cap in experiment["caps"]:
+            assert set(cap) == {"layer", "tau", "default_mean", "engaged_default", "engaged_roles"}
+            assert 0.0 <= cap["engaged_default"] <= 1.0 and 0.0 <= cap["engaged_roles"] <= 1.0
+            stored = next(c for c in config.experiment(experiment["id"]).caps if c.layer == cap["layer"])
+            assert stored.floor == cap["tau"] and stored.stats["engaged_roles"] == cap["engaged_roles"]
+    assert main(["calibrate", str(tiny_run), "--layers", "1:3", "--percentile", "0.001", "--percentile", "0.999",
+                 "--out", str(tiny_run / "range"), *_model(tiny_model_dir), "--samples", "2",
+                 "--max-new-tokens", "4"]) == 0
+    engaged = {e.id: sum(c.stats["engaged_default"] + c.stats["engaged_roles"] for c in e.caps)
+               for e in load_config(tiny_run / "range").experiments.values()}
+    assert engaged["layers_1:3-p0.999"] > engaged["layers_1:3-p0.001"]  # a higher floor binds more often
+    capsys.readouterr()
     assert (tiny_run / "caps.pt").exists()
     bad = tiny_run / "bad"
     assert main(["calibrate", str(tiny_run), "--percentile", "1.5", "--out", str(bad)]) == 2
@@ -55,29 +72,50 @@ def test_calibrate_writes_experiments_and_refuses_bad_percentiles(
     assert not bad.with_suffix(".json").exists() and not bad.with_suffix(".safetensors").exists()
 
 
+def _calibrate(run: Path, percentile: str) -> None:
+    assert main(["calibrate", str(run), "--layers", "1:3", "--percentile", percentile, "--no-engagement"]) == 0
+
+
 def test_chat_shows_projection_and_cap_engagement(tiny_run: Path, tiny_model_dir: str,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["calibrate", str(tiny_run), "--layers", "1:3", "--percentile", "0.25"]) == 0
+    _calibrate(tiny_run, "0.25")
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nand again?\n\n"))
     assert main(["chat", *_model(tiny_model_dir), "--axis", str(tiny_run), "--cap", "layers_1:3-p0.25",
-                 "--system", "You are a hermit.", "--max-new-tokens", "5", "--layer", "1"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("assistant:") == 2
-    assert out.count("[projection at layer 1:") == 2 and "cap raised L1" in out
+                 "--system", "You are a hermit.", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("assistant:") == 2 and "projections read at layer 0" in captured.err
+    # the middle layer 1 is capped: the projection is read just below the capped block
+    assert captured.out.count("[projection at layer 0:") == 2 and "cap raised L1" in captured.out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--cap", "layers_1:3-p0.25", "--layer", "2"], "--layer 2 is intervened on"),
+    (["--layer", "-1"], "--layer -1 is out of range"),
+    (["--layer", "3"], "--layer 3 is out of range"),
+    (["--config", "somewhere"], "--config is only used with --cap"),
+    (["--steer", "1@-1"], "--steer expects COEF@LAYER"),
+])
+def test_chat_refuses_layers_and_options_in_one_line(tiny_run: Path, tiny_model_dir: str, extra: list[str],
+                                                     message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _calibrate(tiny_run, "0.25")
+    capsys.readouterr()
+    assert main(["chat", *_model(tiny_model_dir), "--axis", str(tiny_run), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
 
 
 def test_chat_rejects_unknown_experiment(tiny_run: Path, tiny_model_dir: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["calibrate", str(tiny_run), "--layers", "1:3", "--percentile", "0.25"]) == 0
+    _calibrate(tiny_run, "0.25")
     assert main(["chat", *_model(tiny_model_dir), "--axis", str(tiny_run), "--cap", "layers_0:1-p0.9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "layers_0:1-p0.9" in err
 
 
-def test_generate_compare_json_holds_floors(tiny_run: Path, tiny_model_dir: str, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["calibrate", str(tiny_run), "--layers", "1:3", "--percentile", "0.9"]) == 0
+def test_generate_compare_json_reports_no_intervened_layer(tiny_run: Path, tiny_model_dir: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _calibrate(tiny_run, "0.9")
     capsys.readouterr()
     file = tmp_path / "prompts.jsonl"
     file.write_text(json.dumps({"messages": [{"role": "user", "content": "Tell me a story."}], "tag": "a"}) + "\n"
@@ -86,12 +124,30 @@ def test_generate_compare_json_holds_floors(tiny_run: Path, tiny_model_dir: str,
     assert main(["generate", str(file), *_model(tiny_model_dir), "--axis", str(tiny_run),
                  "--cap", "layers_1:3-p0.9", "--compare", "--json", "--max-new-tokens", "6"]) == 0
     report = json.loads(capsys.readouterr().out)
-    floors = {c.layer: c.floor for c in load_config(tiny_run / "capping").experiment("layers_1:3-p0.9").caps}
+    assert report["layer"] == 0 and report["variants"] == ["plain", "capped"]  # read below the capped block 1:3
     assert len(report["conversations"]) == 2 and report["conversations"][0]["tag"] == "a"
     for row in report["conversations"]:
-        assert set(row) >= {"uncapped", "capped"}
-        for layer, floor in floors.items():  # every token is at or above the floor, so their mean is too
-            assert row["capped"]["projections"][layer] >= floor - 1e-3
+        capped, plain = row["capped"]["projections"], row["plain"]["projections"]
+        assert capped[1] is None and capped[2] is None and capped[0] == row["capped"]["projection"]
+        assert None not in plain and plain[0] == row["plain"]["projection"]
+        assert set(row["capped"]["cap_engaged"]) == {"1", "2"}
+
+
+def test_generate_labels_steering_and_scales_it_by_the_run(tiny_run: Path, tiny_model_dir: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "prompts.jsonl"
+    file.write_text(json.dumps([{"role": "user", "content": "Who are you?"}]) + "\n")
+    args = ["generate", str(file), *_model(tiny_model_dir), "--max-new-tokens", "3", "--json"]
+    assert main([*args, "--axis", str(tiny_run), "--steer=-0.5n@2", "--layer", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layer"] == 0 and report["variants"] == ["steered"]
+    [row] = report["conversations"]
+    assert row["steered"]["projections"][2] is None and row["steered"]["cap_engaged"] == {}
+    bare = tmp_path / "axis.safetensors"
+    bare.write_bytes((tiny_run / "axis.safetensors").read_bytes())
+    assert main([*args, "--axis", str(bare), "--steer=-0.5n@2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give --axis as a run directory" in err
 
 
 def test_generate_rejects_conversation_ending_with_assistant(tiny_run: Path, tiny_model_dir: str, tmp_path: Path,
@@ -131,8 +187,29 @@ def test_steer_sweep_json(tiny_run: Path, tiny_model_dir: str, server: FakeServe
                  "--coefs=-1,0,1", "--roles", "2", "--questions", "1", "--max-new-tokens", "4", "--json",
                  "--judge", "openai", "--judge-url", server.base_url, "--judge-model", "m"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert (report["layer"], report["measured_layer"], report["relative"]) == (1, 0, False)
     assert [r["coef"] for r in report["rows"]] == [-1.0, 0.0, 1.0]
     assert all(r["scores"]["3"] == r["n"] == 2 for r in report["rows"])
+    assert main(["steer-sweep", *_model(tiny_model_dir), "--axis", str(tiny_run), "--layer", "0", "--relative",
+                 "--coefs=-0.5", "--roles", "1", "--questions", "1", "--max-new-tokens", "2", "--json",
+                 "--judge", "openai", "--judge-url", server.base_url, "--judge-model", "m"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["layer"], report["measured_layer"], report["relative"]) == (0, 1, True)
+    assert report["unit_length"] == pytest.approx(float(default_norms(tiny_run)[0]), rel=1e-5)
+    assert main(["steer-sweep", *_model(tiny_model_dir), "--axis", str(tiny_run), "--layer", "-1"]) == 2
+    assert "steered layer -1 is out of range" in capsys.readouterr().err
+
+
+def test_sweep_measures_outside_the_block_and_parses_blocks(tiny_run: Path, tiny_model_dir: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["sweep", str(tiny_run), *_model(tiny_model_dir), "--percentiles", "0.5", "--roles", "1",
+            "--max-new-tokens", "2"]
+    assert main([*args, "--blocks", "1:3", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["experiments"]
+    assert row["id"] == "layers_1:3-p0.5" and row["measured_layer"] == 0  # the block ends at the last layer
+    assert main([*args, "--blocks", "3:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad layer block '3:1'" in err
 
 
 def test_judge_eval_confusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

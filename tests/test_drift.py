@@ -15,30 +15,25 @@ import torch
 from chat_server import FakeServer, Reply
 from scipy.stats import t
 
-import persona_axis.drift as drift
+from persona_axis import drift_predictor, user_simulators
+from persona_axis import simulate as simulate_module
 from persona_axis.axis import Axis, save_axis
 from persona_axis.capture import response_means_by_forward
 from persona_axis.cli import main
-from persona_axis.drift import (
-    DomainPersona,
-    LocalUserSimulator,
-    OpenAIUserSimulator,
-    conversation_plan,
-    drift_dataset,
-    fit_drift_predictor,
-    group_folds,
-    load_domains,
-    load_simulations,
-    lowest_turns,
-    plot_domains,
-    simulate,
-    turn_statistics,
-)
+from persona_axis.drift_predictor import drift_dataset, fit_drift_predictor, group_folds
+from persona_axis.drift_stats import lowest_turns, plot_domains, turn_statistics
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, Message
-from persona_axis.steering import Cap
+from persona_axis.simulate import conversation_plan, load_simulations, simulate
+from persona_axis.steering import Addition, Cap
 from persona_axis.store import RunStore
+from persona_axis.user_simulators import (
+    DomainPersona,
+    LocalUserSimulator,
+    OpenAIUserSimulator,
+    load_domains,
+)
 
 TOKENS = 5  # reply length for the target and the local simulator: keeps the tiny model fast
 
@@ -84,14 +79,15 @@ class FakeEmbedder:
 
 
 def counting_generate(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Replace drift.generate with a wrapper recording each call's `capture` argument."""
+    """Replace generate, for the target and the local simulator, with a wrapper recording each call's `capture`."""
     calls: list[Any] = []
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs.get("capture"))
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(drift, "generate", wrapped)
+    monkeypatch.setattr(simulate_module, "generate", wrapped)
+    monkeypatch.setattr(user_simulators, "generate", wrapped)
     return calls
 
 
@@ -172,7 +168,21 @@ def test_other_settings_on_the_same_directory_are_refused(tiny_llama: LoadedMode
     with pytest.raises(PersonaAxisError, match="different settings.*capping"):
         simulate(tiny_llama, axis, ScriptedUser(), turns=1, interventions=cap, **options)
     [capped] = simulate(tiny_llama, axis, ScriptedUser(), turns=2, interventions=cap, **{**options, "out": None})
-    assert capped["capped"] and min(capped["projections"]) >= 5.0 - 1e-4  # the cap floors the captured layer
+    assert capped["capped"] and capped["layer"] == 0  # the middle layer 1 is capped: read just below it
+    assert max(capped["projections"]) < 5.0  # not the floor the cap imposes at layer 1
+
+
+def test_simulate_never_records_an_intervened_layer(tiny_llama: LoadedModel, axis: Axis) -> None:
+    options: dict[str, Any] = {"domain": "writing", "n": 1, "turns": 1, "max_new_tokens": TOKENS}
+    steered = {0: Addition(axis.vectors[0], 3.0)}
+    [record] = simulate(tiny_llama, axis, ScriptedUser(), interventions=steered, **options)
+    assert record["layer"] == 1  # steering at layer 0 leaves no layer below it: read just above
+    every_but_2 = {0: Addition(axis.vectors[0], 3.0), 1: Cap(axis.vectors[1], floor=5.0)}
+    assert simulate(tiny_llama, axis, ScriptedUser(), interventions=every_but_2, **options)[0]["layer"] == 2
+    with pytest.raises(PersonaAxisError, match="--layer 1 is intervened on"):
+        simulate(tiny_llama, axis, ScriptedUser(), layer=1, interventions=every_but_2, **options)
+    with pytest.raises(PersonaAxisError, match="--layer -1 is out of range"):
+        simulate(tiny_llama, axis, ScriptedUser(), layer=-1, **options)
 
 
 def test_turn_statistics_intervals_and_plot(tmp_path: Path) -> None:
@@ -263,7 +273,7 @@ def test_openai_simulator_unreachable_is_a_clear_error() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    simulator = OpenAIUserSimulator(f"http://127.0.0.1:{port}/v1", "user-m", timeout_s=2)
+    simulator = OpenAIUserSimulator(f"http://127.0.0.1:{port}/v1", "user-m", timeout_s=2, backoff_s=0.01)
     persona = load_domains("philosophy")["philosophy"][0]
     with pytest.raises(PersonaAxisError, match="unreachable"):
         simulator.next_messages([persona], [[{"role": "user", "content": persona.opening}]])
@@ -284,7 +294,7 @@ def test_cli_simulate_and_drift_report(tiny_model_dir: str, axis: Axis, tmp_path
     assert [c["id"] for c in shown["conversations"]] == ["philosophy-c0000", "philosophy-c0001"]
     assert [row["n"] for row in shown["statistics"]["philosophy"]["uncapped"]] == [2, 2]
 
-    monkeypatch.setattr(drift, "load_embedder", FakeEmbedder)
+    monkeypatch.setattr(drift_predictor, "load_embedder", FakeEmbedder)
     assert main(["drift-report", str(out), "--lowest", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["predictor"]["n_conversations"], report["predictor"]["folds"]) == (2, 2)
@@ -298,3 +308,17 @@ def test_cli_simulate_and_drift_report(tiny_model_dir: str, axis: Axis, tmp_path
     assert err.count("\n") == 1 and "choose one of coding, writing, therapy, philosophy" in err
     assert main(["drift-report", str(tmp_path / "nothing")]) == 2
     assert "run `persona-axis simulate" in capsys.readouterr().err
+
+
+def test_cli_simulate_steered_records_its_measured_layer(tiny_model_dir: str, axis: Axis, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    save_axis(axis, tmp_path / "axis.safetensors")
+    args = ["simulate", "--model", tiny_model_dir, "--dtype", "float32", "--axis", str(tmp_path / "axis.safetensors"),
+            "--domain", "coding", "--turns", "1", "--n", "1", "--max-new-tokens", str(TOKENS),
+            "--user-max-new-tokens", str(TOKENS)]
+    assert main([*args, "--steer", "2@1"]) == 0
+    assert "projection at layer 0" in capsys.readouterr().out  # the middle layer 1 is steered
+    assert main([*args, "--steer", "2@1", "--layer", "1"]) == 2
+    assert "--layer 1 is intervened on" in capsys.readouterr().err
+    assert main([*args, "--config", str(tmp_path / "capping")]) == 2
+    assert "--config is only used with --cap" in capsys.readouterr().err

@@ -54,13 +54,18 @@ def test_smoke_run_then_calibrate_and_capped_generation(tmp_path: object, capsys
     for key in ("layers", "n_roles_used", "roles_dropped", "variance_explained", "n_components_70",
                 "cos_axis_pc1", "pc1_top", "pc1_bottom", "axis_top", "axis_bottom"):
         assert key in analysis
-    assert len(analysis["cos_axis_pc1"]) == 30
-    assert main(["calibrate", str(run), "--percentile", "0.5"]) == 0
-    experiment = capsys.readouterr().out.split()[0]
+    assert len(analysis["cos_axis_pc1"]) == 30 and len(analysis["cos_axis_pc1_all_answers"]) == 30
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["questions"]["default"] == manifest["questions"]["role"] == manifest["questions"]["trait"]
+    assert len(manifest["traits"]) == 4
+    assert main(["calibrate", str(run), "--percentile", "0.5", "--samples", "2", "--max-new-tokens", "8",
+                 "--json"]) == 0
+    [calibrated] = json.loads(capsys.readouterr().out)["experiments"]
+    experiment = calibrated["id"]
     prompts = Path(str(tmp_path)) / "p.json"
     prompts.write_text(json.dumps([{"role": "system", "content": "You are a ghost haunting an old inn."},
                                    {"role": "user", "content": "Who are you?"}]))
     assert main(["generate", str(prompts), "--axis", str(run), "--cap", experiment, "--compare", "--json",
                  "--max-new-tokens", "24"]) == 0
     [row] = json.loads(capsys.readouterr().out)["conversations"]
-    assert row["capped"]["reply"].strip() and row["uncapped"]["reply"].strip()
+    assert row["capped"]["reply"].strip() and row["plain"]["reply"].strip()

@@ -13,7 +13,12 @@ from chat_server import FakeServer, Reply
 
 from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import JudgeItem
-from persona_axis.judges.http import SYSTEM_PROMPT, OpenAIJudge, parse_reply
+from persona_axis.judges.http import (
+    SYSTEM_PROMPT,
+    TRAIT_SYSTEM_PROMPT,
+    OpenAIJudge,
+    parse_reply,
+)
 
 ITEM = JudgeItem(role="pirate", description="a swashbuckling sea rover", question="Where is the treasure?",
                  response="Arr, buried on Skull Island, matey!")
@@ -45,6 +50,57 @@ def test_good_reply_is_scored_and_request_carries_model_messages_and_key(
         assert text in user["content"]
 
 
+def rubric_line(text: str, score: int) -> str:
+    [line] = [line for line in text.splitlines() if line.startswith(f"{score} - ")]
+    return line
+
+
+def test_role_rubric_scores_an_in_character_refusal_3(server: FakeServer) -> None:
+    make_judge(server).score([ITEM])
+    system = server.requests[0][2]["messages"][0]["content"]
+    three, zero = rubric_line(system, 3), rubric_line(system, 0)
+    assert "refusal given in character" in three and "scores 3" in three
+    assert "refuse" in zero and "as an AI or assistant" in zero
+
+
+def test_eval_prompt_template_is_filled_and_sent(server: FakeServer) -> None:
+    template = ("Does this reply show the role **pirate**?\n[QUESTION START]\n{question}\n[QUESTION END]\n"
+                "[ANSWER START]\n{answer}\n[ANSWER END]\nAn in-character refusal counts as the role.")
+    item = JudgeItem(ITEM.role, ITEM.description, ITEM.question, ITEM.response, eval_prompt=template)
+    assert make_judge(server).score([item])[0].score == 3
+    system, user = server.requests[0][2]["messages"]
+    assert system["content"] == SYSTEM_PROMPT
+    assert user["content"].startswith("Does this reply show the role **pirate**?\n[QUESTION START]\n"
+                                      "Where is the treasure?\n[QUESTION END]\n[ANSWER START]\nArr, buried on")
+    assert user["content"].endswith("SCORE: <0-3>.") and "{answer}" not in user["content"]
+
+
+def test_eval_prompt_without_slots_is_sent_as_guidance(server: FakeServer) -> None:
+    item = JudgeItem(ITEM.role, ITEM.description, ITEM.question, ITEM.response,
+                     eval_prompt="A pirate says arr and talks of the sea.")
+    make_judge(server).score([item])
+    user = server.requests[0][2]["messages"][1]["content"]
+    assert "A pirate says arr and talks of the sea." in user
+    for text in (ITEM.role, ITEM.description, ITEM.question, ITEM.response):
+        assert text in user
+
+
+def test_trait_items_use_the_trait_rubric(server: FakeServer, tmp_path: Path) -> None:
+    trait = JudgeItem("stoic", "calm and unmoved by hardship", ITEM.question, ITEM.response, kind="trait")
+    judge = make_judge(server, cache_dir=tmp_path)
+    judge.score([trait, ITEM])
+    sent = {body["messages"][0]["content"]: body["messages"][1]["content"] for _, _, body in server.requests}
+    assert sorted(sent) == sorted([TRAIT_SYSTEM_PROMPT, SYSTEM_PROMPT])  # requests arrive in any order
+    trait_user = sent[TRAIT_SYSTEM_PROMPT]
+    assert "clearly expressed" in rubric_line(TRAIT_SYSTEM_PROMPT, 3)
+    assert "absent" in rubric_line(TRAIT_SYSTEM_PROMPT, 1)
+    assert "Trait: stoic" in trait_user and "calm and unmoved by hardship" in trait_user
+    judge.score([JudgeItem(ITEM.role, ITEM.description, ITEM.question, ITEM.response, eval_prompt="Say arr.")])
+    assert len(server.requests) == 3  # a changed request is judged again, not read from the cache
+    with pytest.raises(PersonaAxisError, match="kind must be one of role, trait"):
+        JudgeItem("stoic", "", "q", "r", kind="persona")
+
+
 def test_missing_key_sends_no_authorization(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PA_TEST_JUDGE_KEY", raising=False)
     assert make_judge(server).score([ITEM])[0].score == 3
@@ -62,13 +118,13 @@ def test_retry_after_is_honoured(server: FakeServer) -> None:
     server.play(Reply(status=503, headers={"Retry-After": "1"}), Reply())
     start = time.monotonic()
     [verdict] = make_judge(server).score([ITEM])
-    assert verdict.score == 3
-    assert time.monotonic() - start >= 0.95  # backoff_s alone would wait ~0.01 s
+    assert verdict.score == 3 and len(server.requests) == 2
+    assert time.monotonic() - start >= 0.95  # a lower bound only: backoff_s alone would wait ~0.01 s
 
 
 def test_timeout_is_retried(server: FakeServer) -> None:
-    server.play(Reply(delay_s=0.5), Reply("Stays in role.\nSCORE: 3"))
-    [verdict] = make_judge(server, timeout_s=0.2).score([ITEM])
+    server.play(Reply(delay_s=1.5), Reply("Stays in role.\nSCORE: 3"))
+    [verdict] = make_judge(server, timeout_s=0.5).score([ITEM])
     assert verdict.score == 3
     assert len(server.requests) == 2
 
@@ -103,18 +159,16 @@ def test_parse_reply_accepts_case_and_spacing(text: str, score: int) -> None:
 @pytest.mark.parametrize("status", [401, 404])
 def test_client_error_raises_at_once(server: FakeServer, status: int) -> None:
     server.play(Reply(status=status))
-    start = time.monotonic()
     with pytest.raises(PersonaAxisError, match=f"HTTP {status}.*PA_TEST_JUDGE_KEY"):
         make_judge(server, max_attempts=5, backoff_s=1.0).score([ITEM])
-    assert len(server.requests) == 1
-    assert time.monotonic() - start < 0.5
+    assert len(server.requests) == 1  # not retried
 
 
 def test_client_error_stops_the_rest_of_the_batch(server: FakeServer) -> None:
     server.play(Reply(status=401, delay_s=0.05))
     with pytest.raises(PersonaAxisError, match="HTTP 401"):
         make_judge(server, concurrency=2).score([ITEM] * 20)
-    assert len(server.requests) <= 4
+    assert len(server.requests) <= 2  # the failing worker stops the batch before any worker takes another item
 
 
 def test_non_chat_completion_body_raises(server: FakeServer) -> None:
@@ -133,7 +187,7 @@ def test_cache_hit_makes_no_request(server: FakeServer, tmp_path: Path) -> None:
     [entry] = tmp_path.glob("*/*.json")
     assert entry.parent.name == entry.stem[:2]
     assert json.loads(entry.read_text())["reply"] == "In role.\nSCORE: 3"
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary file left beside it
 
 
 def test_malformed_result_is_not_cached(server: FakeServer, tmp_path: Path) -> None:

@@ -7,9 +7,18 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 
+from persona_axis import models
 from persona_axis.errors import PersonaAxisError
 from persona_axis.hooks import layer_hooks
-from persona_axis.models import find_decoder_layers, load_model, prepare_messages, resolve_dtype, wrap_model
+from persona_axis.models import (
+    cpu_flags,
+    embedded_gguf_path,
+    find_decoder_layers,
+    load_model,
+    prepare_messages,
+    resolve_dtype,
+    wrap_model,
+)
 
 NO_SYSTEM_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -83,8 +92,61 @@ def test_local_directory_loads(tmp_path: Path, tokenizer: Any) -> None:
     assert lm.source_hash
 
 
+@pytest.mark.parametrize("flags, expected", [({"avx2", "amx_bf16"}, torch.bfloat16),
+                                             ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                             ({"avx2", "avx512f"}, torch.float32), (set(), torch.float32)])
+def test_auto_dtype_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, flags: set[str],
+                                          expected: torch.dtype) -> None:
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert resolve_dtype("auto", torch.device("cpu")) is expected
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: amx_bf16 lookalike\nflags\t\t: fpu avx2 amx_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
 def test_resolve_dtype() -> None:
     assert resolve_dtype("float32", torch.device("cpu")) is torch.float32
-    assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
     with pytest.raises(PersonaAxisError, match="unknown dtype"):
         resolve_dtype("int3", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("make", [lambda gguf: gguf.read_bytes()[:1000],  # truncated inside the header
+                                  lambda gguf: gguf.read_bytes()[:3_000_000],  # truncated inside the tensors
+                                  lambda gguf: bytes(range(256)) * 20])  # not a GGUF file at all
+def test_broken_gguf_is_a_one_line_error_and_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              make: Any) -> None:
+    monkeypatch.setenv("PERSONA_AXIS_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(make(embedded_gguf_path()))
+    with pytest.raises(PersonaAxisError, match=r"cannot read .*broken\.gguf .*truncated, corrupt or not a GGUF") as info:
+        load_model(str(broken), dtype="float32", progress=False)
+    assert "\n" not in str(info.value)
+    cache = tmp_path / "cache" / "gguf"
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_progress_false_silences_transformers_bars_and_restores_them(tmp_path: Path, tokenizer: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    seen: list[bool] = []
+    load = AutoModelForCausalLM.from_pretrained
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        seen.append(hf_logging.is_progress_bar_enabled())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", watched)
+    hf_logging.enable_progress_bar()
+    load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    load_model(str(tmp_path), dtype="float32", device="cpu")
+    assert seen == [False, True]
+    assert hf_logging.is_progress_bar_enabled()

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 
 from persona_axis.axis import Axis
+from persona_axis.conversations import read_conversations
 from persona_axis.errors import PersonaAxisError
 from persona_axis.models import LoadedModel, wrap_model
 from persona_axis.monitor import (
@@ -18,7 +19,6 @@ from persona_axis.monitor import (
     plot_trajectory,
     project_by_prefix,
     project_conversation,
-    read_conversations,
     turn_layout,
 )
 

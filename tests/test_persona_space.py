@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from persona_axis.errors import PersonaAxisError
-from persona_axis.persona_space import analyze_persona_space, n_components_for, pc1_loading_correlation, pca
+from persona_axis.persona_space import (
+    analyze_persona_space,
+    n_components_for,
+    pc1_loading_correlation,
+    pca,
+    trait_alignment,
+    unjudged_cos_axis_pc1,
+)
 
 LAYERS, HIDDEN, N_ROLES = 4, 32, 12
 
@@ -157,3 +164,37 @@ def test_loading_correlation() -> None:
     assert pc1_loading_correlation(a, negated) == (pytest.approx(-1.0), 4)
     with pytest.raises(PersonaAxisError, match="at least 3 roles shared"):
         pc1_loading_correlation({"x": 1.0, "y": 2.0}, {"x": 1.0, "y": 2.0, "z": 3.0})
+
+
+def test_trait_alignment_ranks_traits_along_the_axis_and_pc1() -> None:
+    torch.manual_seed(0)
+    layers, hidden = 2, 12
+    direction = torch.zeros(hidden)
+    direction[0] = 1.0
+    # Roles spread along `direction` (so PC1 is it) plus small noise; the axis points along it too.
+    roles = {f"r{i}": (float(i) * direction + 0.01 * torch.randn(hidden)).repeat(layers, 1) for i in range(6)}
+    axis = direction.repeat(layers, 1) * 3
+    base = torch.randn(hidden) * 5  # shared by every trait: centring must remove it
+    other = torch.zeros(hidden)
+    other[1] = 1.0  # orthogonal to the axis
+    traits = {"assistantish": base + 2 * direction, "theatrical": base - 2 * direction,
+              "neutral": base + 2 * other, "neutral_too": base - 2 * other}
+    alignment = trait_alignment({k: v.repeat(layers, 1) for k, v in traits.items()}, roles, axis)
+    for key in ("cos_axis", "cos_pc1"):
+        values = {name: alignment[key][name][1] for name in traits}
+        assert values["assistantish"] > 0.99 and values["theatrical"] < -0.99 and abs(values["neutral"]) < 0.05
+    with pytest.raises(PersonaAxisError, match="at least 2 trait vectors"):
+        trait_alignment({"one": axis}, roles, axis)
+
+
+def test_unjudged_cos_axis_pc1_recomputes_the_axis_from_all_answers() -> None:
+    torch.manual_seed(1)
+    layers, hidden = 3, 10
+    direction = torch.nn.functional.normalize(torch.randn(hidden), dim=0)
+    roles = {f"r{i}": (float(i) * direction + 0.01 * torch.randn(hidden)).repeat(layers, 1) for i in range(5)}
+    default_on_line = (10.0 * direction).repeat(layers, 1)
+    assert min(unjudged_cos_axis_pc1(default_on_line, roles)) > 0.99
+    off_line = torch.zeros(hidden)
+    off_line[int(direction.abs().argmin())] = 50.0
+    default_off_line = (2.0 * direction + off_line).repeat(layers, 1)  # the roles' mean plus an orthogonal offset
+    assert max(unjudged_cos_axis_pc1(default_off_line, roles)) < 0.2

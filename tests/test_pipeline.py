@@ -40,14 +40,24 @@ def catalog_dir(tmp_path: Path) -> Path:
     (root / "defaults.json").write_text(json.dumps({"prompts": ["", "You are an AI assistant.", "Be helpful."]}))
     questions = [{"id": f"q{i}", "question": f"Question number {i}, what do you think?"} for i in range(6)]
     (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (root / "traits").mkdir()
+    traits = [{"name": n, "description": f"very {n}", "prompts": [f"Be {n}.", f"Act {n}."]}
+              for n in ("calm", "grumpy", "curious", "silent", "proud")]
+    (root / "traits" / "traits.json").write_text(json.dumps(traits))
     return root
+
+
+def _score(body: dict) -> Reply:
+    """villain_b's replies and every answer to question 1 score 1; the trait "proud" scores 2; the rest 3."""
+    content = body["messages"][1]["content"]
+    low = "Role: villain_b" in content or "Question number 1," in content or "Trait: proud" in content
+    return Reply(f"ok\nSCORE: {2 if 'Trait: proud' in content else 1}" if low else "in role\nSCORE: 3")
 
 
 @pytest.fixture()
 def judge_server(server: FakeServer) -> FakeServer:
-    """Scores every reply 3 except villain_b's, which scores 1 (so villain_b is dropped)."""
-    server.respond = lambda body: Reply("ok\nSCORE: 1" if "Role: villain_b" in body["messages"][1]["content"]
-                                        else "in role\nSCORE: 3")
+    """Mixed scores (see `_score`): villain_b and the trait proud are dropped; question 1 never counts."""
+    server.respond = _score
     return server
 
 
@@ -122,24 +132,45 @@ def test_pipeline_in_process_drops_roles_and_analyzes(
         tmp_path: Path, tiny_model_dir: str, catalog_dir: Path, judge_server: FakeServer) -> None:
     lm = load_model(tiny_model_dir, dtype="float32")
     catalog = load_catalog(catalog_dir)
-    settings = preset_settings("smoke", batch_size=4, max_new_tokens=8)
+    settings = preset_settings("smoke", batch_size=8, max_new_tokens=8)
     judge = OpenAIJudge(judge_server.base_url, "m")
     out = run_pipeline(tmp_path / "run", lm, catalog, settings, judge, progress=False)
-    plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None))
-    assert len(plan) == 3 * 4 + 6 * 3  # default prompts x default questions + roles x questions
+    plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None), catalog.traits[:4])
+    assert len(plan) == (3 + 6 + 4) * 3  # (default prompts + roles + traits) x the same 3 questions
+    manifest = json.loads((out / "manifest.json").read_text())
+    questions = manifest["questions"]
+    assert questions["default"] == questions["role"] == questions["trait"] == ["q0", "q1", "q2"]
+    assert manifest["traits"] == ["calm", "grumpy", "curious", "silent"]
+    assert manifest["identity"]["settings"]["temperature"] == 0.7 and manifest["identity"]["settings"]["top_p"] == 0.9
     vectors, meta = load_tensors(out / "vectors.safetensors")
     summary = json.loads(meta["summary"])
     assert summary["roles_dropped"] == {"villain_b": 0}
     assert set(vectors) == {"default", *[n for names in ROLES.values() for n in names if n != "villain_b"]}
+    traits, _ = load_tensors(out / "trait_vectors.safetensors")
+    assert set(traits) == {"calm", "grumpy", "curious", "silent"}
+    everything, _ = load_tensors(out / "role_vectors_all_answers.safetensors")
+    assert set(everything) == {n for names in ROLES.values() for n in names}
     axis = load_axis(out).vectors
     expected = vectors["default"] - torch.stack([vectors[n] for n in summary["roles_used"]]).mean(0)
     torch.testing.assert_close(axis, expected)
     analysis = analyze_run(out)
     assert analysis["n_roles_used"] == 5 and analysis["roles_dropped"] == {"villain_b": 0}
-    assert len(analysis["cos_axis_pc1"]) == 3
+    assert len(analysis["cos_axis_pc1"]) == 3 and len(analysis["cos_axis_pc1_all_answers"]) == 3
+    assert analysis["traits_used"] == 4 and set(analysis["trait_alignment"]["cos_axis"]) == set(traits)
     assert (out / "report.html").exists() and (out / "figures" / "pc1_pc2.png").exists()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["identity"]["settings"]["batch_size"] == 4 and "torch" in manifest["versions"]
+    assert manifest["identity"]["settings"]["batch_size"] == 8 and "torch" in manifest["versions"]
+
+
+def _rows_by_role(out: Path, keep: set[str] | None = None) -> dict[str, list[torch.Tensor]]:
+    """Stored response means grouped by role name (only records whose id is in `keep`, when given)."""
+    role_of = {r["id"]: r["role"] for r in read_jsonl(out / "rollouts.jsonl")}
+    rows: dict[str, list[torch.Tensor]] = {}
+    for path in sorted((out / "activations").glob("*.safetensors")):
+        tensors, meta = load_tensors(path)
+        for row, record_id in enumerate(json.loads(meta["ids"])):
+            if keep is None or record_id in keep:
+                rows.setdefault(role_of[record_id], []).append(tensors["means"][row])
+    return rows
 
 
 def test_role_vector_means_only_score3_answers(tmp_path: Path, tiny_model_dir: str, catalog_dir: Path,
@@ -147,15 +178,21 @@ def test_role_vector_means_only_score3_answers(tmp_path: Path, tiny_model_dir: s
     lm = load_model(tiny_model_dir, dtype="float32")
     out = run_pipeline(tmp_path / "run", lm, load_catalog(catalog_dir), preset_settings("smoke", max_new_tokens=6),
                        OpenAIJudge(judge_server.base_url, "m"), role_names=["dragon_a", "ghost_b"], progress=False)
-    rows: dict[str, list[torch.Tensor]] = {}
-    role_of = {r["id"]: r["role"] for r in read_jsonl(out / "rollouts.jsonl")}
-    for path in sorted((out / "activations").glob("*.safetensors")):
-        tensors, meta = load_tensors(path)
-        for row, record_id in enumerate(json.loads(meta["ids"])):
-            rows.setdefault(role_of[record_id], []).append(tensors["means"][row])
+    score3 = {r["id"] for r in read_jsonl(out / "scores.jsonl") if r["score"] == 3}
+    assert 0 < len({i for i in score3 if i.startswith("dragon_a")}) < 3  # mixed scores: the filter matters
+    judged, every = _rows_by_role(out, score3 | {i for i in _ids(out) if i.startswith("default")}), _rows_by_role(out)
     vectors, _ = load_tensors(out / "vectors.safetensors")
-    torch.testing.assert_close(vectors["dragon_a"], torch.stack(rows["dragon_a"]).mean(0))
-    torch.testing.assert_close(vectors["default"], torch.stack(rows["default"]).mean(0))
+    torch.testing.assert_close(vectors["dragon_a"], torch.stack(judged["dragon_a"]).mean(0))
+    torch.testing.assert_close(vectors["default"], torch.stack(every["default"]).mean(0))
+    assert not torch.allclose(vectors["dragon_a"], torch.stack(every["dragon_a"]).mean(0))
+    everything, _ = load_tensors(out / "role_vectors_all_answers.safetensors")
+    torch.testing.assert_close(everything["dragon_a"], torch.stack(every["dragon_a"]).mean(0))
+    traits, _ = load_tensors(out / "trait_vectors.safetensors")
+    torch.testing.assert_close(traits["calm"], torch.stack(judged["trait:calm"]).mean(0))
+
+
+def _ids(out: Path) -> list[str]:
+    return [r["id"] for r in read_jsonl(out / "rollouts.jsonl")]
 
 
 def test_analyze_without_run_is_an_error(tmp_path: Path) -> None:

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from persona_axis.persona_space import analyze_persona_space
-from persona_axis.report import FIGURE_NAMES, write_figures, write_report
+from persona_axis.report import (
+    FIGURE_NAMES,
+    LABEL_CHARS,
+    N_LABELLED,
+    build_figures,
+    spread_positions,
+    write_figures,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,21 +45,69 @@ def analysis() -> dict[str, Any]:
     return make_analysis()
 
 
-def test_write_figures_writes_valid_pngs(analysis: dict[str, Any], tmp_path: Path) -> None:
+def scatter_parts(fig: Figure) -> tuple[Any, list[Text]]:
+    """The PC1/PC2 scatter's points and its role labels (texts of the two label columns)."""
+    left, scatter, right = fig.axes[:3]
+    [points] = scatter.collections
+    return points, [*left.texts, *right.texts]
+
+
+def test_figures_show_what_the_analysis_holds(analysis: dict[str, Any], tmp_path: Path) -> None:
+    figures = build_figures(analysis)
+    assert list(figures) == list(FIGURE_NAMES)
+    [bars] = figures["variance_explained.png"].axes[0].containers
+    assert [b.get_height() for b in bars] == pytest.approx(analysis["variance_explained"])
+    [line, *_] = figures["cos_axis_pc1.png"].axes[0].lines
+    assert list(line.get_ydata()) == pytest.approx(analysis["cos_axis_pc1"])
+    points, labels = scatter_parts(figures["pc1_pc2.png"])
+    assert len(points.get_offsets()) == 40
+    low = sorted(analysis["pc1_loadings"], key=analysis["pc1_loadings"].get)
+    assert [t.get_text() for t in labels] == low[:N_LABELLED] + low[-N_LABELLED:]
+    ranking = figures["axis_ranking.png"].axes[0]
+    assert len(ranking.patches) == 30 and {t.get_text() for t in ranking.get_yticklabels()} >= set(low[:3] + low[-3:])
     paths = write_figures(analysis, tmp_path / "figs")
-    assert [p.name for p in paths] == list(FIGURE_NAMES)
-    for path in paths:
-        assert path.read_bytes()[:8] == PNG_MAGIC
-        assert path.stat().st_size > 5000
+    assert [p.name for p in paths] == list(FIGURE_NAMES) and all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+
+
+def test_scatter_labels_of_many_long_named_roles_do_not_collide() -> None:
+    long_names = {f"role{i:03d}": f"a_very_long_role_name_for_the_scatter_{i:03d}" for i in range(250)}
+    analysis = make_analysis(n_roles=250)
+    renamed = {key: {long_names.get(r, r): v for r, v in analysis[key].items()}
+               for key in ("pc1_loadings", "pc2_loadings", "axis_projection")}
+    fig = build_figures({**analysis, **renamed})["pc1_pc2.png"]
+    points, labels = scatter_parts(fig)
+    assert len(points.get_offsets()) == 250 and len(labels) == 2 * N_LABELLED
+    assert all(len(t.get_text()) <= LABEL_CHARS for t in labels)
+    assert len({t.get_text() for t in labels}) == len(labels)  # shortened names stay distinct
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent() for t in labels]
+    assert not [(a, b) for a, b in combinations(boxes, 2) if a.overlaps(b)]
+
+
+def test_labels_of_points_at_the_same_height_are_spread() -> None:
+    assert spread_positions([0.5, 0.5, 0.5, 0.51], gap=0.1) == pytest.approx([0.5, 0.6, 0.7, 0.8])  # pushed up
+    assert spread_positions([0.95, 0.99], gap=0.1) == pytest.approx([0.9, 1.0])  # and down from the top
+    assert spread_positions([0.0, 0.99, 1.0], gap=0.6) == pytest.approx([0.0, 0.5, 1.0])  # gap shrinks to fit
+    assert spread_positions([0.9, 0.1], gap=0.05) == [0.9, 0.1]  # far apart: left where they are
 
 
 def test_figures_for_two_roles(tmp_path: Path) -> None:
-    paths = write_figures(make_analysis(n_roles=2), tmp_path)
-    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+    fig = build_figures(make_analysis(n_roles=2))["pc1_pc2.png"]
+    points, labels = scatter_parts(fig)
+    assert len(points.get_offsets()) == 2 and len(labels) == 2
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in write_figures(make_analysis(n_roles=2), tmp_path))
+
+
+def test_importing_the_report_switches_no_backend() -> None:
+    code = ("import matplotlib; matplotlib.use('svg'); import persona_axis.report; "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "svg"
 
 
 def test_report_html_has_headline_figures_and_escapes(analysis: dict[str, Any], tmp_path: Path) -> None:
-    details = {"model": "tiny <b>model</b>", "roles_dropped": ["a", "b", "c", "d"], "min_score3_count": 10}
+    details = {"model": "tiny <b>model</b>", "min_score3_count": 10}
+    analysis = {**analysis, "roles_dropped": {"a": 0, "b": 1, "c": 2, "<i>d": 0}}
     page = write_report(analysis, tmp_path, title="Persona space & <axis>", details=details)
     assert page == tmp_path / "report.html"
     text = page.read_text(encoding="utf-8")
@@ -54,10 +115,11 @@ def test_report_html_has_headline_figures_and_escapes(analysis: dict[str, Any], 
     best = max(range(len(cosines)), key=cosines.__getitem__)
     for fragment in (f"{analysis['variance_explained'][0]:.3f}", f"{cosines[1]:.3f}", f"{cosines[best]:.3f}",
                      f"best cos(axis, PC1): layer {best}", "<td>40</td>", "<td>4</td>", "roles dropped",
-                     "Persona space &amp; &lt;axis&gt;", "tiny &lt;b&gt;model&lt;/b&gt;", "tagged &amp; grouped"):
+                     "Persona space &amp; &lt;axis&gt;", "tiny &lt;b&gt;model&lt;/b&gt;", "tagged &amp; grouped",
+                     "<summary>4 roles dropped", "&lt;i&gt;d (0), a (0), b (1), c (2)"):
         assert fragment in text, fragment
     assert "<script>" not in text and "&lt;script&gt;" in text
-    assert "<b>" not in text
+    assert "<b>" not in text and "{'a'" not in text  # no raw Python dict on the page
     for name in FIGURE_NAMES:
         assert f'src="figures/{name}"' in text
         assert (tmp_path / "figures" / name).read_bytes()[:8] == PNG_MAGIC
@@ -72,3 +134,19 @@ def test_report_markdown_has_headline_figures(analysis: dict[str, Any], tmp_path
     assert f"| components for 70 % of the variance | {analysis['n_components_70']} |" in markdown
     assert "roles dropped" not in markdown
     assert ", ".join(analysis["axis_top"]) in markdown
+
+
+def test_traits_get_a_figure_and_a_section(analysis: dict[str, Any], tmp_path: Path) -> None:
+    ranked = {"traits_used": 4, "traits_dropped": {},
+              "traits_cos_axis_top": [["calm", 0.61], ["exact", 0.4]], "traits_cos_axis_bottom": [["wild", -0.7]],
+              "traits_cos_pc1_top": [["calm", 0.5]], "traits_cos_pc1_bottom": [["wild", -0.6]],
+              "cos_axis_pc1_all_answers": [0.1, 0.25, 0.3]}
+    page = write_report({**analysis, **ranked}, tmp_path, title="t")
+    text = page.read_text(encoding="utf-8")
+    assert "Traits along the axis (layer 1)" in text and "calm (+0.610)" in text and "wild (-0.700)" in text
+    assert "every answer (no judge)</th><td>0.250</td>" in text and "traits used / dropped</th><td>4 / 0" in text
+    assert (tmp_path / "figures" / "traits_axis.png").read_bytes()[:8] == PNG_MAGIC
+    assert "- traits toward the Assistant: calm, exact" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert not (tmp_path / "plain" / "figures" / "traits_axis.png").exists()
+    write_report(analysis, tmp_path / "plain", title="t")
+    assert not (tmp_path / "plain" / "figures" / "traits_axis.png").exists()

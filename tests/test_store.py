@@ -40,7 +40,7 @@ def test_second_writer_is_refused(tmp_path: Path) -> None:
         with pytest.raises(PersonaAxisError, match="in use by another persona-axis process"):
             with RunStore.open(tmp_path):
                 pass
-        code = "from persona_axis.store import RunStore\nwith RunStore.open(%r): pass" % str(tmp_path)
+        code = f"from persona_axis.store import RunStore\nwith RunStore.open({str(tmp_path)!r}): pass"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and "in use by another persona-axis process" in proc.stderr
     with RunStore.open(tmp_path):  # released on exit

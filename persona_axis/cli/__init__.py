@@ -25,11 +25,20 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from persona_axis.cli import axis_commands, bench_commands, capping_commands, drift_commands, monitor_commands
+    from persona_axis.cli import (
+        axis_commands,
+        bench_commands,
+        capping_commands,
+        drift_commands,
+        eval_commands,
+        model_commands,
+        monitor_commands,
+    )
 
     parser = argparse.ArgumentParser(prog="persona-axis", description="Find, monitor and cap the Assistant Axis.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (axis_commands, capping_commands, monitor_commands, drift_commands, bench_commands):
+    for module in (axis_commands, capping_commands, monitor_commands, drift_commands, bench_commands, model_commands,
+                   eval_commands):
         module.register(sub)
     return parser
 

@@ -27,8 +27,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     conversations = [[{"role": "system", "content": system}, {"role": "user", "content": DEMO_QUESTION}]
                      for system in DEMO_CHARACTERS.values()]
     result = generate(lm, conversations, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    assert result.means is not None
-    for name, text, means in zip(DEMO_CHARACTERS, result.texts, result.means):
+    for name, text, means in zip(DEMO_CHARACTERS, result.texts, result.captured_means()):
         norms = " ".join(f"{v:.0f}" for v in means.norm(dim=-1).tolist())
         print(f"\n=== {name} ===\n{text.strip()}\nper-layer activation norm (layers 0..{lm.n_layers - 1}): {norms}")
 
@@ -47,7 +46,26 @@ def headline(analysis: dict[str, Any]) -> str:
         f"(best {cos[best]:.2f} at layer {best})\n"
         f"Assistant end of the axis: {', '.join(analysis['axis_top'])}\n"
         f"far end of the axis:       {', '.join(analysis['axis_bottom'])}"
+        + _all_answers_line(analysis) + _traits_line(analysis)
     )
+
+
+def _all_answers_line(analysis: dict[str, Any]) -> str:
+    if "cos_axis_pc1_all_answers" not in analysis:
+        return ""
+    cos = analysis["cos_axis_pc1_all_answers"]
+    return (f"\nwithout the judge (all {analysis['n_roles_all_answers']} roles, every answer): cos(axis, PC1) "
+            f"{cos[analysis['layer']]:.2f} at layer {analysis['layer']}")
+
+
+def _traits_line(analysis: dict[str, Any]) -> str:
+    if "traits_cos_axis_top" not in analysis:
+        return f"\ntraits used {analysis.get('traits_used', 0)}" if "traits_used" in analysis else ""
+    top = ", ".join(name for name, _ in analysis["traits_cos_axis_top"][:5])
+    bottom = ", ".join(name for name, _ in analysis["traits_cos_axis_bottom"][:5])
+    return (f"\ntraits used {analysis['traits_used']} (dropped {len(analysis['traits_dropped'])}) | "
+            f"Assistant end: {top}\n"
+            f"traits at the far end: {bottom}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -57,13 +75,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     from persona_axis.pipeline import analyze_run, preset_settings, run_pipeline
 
     settings = preset_settings(args.preset, seed=args.seed, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, min_score3=args.min_score3)
+                               max_new_tokens=args.max_new_tokens, min_score3=args.min_score3,
+                               temperature=args.temperature, top_p=args.top_p)
     catalog = load_catalog(args.catalog)
-    judge = make_judge(args.judge, cache_dir=Path(args.out) / "judge_cache", url=args.judge_url,
-                       model=args.judge_model, key_env=args.judge_key_env)
-    lm = load_model(args.model, dtype=args.dtype)
+    options = {"cache_dir": Path(args.out) / "judge_cache", "url": args.judge_url, "model": args.judge_model,
+               "key_env": args.judge_key_env}
+    judge = make_judge(args.judge, **options)
+    trait_judge = make_judge(args.judge, traits=catalog.traits, **options)
+    lm = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
     run_pipeline(args.out, lm, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, trait_judge=trait_judge)
     print(headline(analyze_run(args.out)))
     print(f"report: {Path(args.out) / 'report.html'}")
 
@@ -75,7 +96,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     if args.compare:
         from persona_axis.persona_space import pc1_loading_correlation
 
-        other = analyze_run(args.compare, standardise=args.standardise)
+        other = analyze_run(args.compare, layer=args.layer, standardise=args.standardise, write=False)
         r, shared = pc1_loading_correlation(analysis["pc1_loadings"], other["pc1_loadings"])
         analysis["pc1_correlation"] = {"run": args.compare, "pearson_r": r, "shared_roles": shared}
     if args.json:
@@ -92,6 +113,14 @@ def cmd_judge_eval(args: argparse.Namespace) -> None:
     from persona_axis.judges import make_judge
     from persona_axis.judges.agreement import evaluate_judge, read_labels
 
+    if args.harm:
+        from persona_axis.cli.eval_commands import harm_judge_eval
+
+        return harm_judge_eval(as_json=args.json)
+    if args.labels is None:
+        from persona_axis.errors import PersonaAxisError
+
+        raise PersonaAxisError("judge-eval needs a LABELS file (or --harm for the offline harm judge)")
     judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env,
                        threshold=args.threshold)
     report = {"labels": args.labels, "fold": args.fold, **evaluate_judge(judge, read_labels(args.labels, args.fold))}
@@ -120,7 +149,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--roles", help="only these roles (comma- or space-separated names)")
     run.add_argument("--catalog", help="a catalogue directory in our format (default: the built-in one)")
     judge_options(run)
-    run.add_argument("--seed", type=int)
+    run.add_argument("--seed", type=int, help="sampling seed (chunk k uses seed + k)")
+    run.add_argument("--temperature", type=float, help="sampling temperature (default 0.7; 0 = greedy)")
+    run.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--max-new-tokens", type=int)
     run.add_argument("--min-score3", type=int, help="score-3 answers a role needs to keep its vector")
@@ -136,7 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     analyze.set_defaults(func=cmd_analyze)
 
     evaluate = sub.add_parser("judge-eval", help="agreement of a judge with labelled replies (confusion matrix)")
-    evaluate.add_argument("labels", help="JSONL of labelled replies (role, description, question, response, label)")
+    evaluate.add_argument("labels", nargs="?", help="JSONL of labelled replies (role, description, question, "
+                          "response, label)")
+    evaluate.add_argument("--harm", action="store_true", help="the offline harm judge on its held-out pyrit split")
     evaluate.add_argument("--fold", help="only lines whose 'fold' field equals this")
     evaluate.add_argument("--threshold", type=float, help="offline judge: role-specificity threshold")
     judge_options(evaluate)

@@ -16,63 +16,74 @@ from persona_axis.cli.options import (
     print_json,
 )
 
+LAYER_HELP = ("layer whose projection is reported (default: the middle layer, or the layer just below the "
+              "interventions when they reach it); an intervened layer is refused")
+
 
 def _layer_ranges(values: list[str]) -> list[range]:
-    from persona_axis.capping import parse_experiment_id
+    from persona_axis.capping import parse_layer_block
 
-    ranges = []
-    for value in values:
-        start, stop, _ = parse_experiment_id(f"layers_{value}-p0.5")
-        ranges.append(range(start, stop))
-    return ranges
+    return [parse_layer_block(value) for value in values]
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
-    from persona_axis.capping import calibrate, default_layer_block, export_torch_config, save_config
+    from persona_axis.calibration import calibrate, engagement_samples, measure_engagement
+    from persona_axis.capping import default_layer_block, export_torch_config, save_config
+    from persona_axis.models import load_model
+    from persona_axis.pipeline import run_catalog
 
     axis = load_axis(args.run)
     blocks = _layer_ranges(args.layers) if args.layers else [default_layer_block(axis.n_layers)]
     config = calibrate(args.run, blocks, args.percentile or [0.25], population=args.population)
+    if not args.no_engagement:
+        samples = engagement_samples(run_catalog(args.run), args.samples, 2 * args.samples)
+        measure_engagement(load_model(args.model, dtype=args.dtype), config, samples, args.max_new_tokens,
+                           progress=not args.json)
     out = Path(args.out) if args.out else Path(args.run) / "capping"
     save_config(config, out)
     if args.export_torch:
         export_torch_config(config, args.export_torch)
+    if args.json:
+        print_json({"config": str(out.with_suffix(".json")), "population": config.population,
+                    "experiments": [{"id": e.id, "caps": [{"layer": c.layer, "tau": c.floor, **c.stats} for c in e.caps]}
+                                    for e in config.experiments.values()]})
+        return
+    print(f"population {config.population}; engagement = share of generated tokens a cap raised")
     for experiment in config.experiments.values():
-        floors = ", ".join(f"{c.layer}: {c.floor:.2f}" for c in experiment.caps)
-        print(f"{experiment.id}  floors {{{floors}}}")
+        print(experiment.id)
+        for c in experiment.caps:
+            engaged = (f"  engaged: default {c.stats['engaged_default']:.1%}, role-play {c.stats['engaged_roles']:.1%}"
+                       if "engaged_roles" in c.stats else "")
+            print(f"  layer {c.layer}: tau {c.floor:+.2f}  default mean {c.stats['default_mean']:+.2f}{engaged}")
     print(f"capping config: {out.with_suffix('.json')} (+ .safetensors)")
 
 
 def _session_parts(args: argparse.Namespace) -> tuple[Any, Any, dict[int, list[Any]]]:
     from persona_axis.axis import load_axis
-    from persona_axis.capping import load_config
-    from persona_axis.chat import build_interventions
+    from persona_axis.chat import load_interventions
     from persona_axis.models import load_model
 
     axis = load_axis(args.axis)
-    config = None
-    if args.cap:
-        path = args.config or (Path(args.axis) / "capping" if Path(args.axis).is_dir() else None)
-        config = load_config(path) if path else None
     lm = load_model(args.model, dtype=args.dtype)
-    return lm, axis, build_interventions(lm, axis, config, args.cap, args.steer)
+    return lm, axis, load_interventions(lm, axis, args.axis, args.config, args.cap, args.steer)
 
 
-def _describe(reply: Any, layer: int) -> str:
+def _describe(reply: Any) -> str:
     engaged = ", ".join(f"L{k} {v:.0%}" for k, v in sorted(reply.engaged.items()))
-    return (f"[projection at layer {layer}: {reply.projections[layer]:+.2f} | {reply.n_tokens} tokens"
+    return (f"[projection at layer {reply.layer}: {reply.projection:+.2f} | {reply.n_tokens} tokens"
             + (f" | cap raised {engaged} of tokens" if engaged else "") + "]")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from persona_axis.chat import ChatSession
+    from persona_axis.chat import ChatSession, describe_interventions
     from persona_axis.errors import PersonaAxisError
 
     lm, axis, interventions = _session_parts(args)
-    layer = axis.layer_or_middle(args.layer)
-    session = ChatSession(lm, axis, interventions, system=args.system or "", max_new_tokens=args.max_new_tokens)
-    print(f"chatting with {lm.name}" + (f", capped by {args.cap}" if args.cap else "")
+    session = ChatSession(lm, axis, interventions, system=args.system or "", max_new_tokens=args.max_new_tokens,
+                          layer=args.layer)
+    print(f"chatting with {lm.name}, {describe_interventions(interventions)}"
+          + (f" by {args.cap}" if args.cap else "") + f"; projections read at layer {session.layer}"
           + ". An empty line or Ctrl-D ends the chat.", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
@@ -82,31 +93,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
         except PersonaAxisError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
-        print(f"assistant: {reply.text.strip()}\n{_describe(reply, layer)}", flush=True)
+        print(f"assistant: {reply.text.strip()}\n{_describe(reply)}", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from persona_axis.chat import reply_batch
+    from persona_axis.chat import reply_variants
+    from persona_axis.conversations import read_conversations
     from persona_axis.errors import PersonaAxisError
-    from persona_axis.monitor import read_conversations
 
     conversations = read_conversations(args.file, need_assistant=False)
     for conversation in conversations:
         if conversation.messages[-1]["role"] != "user":
             raise PersonaAxisError(f"{conversation.source}: the last message must be the user's, to generate a reply")
     lm, axis, interventions = _session_parts(args)
-    layer = axis.layer_or_middle(args.layer)
-    messages = [c.messages for c in conversations]
-    options = {"max_new_tokens": args.max_new_tokens}
-    variants = {"capped": reply_batch(lm, axis, messages, interventions, **options)}
-    if args.compare or not interventions:
-        variants = {"uncapped": reply_batch(lm, axis, messages, {}, **options), **(variants if interventions else {})}
-    rows = [{"source": c.source, **c.metadata, **{name: {"reply": r[i].text, "projection": r[i].projections[layer],
+    layer, variants = reply_variants(lm, axis, [c.messages for c in conversations], interventions, args.layer,
+                                     args.compare, max_new_tokens=args.max_new_tokens)
+    rows = [{"source": c.source, **c.metadata, **{name: {"reply": r[i].text, "projection": r[i].projection,
                                                          "projections": r[i].projections, "cap_engaged": r[i].engaged}
                                                   for name, r in variants.items()}}
             for i, c in enumerate(conversations)]
     if args.json:
-        print_json({"layer": layer, "conversations": rows})
+        print_json({"layer": layer, "variants": list(variants), "conversations": rows})
         return
     for row in rows:
         print(f"=== {row['source']}")
@@ -116,14 +123,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
-    from persona_axis.capping import default_layer_block
-    from persona_axis.catalog import load_catalog
+    from persona_axis.catalog import load_catalog, role_play_conversations
     from persona_axis.models import load_model
-    from persona_axis.sweeps import pareto_front, role_play_conversations, sweep
+    from persona_axis.sweeps import candidate_blocks, pareto_front, sweep
 
     axis = load_axis(args.run)
+    blocks = _layer_ranges(args.blocks) if args.blocks else candidate_blocks(axis.n_layers)
     lm = load_model(args.model, dtype=args.dtype)
-    blocks = _layer_ranges(args.blocks) if args.blocks else _candidate_blocks(axis.n_layers, default_layer_block)
     catalog = load_catalog()
     roles = [c for _, c in role_play_conversations(catalog, args.roles, 1)]
     defaults = [[{"role": "user", "content": q.text}] for q in catalog.questions[: args.roles]]
@@ -134,39 +140,41 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return
     for row in rows:
         mark = "*" if row in front else " "
-        print(f"{mark} {row['id']:24s} role_shift {row['role_shift']:+8.3f}   default_kl {row['default_kl']:.5f}")
+        print(f"{mark} {row['id']:24s} role_shift {row['role_shift']:+8.3f} (at layer {row['measured_layer']})"
+              f"   default_kl {row['default_kl']:.5f}")
     print("* = on the Pareto front (moves role-play toward the Assistant most for the least change to default replies)")
-
-
-def _candidate_blocks(n_layers: int, default_block: Any) -> list[range]:
-    """The default block and the same-size blocks a quarter of the model earlier and later."""
-    block = default_block(n_layers)
-    shift = max(1, n_layers // 4)
-    starts = sorted({max(0, block.start - shift), block.start, min(n_layers - len(block), block.start + shift)})
-    return [range(s, s + len(block)) for s in starts]
 
 
 def cmd_steer_sweep(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.catalog import load_catalog
+    from persona_axis.chat import default_norms
+    from persona_axis.errors import PersonaAxisError
     from persona_axis.judges import make_judge
     from persona_axis.models import load_model
     from persona_axis.sweeps import steer_sweep
 
+    if args.relative and not Path(args.axis).is_dir():
+        raise PersonaAxisError("--relative scales coefs by the run's default activation norms: "
+                               "give --axis as a run directory")
     axis = load_axis(args.axis)
     lm = load_model(args.model, dtype=args.dtype)
     judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env)
     layer = axis.layer_or_middle(args.layer)
-    rows = steer_sweep(lm, axis, load_catalog(), judge, layer, args.coefs, n_roles=args.roles,
-                       n_questions=args.questions, max_new_tokens=args.max_new_tokens, progress=True)
+    report = steer_sweep(lm, axis, load_catalog(), judge, layer, args.coefs, n_roles=args.roles,
+                         n_questions=args.questions, max_new_tokens=args.max_new_tokens, progress=True,
+                         norms=default_norms(args.axis) if args.relative else None)
     if args.json:
-        print_json({"layer": layer, "judge": judge.id, "rows": rows})
+        print_json({"judge": judge.id, "relative": args.relative, **report})
         return
-    print(f"layer {layer}, judge {judge.id}; coef in units of the axis length (negative = away from the Assistant)")
-    for row in rows:
+    unit = "the default activation norm" if args.relative else "the axis length"
+    print(f"steered layer {report['layer']}, coef in units of {unit} ({report['unit_length']:.3f}; negative = away "
+          f"from the Assistant); judge {judge.id}; projections read at layer {report['measured_layer']}")
+    for row in report["rows"]:
         s = row["scores"]
+        score = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.2f}"
         print(f"coef {row['coef']:+6.2f}  scores 0:{s['0']:3d} 1:{s['1']:3d} 2:{s['2']:3d} 3:{s['3']:3d}"
-              f"  mean score {row['mean_score']}  mean projection {row['mean_projection']:+.2f}")
+              f"  mean score {score}  mean projection {row['mean_projection']:+.2f}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -176,16 +184,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="half-open layer block (repeatable; default: a middle-to-late block)")
     calibrate.add_argument("--percentile", type=float, action="append", metavar="P",
                            help="percentile in (0, 1) (repeatable; default 0.25)")
-    calibrate.add_argument("--population", default="all", help="all, roles, default or roles_score3")
+    calibrate.add_argument("--population", default="roles+traits",
+                           help="roles+traits (default, as published), all, roles, traits, default or roles_score3")
     calibrate.add_argument("--out", help="config path stem (default: <run>/capping)")
     calibrate.add_argument("--export-torch", metavar="PATH", help="also write the torch-file structure")
+    model_options(calibrate)
+    calibrate.add_argument("--no-engagement", action="store_true",
+                           help="skip generating samples with the caps on to measure how often they engage")
+    calibrate.add_argument("--samples", type=int, default=8,
+                           help="default replies generated per experiment (role-play replies: twice as many)")
+    calibrate.add_argument("--max-new-tokens", type=int, default=48)
+    calibrate.add_argument("--json", action="store_true")
     calibrate.set_defaults(func=cmd_calibrate)
 
     chat = sub.add_parser("chat", help="interactive chat showing each reply's projection and cap engagement")
     axis_options(chat)
     intervention_options(chat)
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--layer", type=int, help="layer whose projection is shown (default: the middle layer)")
+    chat.add_argument("--layer", type=int, help=LAYER_HELP)
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.set_defaults(func=cmd_chat)
 
@@ -193,8 +209,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("file", help="conversations ending with a user message")
     axis_options(gen)
     intervention_options(gen)
-    gen.add_argument("--compare", action="store_true", help="also generate without interventions, side by side")
-    gen.add_argument("--layer", type=int)
+    gen.add_argument("--compare", action="store_true",
+                     help="also generate without interventions ('plain'), side by side")
+    gen.add_argument("--layer", type=int, help=LAYER_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
@@ -202,7 +219,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser("sweep", help="score capping experiments (layer blocks x percentiles); Pareto front")
     sweep.add_argument("run", help="run directory (axis and calibration data)")
     model_options(sweep)
-    sweep.add_argument("--blocks", action="append", metavar="A:B")
+    sweep.add_argument("--blocks", action="append", metavar="A:B",
+                       help="half-open layer block to cap (repeatable; default: the default block and the blocks "
+                            "a quarter of the model earlier and later); its effect is read at layer B, or A-1 "
+                            "when B is past the last layer")
     sweep.add_argument("--percentiles", type=number_list, default=[0.1, 0.25, 0.5])
     sweep.add_argument("--roles", type=int, default=8, help="role-play (and default) prompts to test with")
     sweep.add_argument("--max-new-tokens", type=int, default=32)
@@ -212,8 +232,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     steer = sub.add_parser("steer-sweep", help="add the axis with several coefficients; judge role adoption")
     axis_options(steer)
     judge_options(steer)
-    steer.add_argument("--layer", type=int)
-    steer.add_argument("--coefs", type=number_list, default=[-1.0, -0.5, 0.0, 0.5, 1.0])
+    steer.add_argument("--layer", type=int, help="layer to steer at (default: the middle layer); projections are "
+                                                  "read just below it (or just above when it is layer 0)")
+    steer.add_argument("--coefs", type=number_list, default=[-1.0, -0.5, 0.0, 0.5, 1.0],
+                       help="comma-separated coefficients, in units of the axis length (default) or of the default "
+                            "activation norm with --relative")
+    steer.add_argument("--relative", action="store_true",
+                       help="coef x (norm of the run's mean default-Assistant activation at the layer) x unit axis; "
+                            "needs --axis to be a run directory")
     steer.add_argument("--roles", type=int, default=12)
     steer.add_argument("--questions", type=int, default=2)
     steer.add_argument("--max-new-tokens", type=int, default=48)

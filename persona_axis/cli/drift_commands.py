@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from persona_axis.cli.options import axis_options, print_json
+from persona_axis.cli.options import axis_options, intervention_options, print_json
 
 
 def _simulator(args: argparse.Namespace, target: Any) -> Any:
     """The user simulator the options ask for: an OpenAI-compatible endpoint, or a local model."""
-    from persona_axis.drift import LocalUserSimulator, OpenAIUserSimulator
     from persona_axis.errors import PersonaAxisError
     from persona_axis.models import load_model
+    from persona_axis.user_simulators import LocalUserSimulator, OpenAIUserSimulator
 
     if args.user_url:
         if args.user_model or not args.user_model_name:
@@ -26,20 +26,6 @@ def _simulator(args: argparse.Namespace, target: Any) -> Any:
     lm = target if same else load_model(args.user_model, dtype=args.dtype)
     return LocalUserSimulator(lm, max_new_tokens=args.user_max_new_tokens, temperature=args.user_temperature,
                               seed=args.seed)
-
-
-def _interventions(args: argparse.Namespace, lm: Any, axis: Any) -> dict[int, list[Any]]:
-    """Caps from --config/--cap (config default: <axis run>/capping), or none."""
-    from persona_axis.capping import load_config
-    from persona_axis.chat import build_interventions
-    from persona_axis.errors import PersonaAxisError
-
-    if not args.cap:
-        if args.config:
-            raise PersonaAxisError("--config is only used with --cap EXPERIMENT: name the experiment to apply")
-        return {}
-    path = args.config or (Path(args.axis) / "capping" if Path(args.axis).is_dir() else None)
-    return build_interventions(lm, axis, load_config(path) if path else None, args.cap)
 
 
 def _stats_json(stats: dict[str, dict[bool, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
@@ -58,12 +44,14 @@ def _print_stats(stats: dict[str, dict[bool, list[dict[str, Any]]]]) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
-    from persona_axis.drift import plot_domains, simulate, turn_statistics
+    from persona_axis.chat import load_interventions
+    from persona_axis.drift_stats import plot_domains, turn_statistics
     from persona_axis.models import load_model
+    from persona_axis.simulate import simulate
 
     axis = load_axis(args.axis)
     target = load_model(args.model, dtype=args.dtype)
-    interventions = _interventions(args, target, axis)
+    interventions = load_interventions(target, axis, args.axis, args.config, args.cap, args.steer)
     records = simulate(target, axis, _simulator(args, target), args.domain, args.turns, args.n, layer=args.layer,
                        interventions=interventions, max_new_tokens=args.max_new_tokens, seed=args.seed,
                        out=args.out, progress=not args.json, temperature=args.temperature,
@@ -75,7 +63,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         print_json({"out": args.out, "statistics": _stats_json(stats), "conversations": records})
         return
     print(f"{len(records)} conversations x {args.turns} turns with {target.name}, projection at layer "
-          f"{records[0]['layer']} (higher = more Assistant-like)" + (f", capped by {args.cap}" if args.cap else ""))
+          f"{records[0]['layer']} (higher = more Assistant-like)"
+          + (f", capped by {args.cap}" if args.cap else "")
+          + (f", steered {' '.join(args.steer)}" if args.steer else ""))
     _print_stats(stats)
     if args.out:
         print(f"conversations: {Path(args.out) / 'conversations.jsonl'}")
@@ -88,7 +78,9 @@ def _one_line(text: str) -> str:
 
 
 def cmd_drift_report(args: argparse.Namespace) -> None:
-    from persona_axis.drift import fit_drift_predictor, load_simulations, lowest_turns, plot_domains, turn_statistics
+    from persona_axis.drift_predictor import fit_drift_predictor
+    from persona_axis.drift_stats import lowest_turns, plot_domains, turn_statistics
+    from persona_axis.simulate import load_simulations
 
     records = load_simulations(args.dirs)
     predictor = fit_drift_predictor(records, folds=args.folds, alpha=args.alpha)
@@ -121,7 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--domain", default="all", help="coding, writing, therapy, philosophy or all (default)")
     sim.add_argument("--turns", type=int, default=6, help="user/assistant exchanges per conversation")
     sim.add_argument("--n", type=int, default=10, help="conversations per domain")
-    sim.add_argument("--layer", type=int, help="layer to project at (default: the middle layer)")
+    sim.add_argument("--layer", type=int, help="layer to project at (default: the middle layer, or the layer just "
+                                                "below the interventions when they reach it); an intervened layer "
+                                                "is refused")
     sim.add_argument("--max-new-tokens", type=int, default=96, help="longest target reply in tokens")
     sim.add_argument("--temperature", type=float, default=0.0, help="target sampling temperature (0: greedy)")
     sim.add_argument("--seed", type=int, default=0)
@@ -132,8 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--user-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     sim.add_argument("--user-temperature", type=float, default=0.8)
     sim.add_argument("--user-max-new-tokens", type=int, default=80, help="longest user message (local simulator)")
-    sim.add_argument("--config", help="capping config (default: <run>/capping when --axis is a run directory)")
-    sim.add_argument("--cap", metavar="EXPERIMENT", help="cap the target with this experiment, e.g. layers_21:25-p0.25")
+    intervention_options(sim)
     sim.add_argument("--out", metavar="DIR", help="save conversations here; a re-run resumes")
     sim.add_argument("--plot", metavar="PNG", help="write the per-domain drift plot here")
     sim.add_argument("--json", action="store_true")

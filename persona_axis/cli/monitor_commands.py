@@ -10,8 +10,9 @@ from persona_axis.cli.options import axis_options, print_json
 
 def cmd_monitor(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
+    from persona_axis.conversations import read_conversations
     from persona_axis.models import load_model
-    from persona_axis.monitor import plot_trajectory, project_conversation, read_conversations
+    from persona_axis.monitor import plot_trajectory, project_conversation
 
     conversations = read_conversations(args.file)
     axis = load_axis(args.axis)

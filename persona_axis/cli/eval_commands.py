@@ -1,0 +1,113 @@
+"""Subcommands of the harm evaluation: `eval build` (the persona-jailbreak eval set); `judge-eval --harm` output."""
+
+from __future__ import annotations
+
+import argparse
+
+from persona_axis.cli.options import judge_options, model_options
+
+
+def cmd_eval_build(args: argparse.Namespace) -> None:
+    from persona_axis.evals.harm_set import build_eval_set, manifest_path, preset_settings, write_eval_set
+
+    settings = preset_settings(args.preset, seed=args.seed, per_source=args.per_source, n_benign=args.n_benign)
+    out = args.out or f"evalset-{args.preset}.jsonl"
+    manifest = write_eval_set(build_eval_set(settings), out)
+    kinds = ", ".join(f"{n} {k}" for k, n in manifest["kinds"].items())
+    print(f"eval set v{manifest['set_version']}: {manifest['n_items']} items ({kinds}) -> {out}")
+    print(f"manifest: {manifest_path(out)} | sha256 {manifest['sha256']}")
+
+
+def cmd_eval_run(args: argparse.Namespace) -> None:
+    """Validate every input (eval set, conditions, judge) before the run directory is touched, then run."""
+    from pathlib import Path
+
+    from persona_axis.axis import load_axis
+    from persona_axis.evals.conditions import pc1_axis, plan_conditions
+    from persona_axis.evals.harm_judges import make_harm_judge
+    from persona_axis.evals.harm_set import build_eval_set, preset_settings, read_eval_set
+    from persona_axis.evals.run import eval_preset, run_eval
+    from persona_axis.models import load_model
+
+    settings = eval_preset(args.preset)
+    eval_set = read_eval_set(args.set) if args.set else build_eval_set(preset_settings(args.preset))
+    axis = load_axis(args.axis)
+    lm = load_model(args.model, dtype=args.dtype)
+    conditions = plan_conditions(lm, axis, args.axis, args.config, args.cap, args.steer, args.direction)
+    pc1 = pc1_axis(args.axis, axis) if args.direction != "axis" else None
+    judge = make_harm_judge(args.judge, Path(args.out) / "judge-cache", args.judge_url, args.judge_model,
+                            args.judge_key_env)
+    run_eval(args.out, lm, axis, conditions, eval_set, settings, judge, pc1=pc1, preset=args.preset,
+             progress=not args.quiet)
+    print(f"eval run: {len(conditions)} conditions x {len(eval_set.items)} items -> {args.out}; "
+          f"next: persona-axis eval report {args.out}")
+
+
+def cmd_eval_report(args: argparse.Namespace) -> None:
+    from persona_axis.cli.options import print_json
+    from persona_axis.evals.report import eval_report, write_eval_report
+
+    report = eval_report(args.run)
+    page = write_eval_report(args.run, report)
+    if args.json:
+        print_json(report)
+        return
+    c = report["correlation"]
+    print(f"model {report['model']} | harm judge {report['judge']} | projection vs harm r = {c['r']} (n {c['n']})")
+    for name, s in report["conditions"].items():
+        rate = "–" if s["harm_rate"] is None else f"{s['harm_rate']:.1%}"
+        cut = s["harm_reduction"]["value"]
+        print(f"{name}: harm {rate} (n {s['n']}, unscored {s['n_unscored']}), reduction "
+              f"{'–' if cut is None else f'{cut:+.1%}'}, McNemar p {s['mcnemar_p']}, over-refusal "
+              f"{s['over_refusal']}, IFBench {s['ifbench_strict']}, BIG-bench {s['bigbench_accuracy']}, "
+              f"KL {s['kl_default']} | {s['verdict']}")
+    print(f"report: {page}")
+
+
+def harm_judge_eval(as_json: bool) -> None:
+    """Print the offline harm judge's held-out accuracy, precision, recall, F1 and the majority baseline."""
+    from persona_axis.cli.options import print_json
+    from persona_axis.evals.harm_classifier import held_out_metrics
+
+    m = held_out_metrics()
+    if as_json:
+        print_json(m)
+        return
+    print(f"offline harm judge on {m['n_test']} held-out pyrit-labelled replies ({m['n_test_harmful']} harmful; "
+          f"trained on {m['n_train']}): accuracy {m['accuracy']:.3f} (majority baseline {m['majority_baseline']:.3f}), "
+          f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f}")
+
+
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `eval` and its `build` subcommand; returns eval's subparsers so other modules can add theirs."""
+    evaluate = sub.add_parser("eval", help="harm and capability evaluation of a model, capped or not")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
+    build = eval_sub.add_parser("build", help="write the seeded persona-jailbreak eval set (JSONL + manifest)")
+    build.add_argument("--out", help="JSONL file to write (default evalset-<preset>.jsonl); the manifest goes beside")
+    build.add_argument("--preset", default="standard", help="smoke (a dozen items) or standard (a few hundred)")
+    build.add_argument("--seed", type=int, help="random seed (default 0)")
+    build.add_argument("--per-source", type=int, help="harmful requests drawn from each source")
+    build.add_argument("--n-benign", type=int, help="benign requests for over-refusal")
+    build.set_defaults(func=cmd_eval_build)
+    run = eval_sub.add_parser("run", help="answer the eval set uncapped, capped and steered; judge; capabilities")
+    model_options(run)
+    run.add_argument("--axis", required=True, help="the axis run directory (or an axis file without --direction pc1)")
+    run.add_argument("--config", help="capping config holding the --cap experiments (default <axis run>/capping)")
+    run.add_argument("--cap", action="append", default=[], metavar="EXPERIMENT", help="a capped condition (repeatable)")
+    run.add_argument("--steer", action="append", default=[], metavar="COEF@LAYER",
+                     help="a steered condition (repeatable; chat's units; write negatives as --steer=-2@15)")
+    run.add_argument("--direction", default="axis", choices=["axis", "pc1", "both"],
+                     help="cap along the axis, along the roles' PC1 (same block and percentile), or both")
+    run.add_argument("--set", help="an eval set written by `eval build` (default: built from --preset)")
+    run.add_argument("--preset", default="standard", choices=["smoke", "standard"],
+                     help="run sizes, and the eval set when --set is not given")
+    judge_options(run)
+    run.add_argument("--out", required=True, help="the eval run directory (rerun the same command to resume)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_eval_run)
+    report = eval_sub.add_parser("report", help="harm, over-refusal and capability statistics of an eval run")
+    report.add_argument("run", help="the eval run directory")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.set_defaults(func=cmd_eval_report)
+    return eval_sub
+

