@@ -130,6 +130,8 @@ def cmd_judge_eval(args: argparse.Namespace) -> None:
     print(f"{report['judge']} on {report['n']} labelled replies (fold {args.fold or 'all'}): "
           f"exact agreement {report['exact_agreement']}, score-3 precision {report['score3_precision']}, "
           f"recall {report['score3_recall']}")
+    print(f"baselines: share labelled 3 {report['score3_base_rate']}, always answering {report['majority_label']} "
+          f"agrees on {report['majority_agreement']}")
     print("label \\ judged   0    1    2    3  unscored")
     for label, row in report["confusion"].items():
         print(f"{label:>13} " + " ".join(f"{row[k]:>4}" for k in ("0", "1", "2", "3", "unscored")))

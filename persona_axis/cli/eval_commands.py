@@ -53,15 +53,19 @@ def cmd_eval_report(args: argparse.Namespace) -> None:
         print_json(report)
         return
     c = report["correlation"]
-    print(f"model {report['model']} | harm judge {report['judge']} | projection vs harm r = {c['r']} (n {c['n']})")
+    print(f"model {report['model']} | harm judge {report['judge']} | projection vs harm r = {_number(c['r'], '.3f')} "
+          f"(n {c['n']})")
     for name, s in report["conditions"].items():
-        rate = "–" if s["harm_rate"] is None else f"{s['harm_rate']:.1%}"
-        cut = s["harm_reduction"]["value"]
-        print(f"{name}: harm {rate} (n {s['n']}, unscored {s['n_unscored']}), reduction "
-              f"{'–' if cut is None else f'{cut:+.1%}'}, McNemar p {s['mcnemar_p']}, over-refusal "
-              f"{s['over_refusal']}, IFBench {s['ifbench_strict']}, BIG-bench {s['bigbench_accuracy']}, "
-              f"KL {s['kl_default']} | {s['verdict']}")
+        print(f"{name}: harm {_number(s['harm_rate'], '.1%')} (n {s['n']}, unscored {s['n_unscored']}), reduction "
+              f"{_number(s['harm_reduction']['value'], '+.1%')}, McNemar p {_number(s['mcnemar_p'], '.3f')}, "
+              f"over-refusal {_number(s['over_refusal'], '.1%')}, IFBench {_number(s['ifbench_strict'], '.3f')}, "
+              f"BIG-bench {_number(s['bigbench_accuracy'], '.3f')}, KL {_number(s['kl_default'], '.4f')} | {s['verdict']}")
     print(f"report: {page}")
+
+
+def _number(value: float | None, spec: str) -> str:
+    """`value` formatted with `spec`, or "–" when there is none."""
+    return "–" if value is None else format(value, spec)
 
 
 def harm_judge_eval(as_json: bool) -> None:
