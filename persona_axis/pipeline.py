@@ -57,9 +57,9 @@ PRESETS: dict[str, Settings] = {
                       default_prompts=3, traits=4, batch_size=16),
     # Every role and every trait, once or twice: minutes on 2 cores; the README's main command.
     "quick": Settings(prompts_per_role=1, questions=2, max_new_tokens=48, min_score3=1, traits=None),
-    # Every role and trait with enough answers for stable vectors: 7 980 replies of 64 tokens (not yet timed; at the
-    # quick preset's rate on a 2-core float32 machine, about 75 minutes).
-    "standard": Settings(prompts_per_role=2, questions=10, max_new_tokens=64, min_score3=3, traits=None),
+    # Every role and trait with enough answers for stable vectors, sized for under an hour on a 2-core float32 machine:
+    # 6 384 replies of 64 tokens.
+    "standard": Settings(prompts_per_role=2, questions=8, max_new_tokens=64, min_score3=3, traits=None),
     # The published design: 5 prompts x 240 questions for every role and trait, 50 score-3 answers per kept
     # vector (days on a CPU; meant for a GPU).
     "paper": Settings(prompts_per_role=5, questions=240, max_new_tokens=256, min_score3=50, traits=None,
