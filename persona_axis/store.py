@@ -23,7 +23,6 @@ from persona_axis.errors import PersonaAxisError
 
 LOCK_NAME = ".lock"
 CHUNK_PATTERN = "activations/chunk-*.safetensors"
-KINDS = ("default", "role", "trait")  # what a rollout answers as: the default Assistant, a role, a trait
 
 
 def _readable_mode(path: str) -> None:
