@@ -113,8 +113,9 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         enc = lm.tokenizer([lm.chat_prompt(c) for c in conversations], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(lm.device)
         with torch.inference_mode():
-            out = lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                    pad_token_id=lm.tokenizer.pad_token_id)
+            # transformers adds generate() through a mixin that its type stubs do not show on PreTrainedModel
+            out = lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # type: ignore[operator]
+                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
         return out[:, enc.input_ids.shape[1]:].numel()
 
     plain()  # warm-up: allocator, thread pools, tokenizer caches

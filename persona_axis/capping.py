@@ -224,10 +224,10 @@ def load_config(path: str | Path) -> CappingConfig:
         experiments = {e["id"]: Experiment(e["id"], [CapLayer(c["layer"], vectors[c["vector"]], c["floor"],
                                                               {k: float(c[k]) for k in CAP_STATS if k in c})
                                                      for c in e["caps"]]) for e in doc["experiments"]}
-        fields = [doc[k] for k in ("model", "model_hash", "n_layers", "hidden_size", "source", "population")]
+        fields = {k: doc[k] for k in ("model", "model_hash", "n_layers", "hidden_size", "source", "population")}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PersonaAxisError(f"{json_path} is not a usable capping config ({exc}): save it again") from None
-    return CappingConfig(*fields, experiments)
+    return CappingConfig(**fields, experiments=experiments)
 
 
 def export_torch_config(config: CappingConfig, path: str | Path) -> None:

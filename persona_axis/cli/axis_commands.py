@@ -137,7 +137,7 @@ def cmd_judge_eval(args: argparse.Namespace) -> None:
         print(f"{label:>13} " + " ".join(f"{row[k]:>4}" for k in ("0", "1", "2", "3", "unscored")))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="generate as the default Assistant and two characters; print activation norms")
     model_options(demo)
     demo.add_argument("--max-new-tokens", type=int, default=64)

@@ -29,7 +29,7 @@ def _bench(name: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="throughput benchmarks (ratios measured in one run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, text in [("generate", "plain vs one-pass capture vs two-pass extraction"),

@@ -177,7 +177,7 @@ def cmd_steer_sweep(args: argparse.Namespace) -> None:
               f"  mean score {score}  mean projection {row['mean_projection']:+.2f}")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     calibrate = sub.add_parser("calibrate", help="capping floors from a run's projection percentiles")
     calibrate.add_argument("run", help="run directory")
     calibrate.add_argument("--layers", action="append", metavar="A:B",

@@ -107,7 +107,7 @@ def cmd_drift_report(args: argparse.Namespace) -> None:
         print(f"plot: {args.plot}")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim = sub.add_parser("simulate", help="simulated multi-turn conversations by domain, projected on the axis")
     axis_options(sim)
     sim.add_argument("--domain", default="all", help="coding, writing, therapy, philosophy or all (default)")

@@ -82,7 +82,7 @@ def harm_judge_eval(as_json: bool) -> None:
           f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f}")
 
 
-def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """Add `eval` and its `build` subcommand; returns eval's subparsers so other modules can add theirs."""
     evaluate = sub.add_parser("eval", help="harm and capability evaluation of a model, capped or not")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)

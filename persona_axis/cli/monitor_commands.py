@@ -33,7 +33,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         print(f"trajectory plot: {args.plot}")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     monitor = sub.add_parser("monitor", help="per-turn projections of a conversation file (teacher-forced)")
     monitor.add_argument("file", help="a conversation: JSON list of messages, an object holding one, or JSONL")
     axis_options(monitor)

@@ -175,7 +175,7 @@ def grade(examples: Sequence[MCExample], logliks: Sequence[Sequence[float]]) -> 
     """Pick each example's likeliest choice (the first on ties) and score it; accuracy per task and overall."""
     if not examples or len(examples) != len(logliks):
         raise PersonaAxisError(f"cannot grade {len(logliks)} score lists against {len(examples)} examples")
-    items = []
+    items: list[dict[str, Any]] = []
     for example, scores in zip(examples, logliks):
         best = max(range(len(scores)), key=scores.__getitem__)
         items.append({"task": example.task, "index": example.index, "choice": best,

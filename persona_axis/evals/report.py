@@ -171,7 +171,7 @@ def _diagnosis(run: _Run, name: str) -> dict[str, Any]:
     engaged = _engagement(run, name)
     layers = {}
     for layer, floor in floors.items():
-        groups = {}
+        groups: dict[str, Any] = {}
         for kind, label in (("persona_jailbreak", "persona"), ("plain_harmful", "plain")):
             values = [r[key][int(layer)] for i in run.ids(kind)
                       if (r := run.replies.get((UNCAPPED, i))) is not None and r.get(key) is not None]

