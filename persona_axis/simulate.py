@@ -25,7 +25,7 @@ from persona_axis.generation import generate
 from persona_axis.measurement import measured_layer
 from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import InterventionMap
-from persona_axis.store import RunStore, read_jsonl
+from persona_axis.store import RunStore
 from persona_axis.user_simulators import DomainPersona, UserSimulator, load_domains
 
 CONVERSATIONS = "conversations"
@@ -124,9 +124,9 @@ def load_simulations(directories: Sequence[str | Path]) -> list[Record]:
     """Conversation records of one or more simulation run directories, in file order, each with its "run"."""
     records: list[Record] = []
     for directory in directories:
-        path = Path(directory) / f"{CONVERSATIONS}.jsonl"
-        if not path.exists():
-            raise PersonaAxisError(f"{directory} holds no {path.name}: "
+        store = RunStore(Path(directory))
+        if not store.has(f"{CONVERSATIONS}.jsonl"):
+            raise PersonaAxisError(f"{directory} holds no {CONVERSATIONS}.jsonl: "
                                    f"run `persona-axis simulate --out {directory}` first")
-        records.extend({**record, "run": str(directory)} for record in read_jsonl(path))
+        records.extend({**record, "run": str(directory)} for record in store.records(CONVERSATIONS))
     return records
