@@ -225,7 +225,19 @@ def test_judge_eval_confusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert report["n"] == 2 and sum(sum(row.values()) for row in report["confusion"].values()) == 2
 
 
-def test_analyze_compares_pc1_loadings_between_runs(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["analyze", str(tiny_run), "--compare", str(tiny_run), "--json"]) == 0
+def test_analyze_compares_pc1_loadings_between_runs(tiny_run: Path, tiny_model_dir: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_axis.persona_space import pc1_loading_correlation
+    from persona_axis.pipeline import analyze_run
+
+    other = tmp_path / "other"
+    run_pipeline(other, load_model(tiny_model_dir, dtype="float32"), load_catalog(),
+                 preset_settings("smoke", max_new_tokens=6, seed=7), EveryOtherJudge(), progress=False)
+    untouched = {p: p.stat().st_mtime_ns for p in other.rglob("*") if p.is_file()}
+    assert main(["analyze", str(tiny_run), "--compare", str(other), "--json"]) == 0
     correlation = json.loads(capsys.readouterr().out)["pc1_correlation"]
-    assert correlation["pearson_r"] == pytest.approx(1.0) and correlation["shared_roles"] >= 3
+    expected, shared = pc1_loading_correlation(analyze_run(tiny_run, write=False)["pc1_loadings"],
+                                               analyze_run(other, write=False)["pc1_loadings"])
+    assert correlation["pearson_r"] == pytest.approx(expected) and correlation["shared_roles"] == shared >= 3
+    assert abs(expected) < 0.999  # two different runs, not a run with itself
+    assert {p: p.stat().st_mtime_ns for p in other.rglob("*") if p.is_file()} == untouched  # --compare writes nothing
