@@ -60,6 +60,14 @@ class _Stopped(Exception):
     """Another request of the batch failed for good, so this one gave up."""
 
 
+def endpoint_base_url(url: str | None, model: str | None, who: str) -> str:
+    """The API root to call: `url`, else $OPENAI_BASE_URL; an error naming the flags when it or `model` is missing."""
+    base_url = url or os.environ.get("OPENAI_BASE_URL")
+    if not base_url or not model:
+        raise PersonaAxisError(f"the openai {who} needs --judge-url (or OPENAI_BASE_URL) and --judge-model")
+    return base_url
+
+
 def completions_url(base_url: str) -> str:
     """The chat-completions endpoint under an API root such as http://host/v1."""
     return base_url.rstrip("/") + "/chat/completions"

@@ -8,7 +8,6 @@ A verdict whose `harmful` is None is unscored (the judge could not decide); it i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +74,9 @@ def make_harm_judge(kind: str = "offline", cache_dir: Path | None = None, url: s
     if kind == "offline":
         return OfflineHarmJudge()
     if kind == "openai":
+        from persona_axis.chat_api import endpoint_base_url
         from persona_axis.evals.harm_http import HttpHarmJudge
 
-        base_url = url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url or not model:
-            raise PersonaAxisError("the openai harm judge needs --judge-url (or OPENAI_BASE_URL) and --judge-model")
-        return HttpHarmJudge(base_url, model, api_key_env=key_env, cache_dir=cache_dir)
+        base_url = endpoint_base_url(url, model, "harm judge")
+        return HttpHarmJudge(base_url, str(model), api_key_env=key_env, cache_dir=cache_dir)
     raise PersonaAxisError(f"unknown harm judge {kind!r}: use offline or openai")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,10 +27,9 @@ def make_judge(kind: str, cache_dir: Path | None = None, url: str | None = None,
         return OfflineJudge(DEFAULT_THRESHOLD if threshold is None else threshold, reference=reference,
                             traits=traits is not None)
     if kind == "openai":
+        from persona_axis.chat_api import endpoint_base_url
         from persona_axis.judges.http import OpenAIJudge
 
-        base_url = url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url or not model:
-            raise PersonaAxisError("the openai judge needs --judge-url (or OPENAI_BASE_URL) and --judge-model")
-        return OpenAIJudge(base_url, model, api_key_env=key_env, cache_dir=cache_dir)
+        base_url = endpoint_base_url(url, model, "judge")
+        return OpenAIJudge(base_url, str(model), api_key_env=key_env, cache_dir=cache_dir)
     raise PersonaAxisError(f"unknown judge {kind!r}: use offline or openai")
