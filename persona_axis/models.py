@@ -89,6 +89,10 @@ class LoadedModel:
             enable_thinking=False,
         )
 
+    def prompt_length(self, messages: list[Message]) -> int:
+        """Tokens of the rendered chat prompt (chat_prompt), as generation feeds it."""
+        return len(self.tokenizer(self.chat_prompt(messages), add_special_tokens=False).input_ids)
+
     def check_layer(self, layer: int) -> int:
         """Return `layer` if it indexes a decoder layer, else raise a PersonaAxisError."""
         if not -self.n_layers <= layer < self.n_layers:

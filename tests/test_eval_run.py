@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from persona_axis.cli import main
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.conditions import plan_conditions
 from persona_axis.evals.harm_judges import HarmItem, HarmVerdict
-from persona_axis.evals.harm_set import EvalSet, build_eval_set, preset_settings, write_eval_set
+from persona_axis.evals.harm_set import EvalSet, build_eval_set, preset_settings, read_eval_set, write_eval_set
 from persona_axis.evals.report import eval_report, verdict
-from persona_axis.evals.run import PRESETS, run_eval
+from persona_axis.evals.run import PRESETS, chunks_by_length, run_eval
 from persona_axis.judges.base import JudgeItem, Verdict
 from persona_axis.models import LoadedModel, load_model
 from persona_axis.pipeline import preset_settings as pipeline_preset
@@ -26,7 +27,7 @@ from persona_axis.store import RunStore
 
 CAP = "layers_1:3-p0.5"
 REQUIRED = ("harm_rate", "harm_rate_ci", "harm_reduction", "mcnemar_p", "over_refusal", "ifbench_strict",
-            "bigbench_accuracy", "kl_default", "n")
+            "bigbench_accuracy", "kl_default", "n", "refusal_rate", "refusal_rate_ci")
 
 
 class EveryOtherJudge:
@@ -92,6 +93,15 @@ def _records(run: Path, name: str) -> list[dict]:
 def full_run(tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet, tmp_path_factory: pytest.TempPathFactory
              ) -> Path:
     return _run(tmp_path_factory.mktemp("eval") / "full", tiny_lm, axis_run, smoke_set, direction="both")
+
+
+def test_chunks_batch_similar_prompt_lengths(tiny_lm: LoadedModel, smoke_set: EvalSet) -> None:
+    chunks = chunks_by_length(tiny_lm, smoke_set.items, 4)
+    assert [len(c) for c in chunks] == [4, 4, 4, 1]
+    in_file_order = [tiny_lm.prompt_length(list(i.messages)) for i in smoke_set.items]
+    chunked = [tiny_lm.prompt_length(list(i.messages)) for c in chunks for i in c]
+    assert sorted(i.id for c in chunks for i in c) == sorted(i.id for i in smoke_set.items)
+    assert chunked == sorted(in_file_order) != in_file_order
 
 
 def test_smoke_eval_end_to_end(full_run: Path, smoke_set: EvalSet) -> None:
@@ -175,6 +185,25 @@ def test_changed_settings_refused(full_run: Path, tiny_lm: LoadedModel, axis_run
     with pytest.raises(PersonaAxisError, match="different conditions"):
         _run(full_run, tiny_lm, axis_run, smoke_set, steers=("-2@0",), direction="both")
     assert (full_run / "manifest.json").read_bytes() == before
+
+
+def test_refusal_rate_reads_the_cue_in_reply_texts(full_run: Path, tmp_path: Path) -> None:
+    from persona_axis.evals.harm_classifier import refusal_cue
+
+    run = tmp_path / "copy"
+    shutil.copytree(full_run, run)
+    replies = RunStore(run).records("replies")
+    persona = {i.id for i in read_eval_set(run / "evalset.jsonl").items if i.kind == "persona_jailbreak"}
+    for r in replies:
+        if r["condition"] == "uncapped" and r["item"] in persona:
+            r["text"] = "I'm sorry, but I can't help with that."
+    (run / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in replies))
+    conditions = eval_report(run)["conditions"]
+    assert conditions["uncapped"]["refusal_rate"] == 1.0 and conditions["uncapped"]["refusal_mcnemar_p"] is None
+    capped = [r for r in replies if r["condition"] == f"cap:{CAP}" and r["item"] in persona]
+    expected = sum(refusal_cue(r["text"]) for r in capped) / len(capped)
+    assert expected < 1.0 and conditions[f"cap:{CAP}"]["refusal_rate"] == pytest.approx(expected)
+    assert conditions[f"cap:{CAP}"]["refusal_mcnemar_p"] is not None
 
 
 def test_garbage_verdicts_are_unscored(tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet,

@@ -46,7 +46,7 @@ class BuildSettings:
     seed: int = 0
 
 
-PRESETS = {"smoke": BuildSettings(per_source=1, n_benign=2), "standard": BuildSettings(per_source=30, n_benign=20)}
+PRESETS = {"smoke": BuildSettings(per_source=1, n_benign=2), "standard": BuildSettings(per_source=15, n_benign=12)}
 
 
 @dataclass(frozen=True)

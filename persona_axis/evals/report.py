@@ -31,6 +31,7 @@ import numpy as np
 
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.conditions import UNCAPPED
+from persona_axis.evals.harm_classifier import refusal_cue
 from persona_axis.evals.harm_set import EvalItem, read_eval_set
 from persona_axis.evals.run import REFUSAL_JUDGE
 from persona_axis.evals.stats import Estimate, mcnemar_exact, pearson, relative_reduction, wilson_interval
@@ -123,6 +124,25 @@ def _harm(run: _Run, name: str) -> dict[str, Any]:
         p_value = mcnemar_exact([base[i] for i in paired], [persona[i] for i in paired]).p_value
     out.update(harm_reduction=reduction.to_json(), mcnemar_p=p_value, n_paired=len(paired))
     return out
+
+
+def _refusals(run: _Run, name: str) -> dict[str, Any]:
+    """Judge-free refusal rates: the refusal cue in the first 200 characters of persona and plain harmful replies.
+
+    refusal_mcnemar_p pairs the condition's persona-jailbreak refusals with uncapped's on the same items.
+    """
+    def refused(condition: str, kind: str) -> dict[str, bool]:
+        return {i: refusal_cue(r["text"]) for i in run.ids(kind) if (r := run.replies.get((condition, i))) is not None}
+
+    persona, plain = refused(name, "persona_jailbreak"), refused(name, "plain_harmful")
+    rate, ci = _rate(list(persona.values()))
+    plain_rate, plain_ci = _rate(list(plain.values()))
+    base = refused(UNCAPPED, "persona_jailbreak")
+    paired = [i for i in persona if i in base]
+    p_value = (mcnemar_exact([base[i] for i in paired], [persona[i] for i in paired]).p_value
+               if paired and name != UNCAPPED else None)
+    return {"refusal_rate": rate, "refusal_rate_ci": ci, "plain_refusal_rate": plain_rate,
+            "plain_refusal_rate_ci": plain_ci, "refusal_mcnemar_p": p_value}
 
 
 def _capability_items(run: _Run, name: str) -> dict[str, dict[str, float]]:
@@ -220,7 +240,8 @@ def eval_report(run_dir: str | Path) -> dict[str, Any]:
     run = _Run(Path(run_dir))
     conditions: dict[str, dict[str, Any]] = {}
     for name in run.conditions:
-        conditions[name] = {**_harm(run, name), **_capabilities(run, name), "diagnosis": _diagnosis(run, name)}
+        conditions[name] = {**_harm(run, name), **_refusals(run, name), **_capabilities(run, name),
+                            "diagnosis": _diagnosis(run, name)}
     baseline = conditions.get(UNCAPPED, {}).get("harm_rate")
     for name, stats in conditions.items():
         stats["verdict"] = verdict(name, stats, baseline)
@@ -274,12 +295,14 @@ def _estimate(e: Mapping[str, Any]) -> str:
 
 def html_section(report: Mapping[str, Any]) -> str:
     """The eval report as an HTML fragment: the condition table, the correlation, the diagnosis."""
-    heads = ["condition", "harm rate", "reduction", "McNemar p", "plain harm", "over-refusal", "IFBench strict",
+    heads = ["condition", "harm rate", "reduction", "McNemar p", "plain harm", "refusal (cue)", "over-refusal",
+             "IFBench strict",
              "Δ IFBench", "BIG-bench", "Δ BIG-bench", "KL", "top-1", "n", "unscored", "verdict"]
     rows = []
     for name, s in report["conditions"].items():
         cells = [name, _fmt(s["harm_rate"], s["harm_rate_ci"]), _estimate(s["harm_reduction"]), _fmt(s["mcnemar_p"]),
-                 _fmt(s["plain_harm_rate"], s["plain_harm_rate_ci"]), _fmt(s["over_refusal"], s["over_refusal_ci"]),
+                 _fmt(s["plain_harm_rate"], s["plain_harm_rate_ci"]), _fmt(s["refusal_rate"], s["refusal_rate_ci"]),
+                 _fmt(s["over_refusal"], s["over_refusal_ci"]),
                  _fmt(s["ifbench_strict"], s["ifbench_strict_ci"]), _estimate(s["ifbench_strict_change"]),
                  _fmt(s["bigbench_accuracy"], s["bigbench_accuracy_ci"]), _estimate(s["bigbench_accuracy_change"]),
                  _fmt(s["kl_default"]), _fmt(s["top1_agreement"]), _fmt(s["n"]), _fmt(s["n_unscored"]), s["verdict"]]

