@@ -20,6 +20,7 @@ from torch import Tensor
 
 from persona_axis.errors import PersonaAxisError
 from persona_axis.store import load_tensors
+from persona_axis.vectors import cosine, unit_vector
 
 SIGN_CONVENTION = "default_minus_roles: higher projection = more Assistant-like"
 
@@ -44,8 +45,12 @@ class Axis:
         return self.n_layers // 2 if layer is None else layer
 
     def unit(self, layer: int) -> Tensor:
-        """Unit axis direction at a layer [hidden]."""
-        return self.vectors[layer] / self.vectors[layer].norm()
+        """Unit axis direction at a layer [hidden]; an all-zero layer is a PersonaAxisError."""
+        return unit_vector(self.vectors[layer], f"the axis at layer {layer}")
+
+    def units(self) -> Tensor:
+        """Unit axis directions at every layer [layers, hidden]; an all-zero layer is a PersonaAxisError."""
+        return unit_vector(self.vectors, "a layer of the axis")
 
     def project(self, activations: Tensor, layer: int) -> Tensor:
         """Projection of activations [..., hidden] on the unit axis at `layer` -> [...] (float32)."""
@@ -67,8 +72,9 @@ def compute_axis(default_mean: Tensor, role_vectors: Tensor) -> Tensor:
 
 
 def cosine_per_layer(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity per layer between two [layers, hidden] tensors -> [layers]."""
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+    """Cosine similarity per layer between two [layers, hidden] tensors -> [layers] float32 (a zero row is an error)."""
+    pairs = enumerate(zip(a.float(), b.float()))
+    return torch.tensor([cosine(x, y, f"the two layer-{layer} rows") for layer, (x, y) in pairs])
 
 
 def save_axis(axis: Axis, path: str | Path) -> None:

@@ -23,6 +23,7 @@ from persona_axis.capping import CapLayer, CappingConfig, Experiment, experiment
 from persona_axis.catalog import Catalog, default_conversations, role_play_conversations
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
+from persona_axis.measurement import check_layer_index
 from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import Cap
 from persona_axis.store import RunStore
@@ -64,9 +65,10 @@ def run_projections(run_dir: str | Path, axis: Axis, layers: Sequence[int], popu
     read one at a time, in file order.
     """
     root, layers = Path(run_dir), list(layers)
-    if not layers or any(not 0 <= layer < axis.n_layers for layer in layers):
-        raise PersonaAxisError(f"layers {layers} are not a non-empty set within the axis's "
-                               f"{axis.n_layers} layers (0..{axis.n_layers - 1})")
+    if not layers:
+        raise PersonaAxisError("no layers to project at: give at least one")
+    for layer in layers:
+        check_layer_index(layer, axis.n_layers, "layer")
     wanted = population_ids(root, population)
     units = torch.stack([axis.unit(layer) for layer in layers])  # [k, hidden]
     parts = []

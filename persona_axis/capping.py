@@ -32,6 +32,7 @@ from persona_axis.errors import PersonaAxisError
 from persona_axis.models import LoadedModel
 from persona_axis.steering import Cap
 from persona_axis.store import atomic_write_bytes
+from persona_axis.vectors import unit_vector
 
 FORMAT = "persona-axis/capping-config-v1"
 CAP_STATS = ("default_mean", "engaged_default", "engaged_roles")
@@ -43,10 +44,9 @@ def _unit(vector: Tensor, what: str) -> Tensor:
     v = torch.as_tensor(vector).detach().float().cpu()
     if v.dim() != 1 or not torch.isfinite(v).all():
         raise PersonaAxisError(f"{what} must be a finite 1-D vector, got shape {tuple(v.shape)}")
-    norm = float(v.double().norm())
-    if norm == 0:
-        raise PersonaAxisError(f"{what} is all zeros: it has no direction to cap along")
-    return v.clone() if abs(norm - 1.0) <= 1e-6 else (v.double() / norm).float()
+    if abs(float(v.double().norm()) - 1.0) <= 1e-6:
+        return v.clone()
+    return unit_vector(v.double(), what).float()
 
 
 @dataclass(eq=False)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from persona_axis.hooks import LayerOp, layer_hooks
 from persona_axis.models import LoadedModel
-from persona_axis.steering import unit
+from persona_axis.vectors import unit_vector
 
 
 class StepMeanRecorder:
@@ -115,7 +115,7 @@ class StepProjectionRecorder:
 
     def __init__(self, layer: int, direction: Tensor, batch: int, device: torch.device) -> None:
         self.layer = layer
-        self._unit = unit(direction.float()).to(device)
+        self._unit = unit_vector(direction.float(), "watched direction").to(device)
         self._staging = torch.zeros(batch, dtype=torch.float32, device=device)
         self._steps: list[tuple[Tensor, Tensor]] = []
         self.last: Tensor = self._staging

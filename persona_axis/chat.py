@@ -163,8 +163,7 @@ def reply_batch(lm: LoadedModel, axis: Axis, conversations: Sequence[list[Messag
     interventions = interventions or {}
     layer = measured_layer(axis, interventions, layer)
     result = generate(lm, conversations, interventions=interventions, **generate_kwargs)  # type: ignore[arg-type]
-    units = axis.vectors / axis.vectors.norm(dim=-1, keepdim=True)  # [layers, hidden]
-    projections = (result.captured_means() * units).sum(-1)  # [n, layers]
+    projections = (result.captured_means() * axis.units()).sum(-1)  # [n, layers]
     engaged = _engagement(interventions)
     return [Reply(text, layer, float(row[layer]),
                   [None if k in interventions else value for k, value in enumerate(row.tolist())], engaged, len(ids))

@@ -9,9 +9,12 @@ intervention touches, and names that layer. Layers are 0-indexed decoder-layer o
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from persona_axis.axis import Axis
 from persona_axis.errors import PersonaAxisError
+
+if TYPE_CHECKING:  # annotations only: models.py imports this module for check_layer_index
+    from persona_axis.axis import Axis
 
 
 def check_layer_index(layer: int, n_layers: int, what: str = "--layer") -> int:

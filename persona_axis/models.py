@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from persona_axis.errors import PersonaAxisError
+from persona_axis.measurement import check_layer_index
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -94,12 +95,9 @@ class LoadedModel:
         return len(self.tokenizer(self.chat_prompt(messages), add_special_tokens=False).input_ids)
 
     def check_layer(self, layer: int) -> int:
-        """Return `layer` if it indexes a decoder layer, else raise a PersonaAxisError."""
-        if not -self.n_layers <= layer < self.n_layers:
-            raise PersonaAxisError(
-                f"layer {layer} is out of range: {self.name} has {self.n_layers} layers (0..{self.n_layers - 1})"
-            )
-        return layer % self.n_layers
+        """`layer` as a 0-based decoder-layer index (a negative one counts from the end), else a PersonaAxisError."""
+        return check_layer_index(layer + self.n_layers if -self.n_layers <= layer < 0 else layer, self.n_layers,
+                                 f"{self.name} layer")
 
 
 def prepare_messages(messages: list[Message], system_role: bool) -> list[Message]:

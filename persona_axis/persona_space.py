@@ -2,21 +2,25 @@
 
 Role vectors are [layers, hidden] mean activations, one per character role; the axis is
 mean(default Assistant) − mean(role vectors), also [layers, hidden]. A higher projection on the
-axis means more Assistant-like. PCA runs in float64 on the CPU.
+axis means more Assistant-like. PCA runs in float64 on the CPU. Results are frozen dataclasses
+whose to_json() is the structure of a run's persona_space.json and from_json() reads it back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from persona_axis.errors import PersonaAxisError
+from persona_axis.measurement import check_layer_index
+from persona_axis.vectors import cosine, unit_vector
 
 N_VARIANCE_REPORTED = 10
+N_TRAITS_RANKED = 10
 
 
 @dataclass
@@ -34,6 +38,143 @@ class PCAResult:
     loadings: Tensor
     standardised: bool
     scale: Tensor
+
+
+Ranking = list[tuple[str, float]]  # (name, value) pairs, in ranked order
+
+
+@dataclass(frozen=True)
+class PersonaSpaceAnalysis:
+    """PCA of role vectors at one layer and how it lines up with the axis (see `analyze_persona_space`).
+
+    Per-role dicts hold values at `layer`; cos_axis_pc1 is [layers]; variance_explained holds the
+    first N_VARIANCE_REPORTED components. PC1 loadings are oriented so the Assistant end is positive.
+    pc2_loadings is None with fewer than 3 roles, group_mean_axis_projection None without groups.
+    """
+
+    layer: int
+    layers: int
+    n_roles_used: int
+    standardised: bool
+    variance_explained: list[float]
+    n_components_70: int
+    cos_axis_pc1: list[float]
+    pc1_loadings: dict[str, float]
+    pc1_top: list[str]
+    pc1_bottom: list[str]
+    axis_projection: dict[str, float]
+    axis_top: list[str]
+    axis_bottom: list[str]
+    pc2_loadings: dict[str, float] | None = None
+    group_mean_axis_projection: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The persona_space.json fields of the analysis, in file order; fields that are None are left out."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PersonaSpaceAnalysis:
+        """The analysis from persona_space.json fields (`to_json`'s output); other keys are ignored."""
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise PersonaAxisError(f"not a persona-space analysis: it lacks {', '.join(missing)} "
+                                   "(re-run `persona-axis analyze`)")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True)
+class TraitEnds:
+    """At one layer: the traits nearest each end of the axis and of PC1, as (name, cosine rounded to 4 places).
+
+    Tops run from the highest cosine down, bottoms from the lowest up.
+    """
+
+    axis_top: Ranking
+    axis_bottom: Ranking
+    pc1_top: Ranking
+    pc1_bottom: Ranking
+
+    def to_json(self) -> dict[str, list[list[Any]]]:
+        """The persona_space.json fields: traits_cos_axis_top/bottom, traits_cos_pc1_top/bottom as [name, cosine]."""
+        ends = {"axis_top": self.axis_top, "axis_bottom": self.axis_bottom, "pc1_top": self.pc1_top,
+                "pc1_bottom": self.pc1_bottom}
+        return {f"traits_cos_{key}": [[name, value] for name, value in pairs] for key, pairs in ends.items()}
+
+
+@dataclass(frozen=True)
+class TraitAlignment:
+    """Cosine of each centred trait vector with the axis (cos_axis) and with the roles' PC1 (cos_pc1).
+
+    Both map a trait name to [layers] values (see `trait_alignment`).
+    """
+
+    cos_axis: dict[str, list[float]]
+    cos_pc1: dict[str, list[float]]
+
+    def ends(self, layer: int, n: int = N_TRAITS_RANKED) -> TraitEnds:
+        """The n traits nearest each end of the axis and of PC1 at `layer`."""
+        axis_top, axis_bottom = _ranked_pairs(self.cos_axis, layer, n)
+        pc1_top, pc1_bottom = _ranked_pairs(self.cos_pc1, layer, n)
+        return TraitEnds(axis_top, axis_bottom, pc1_top, pc1_bottom)
+
+    def to_json(self) -> dict[str, dict[str, list[float]]]:
+        """{"cos_axis": {trait: [layers]}, "cos_pc1": {trait: [layers]}}."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Mapping[str, list[float]]]) -> TraitAlignment:
+        """The alignment from `to_json`'s output."""
+        return cls({k: list(v) for k, v in data["cos_axis"].items()}, {k: list(v) for k, v in data["cos_pc1"].items()})
+
+
+@dataclass(frozen=True)
+class UnjudgedAlignment:
+    """|cos(axis, PC1)| per layer ([layers]) for role vectors of every answer, judged or not, of n_roles roles."""
+
+    n_roles: int
+    cos_axis_pc1: list[float]
+
+
+@dataclass(frozen=True)
+class RunAnalysis:
+    """A run's analysis as persona_space.json holds it: the PCA of its kept role vectors and what the run adds.
+
+    roles_dropped and traits_dropped map names to their score-3 counts; unjudged is present when the
+    run stored all-answer role vectors, traits when it kept at least 2 trait vectors.
+    """
+
+    space: PersonaSpaceAnalysis
+    roles_dropped: dict[str, int] = field(default_factory=dict)
+    traits_used: int = 0
+    traits_dropped: dict[str, int] = field(default_factory=dict)
+    unjudged: UnjudgedAlignment | None = None
+    traits: TraitAlignment | None = None
+
+    def trait_ends(self) -> TraitEnds | None:
+        """The traits nearest each end of the axis and of PC1 at the analysis layer (None without traits)."""
+        return None if self.traits is None else self.traits.ends(self.space.layer)
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of persona_space.json, keys in file order."""
+        out = self.space.to_json()
+        out["roles_dropped"] = dict(self.roles_dropped)
+        if self.unjudged is not None:
+            out["n_roles_all_answers"] = self.unjudged.n_roles
+            out["cos_axis_pc1_all_answers"] = list(self.unjudged.cos_axis_pc1)
+        out["traits_used"], out["traits_dropped"] = self.traits_used, dict(self.traits_dropped)
+        if self.traits is not None:
+            out["trait_alignment"] = self.traits.to_json()
+            out.update(self.traits.ends(self.space.layer).to_json())
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunAnalysis:
+        """The analysis from the content of persona_space.json (trait ends are recomputed, not read)."""
+        unjudged = (UnjudgedAlignment(int(data["n_roles_all_answers"]), list(data["cos_axis_pc1_all_answers"]))
+                    if "cos_axis_pc1_all_answers" in data else None)
+        traits = TraitAlignment.from_json(data["trait_alignment"]) if "trait_alignment" in data else None
+        return cls(PersonaSpaceAnalysis.from_json(data), dict(data.get("roles_dropped", {})),
+                   int(data.get("traits_used", 0)), dict(data.get("traits_dropped", {})), unjudged, traits)
 
 
 def pca(vectors: Tensor, standardise: bool = False) -> PCAResult:
@@ -73,12 +214,6 @@ def n_components_for(variance_explained: Tensor | list[float], fraction: float =
     return int(reached[0]) + 1 if len(reached) else len(shares)
 
 
-def _cosine(a: Tensor, b: Tensor) -> float:
-    """Cosine between two [hidden] vectors (0 if either is zero)."""
-    denominator = a.norm() * b.norm()
-    return float(a @ b / denominator) if denominator > 0 else 0.0
-
-
 def _check_inputs(role_vectors: Mapping[str, Tensor], axis: Tensor, layer: int) -> Tensor:
     """Validate shapes and the layer; return the roles stacked as [n_roles, layers, hidden] float64."""
     if len(role_vectors) < 2:
@@ -90,8 +225,7 @@ def _check_inputs(role_vectors: Mapping[str, Tensor], axis: Tensor, layer: int) 
         if tuple(vector.shape) != tuple(axis.shape):
             raise PersonaAxisError(f"role vector {role!r} has shape {tuple(vector.shape)} but the axis has "
                                    f"{tuple(axis.shape)}: use role vectors and an axis from the same model")
-    if not 0 <= layer < axis.shape[0]:
-        raise PersonaAxisError(f"layer {layer} is out of range: the vectors have {axis.shape[0]} layers (0-based)")
+    check_layer_index(layer, axis.shape[0], "layer")
     stacked = torch.stack([torch.as_tensor(v).detach().to(torch.float64).cpu() for v in role_vectors.values()])
     if not torch.isfinite(stacked).all() or not torch.isfinite(axis).all():
         raise PersonaAxisError("role vectors or axis contain NaN or inf values: recompute them")
@@ -113,26 +247,27 @@ def _pc1_per_layer(stacked: Tensor, axis: Tensor, standardise: bool = False) -> 
     for layer in range(axis64.shape[0]):
         result = pca(stacked[:, layer], standardise)
         pc1 = result.components[0]
-        out.append((pc1 if _cosine(pc1, _axis_in_pca_space(axis64[layer], result)) >= 0 else -pc1, result))
+        toward_axis = cosine(pc1, _axis_in_pca_space(axis64[layer], result), f"PC1 and the axis at layer {layer}") >= 0
+        out.append((pc1 if toward_axis else -pc1, result))
     return out
 
 
 def _cos_axis_pc1_per_layer(stacked: Tensor, axis: Tensor, standardise: bool = False) -> list[float]:
     """|cos(axis[l], PC1 at layer l)| for every layer; stacked is [n_roles, layers, hidden], axis [layers, hidden]."""
     axis64 = axis.detach().to(torch.float64).cpu()
-    return [abs(_cosine(pc1, _axis_in_pca_space(axis64[layer], result)))
+    return [abs(cosine(pc1, _axis_in_pca_space(axis64[layer], result), f"PC1 and the axis at layer {layer}"))
             for layer, (pc1, result) in enumerate(_pc1_per_layer(stacked, axis, standardise))]
 
 
 def trait_alignment(trait_vectors: Mapping[str, Tensor], role_vectors: Mapping[str, Tensor], axis: Tensor,
-                    standardise: bool = False) -> dict[str, dict[str, list[float]]]:
+                    standardise: bool = False) -> TraitAlignment:
     """How each trait lines up with the axis and with the roles' PC1, at every layer.
 
     trait_vectors and role_vectors map names to [layers, hidden]; axis is [layers, hidden]. A trait's
     direction is its vector minus the mean of all trait vectors (centred as PCA centres roles), so
     the ranking says which traits sit toward the Assistant end, not what all replies share.
-    Returns {"cos_axis": {trait: [layers]}, "cos_pc1": {trait: [layers]}}; PC1 is oriented toward
-    the axis (positive = Assistant end) and, when standardised, compared in PCA coordinates.
+    PC1 is oriented toward the axis (positive = Assistant end) and, when standardised, compared in
+    PCA coordinates.
     """
     if len(trait_vectors) < 2:
         raise PersonaAxisError(f"need at least 2 trait vectors to centre them; got {len(trait_vectors)}")
@@ -145,15 +280,21 @@ def trait_alignment(trait_vectors: Mapping[str, Tensor], role_vectors: Mapping[s
     cos_pc1: dict[str, list[float]] = {n: [] for n in names}
     for layer, (pc1, result) in enumerate(_pc1_per_layer(roles, axis, standardise)):
         for name, row in zip(names, centred[:, layer]):
-            cos_axis[name].append(_cosine(row, axis64[layer]))
-            cos_pc1[name].append(_cosine(row / result.scale, pc1))
-    return {"cos_axis": cos_axis, "cos_pc1": cos_pc1}
+            cos_axis[name].append(cosine(row, axis64[layer], f"trait {name!r} (centred) and the axis at layer {layer}"))
+            cos_pc1[name].append(cosine(row / result.scale, pc1, f"trait {name!r} (centred) and PC1 at layer {layer}"))
+    return TraitAlignment(cos_axis, cos_pc1)
 
 
 def _ranked(scores: Mapping[str, float], top: int) -> tuple[list[str], list[str]]:
     """The `top` names with the highest scores (highest first) and lowest (lowest first)."""
     order = sorted(scores, key=lambda name: scores[name], reverse=True)
     return order[:top], order[::-1][:top]
+
+
+def _ranked_pairs(values: Mapping[str, list[float]], layer: int, top: int) -> tuple[Ranking, Ranking]:
+    """`_ranked` by the values at `layer` ({name: [layers]}), as (name, value rounded to 4 places) pairs."""
+    high, low = _ranked({name: row[layer] for name, row in values.items()}, top)
+    return [(n, round(values[n][layer], 4)) for n in high], [(n, round(values[n][layer], 4)) for n in low]
 
 
 def _group_means(projection: Mapping[str, float], groups: Mapping[str, str]) -> dict[str, float]:
@@ -168,48 +309,34 @@ def _group_means(projection: Mapping[str, float], groups: Mapping[str, str]) -> 
 
 def analyze_persona_space(role_vectors: Mapping[str, Tensor], axis: Tensor, layer: int,
                           groups: Mapping[str, str] | None = None, standardise: bool = False,
-                          top: int = 5) -> dict[str, Any]:
+                          top: int = 5) -> PersonaSpaceAnalysis:
     """PCA of the role vectors (each [layers, hidden]) at `layer` and its relation to the axis [layers, hidden].
 
     PC1 loadings are oriented so that the end the axis points to (the Assistant end) is positive;
-    "cos_axis_pc1" covers every layer, the rest is at `layer`. Returns a JSON-serialisable dict
-    (layer, layers, n_roles_used, standardised, variance_explained, n_components_70, cos_axis_pc1,
-    pc1_loadings, pc1_top/bottom, axis_projection, axis_top/bottom, pc2_loadings with >= 3 roles,
-    group_mean_axis_projection when groups are given).
+    cos_axis_pc1 covers every layer, the rest is at `layer`; `top` roles are ranked at each end.
     """
     stacked = _check_inputs(role_vectors, axis, layer)
     names = list(role_vectors)
     axis_row = axis[layer].detach().to(torch.float64).cpu()
-    axis_norm = axis_row.norm()
-    if axis_norm == 0:
-        raise PersonaAxisError(f"the axis is all zeros at layer {layer}: it has no direction to project on")
+    axis_unit = unit_vector(axis_row, f"the axis at layer {layer}")
     result = pca(stacked[:, layer], standardise)
-    orientation = 1.0 if _cosine(result.components[0], _axis_in_pca_space(axis_row, result)) >= 0 else -1.0
-    pc1 = {name: orientation * float(v) for name, v in zip(names, result.loadings[:, 0])}
-    projection = {name: float(v) for name, v in zip(names, stacked[:, layer] @ (axis_row / axis_norm))}
+    pc1_toward_axis = cosine(result.components[0], _axis_in_pca_space(axis_row, result),
+                             f"PC1 and the axis at layer {layer}") >= 0
+    pc1 = {name: (1.0 if pc1_toward_axis else -1.0) * float(v) for name, v in zip(names, result.loadings[:, 0])}
+    projection = {name: float(v) for name, v in zip(names, stacked[:, layer] @ axis_unit)}
     pc1_top, pc1_bottom = _ranked(pc1, top)
     axis_top, axis_bottom = _ranked(projection, top)
     variance = [float(v) for v in result.variance_explained]
-    analysis: dict[str, Any] = {
-        "layer": layer,
-        "layers": int(axis.shape[0]),
-        "n_roles_used": len(names),
-        "standardised": standardise,
-        "variance_explained": variance[:N_VARIANCE_REPORTED],
-        "n_components_70": n_components_for(variance, 0.70),
-        "cos_axis_pc1": _cos_axis_pc1_per_layer(stacked, axis, standardise),
-        "pc1_loadings": pc1,
-        "pc1_top": pc1_top,
-        "pc1_bottom": pc1_bottom,
-        "axis_projection": projection,
-        "axis_top": axis_top,
-        "axis_bottom": axis_bottom,
-    }
-    if result.loadings.shape[1] >= 2:
-        analysis["pc2_loadings"] = {name: float(v) for name, v in zip(names, result.loadings[:, 1])}
-    if groups:
-        analysis["group_mean_axis_projection"] = _group_means(projection, groups)
-    return analysis
+    return PersonaSpaceAnalysis(
+        layer=layer, layers=int(axis.shape[0]), n_roles_used=len(names), standardised=standardise,
+        variance_explained=variance[:N_VARIANCE_REPORTED], n_components_70=n_components_for(variance, 0.70),
+        cos_axis_pc1=_cos_axis_pc1_per_layer(stacked, axis, standardise),
+        pc1_loadings=pc1, pc1_top=pc1_top, pc1_bottom=pc1_bottom,
+        axis_projection=projection, axis_top=axis_top, axis_bottom=axis_bottom,
+        pc2_loadings=({name: float(v) for name, v in zip(names, result.loadings[:, 1])}
+                      if result.loadings.shape[1] >= 2 else None),
+        group_mean_axis_projection=_group_means(projection, groups) if groups else None,
+    )
 
 
 def pc1_loading_correlation(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, int]:
@@ -225,10 +352,9 @@ def pc1_loading_correlation(a: Mapping[str, float], b: Mapping[str, float]) -> t
     x = torch.tensor([a[r] for r in shared], dtype=torch.float64)
     y = torch.tensor([b[r] for r in shared], dtype=torch.float64)
     x, y = x - x.mean(), y - y.mean()
-    denominator = x.norm() * y.norm()
-    if denominator == 0:
+    if x.norm() == 0 or y.norm() == 0:
         raise PersonaAxisError("PC1 loadings are constant over the shared roles in one run: correlation is undefined")
-    return float((x @ y / denominator).clamp(-1.0, 1.0)), len(shared)
+    return max(-1.0, min(1.0, cosine(x, y, "the centred PC1 loadings"))), len(shared)
 
 
 def unjudged_cos_axis_pc1(default: Tensor, role_vectors: Mapping[str, Tensor], standardise: bool = False) -> list[float]:

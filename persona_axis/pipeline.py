@@ -18,12 +18,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from persona_axis.axis import Axis, axis_metadata, compute_axis, save_axis
+from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
 from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.judges.base import Judge, JudgeItem
+from persona_axis.measurement import check_layer_index
 from persona_axis.models import LoadedModel
+from persona_axis.persona_space import (
+    RunAnalysis,
+    UnjudgedAlignment,
+    analyze_persona_space,
+    trait_alignment,
+    unjudged_cos_axis_pc1,
+)
 from persona_axis.store import RunStore, load_tensors, rollout_kind
 
 
@@ -331,30 +339,14 @@ def preset_settings(name: str, **overrides: Any) -> Settings:
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-N_TRAITS_RANKED = 10
-
-
-def _trait_rankings(alignment: dict[str, dict[str, list[float]]], layer: int) -> dict[str, list[list[Any]]]:
-    """At `layer`: the traits nearest each end of the axis and of PC1, as [name, cosine] pairs."""
-    out = {}
-    for key in ("cos_axis", "cos_pc1"):
-        ordered = sorted(alignment[key].items(), key=lambda item: item[1][layer], reverse=True)
-        pairs = [[name, round(values[layer], 4)] for name, values in ordered]
-        out[f"traits_{key}_top"] = pairs[:N_TRAITS_RANKED]
-        out[f"traits_{key}_bottom"] = pairs[::-1][:N_TRAITS_RANKED]
-    return out
-
-
 def analyze_run(run_dir: str | Path, layer: int | None = None, standardise: bool = False,
-                write: bool = True) -> dict[str, Any]:
+                write: bool = True) -> RunAnalysis:
     """Persona-space analysis of a finished run; with write=True also writes persona_space.json, figures/, report.html.
 
     Beyond the PCA of role vectors (persona_space.analyze_persona_space) it adds, when the run
-    stored them: the traits ranked by cosine with the axis and with PC1 at every layer, and
+    stored them: the traits' cosines with the axis and with PC1 at every layer, and
     cos(axis, PC1) per layer for role vectors built from all answers (no judge).
     """
-    from persona_axis.axis import load_axis
-    from persona_axis.persona_space import analyze_persona_space, trait_alignment, unjudged_cos_axis_pc1
     from persona_axis.report import write_report
 
     root = Path(run_dir)
@@ -363,27 +355,24 @@ def analyze_run(run_dir: str | Path, layer: int | None = None, standardise: bool
     tensors, meta = load_tensors(root / VECTOR_FILES["roles"])
     summary = json.loads(meta["summary"])
     axis = load_axis(root)
-    index = axis.layer_or_middle(layer)
-    if not 0 <= index < axis.n_layers:
-        raise PersonaAxisError(f"layer {index} is out of range: the axis has {axis.n_layers} layers (0..{axis.n_layers - 1})")
+    index = check_layer_index(axis.layer_or_middle(layer), axis.n_layers, "layer")
     role_vectors = {name: tensors[name] for name in summary["roles_used"]}
-    analysis = analyze_persona_space(role_vectors, axis.vectors, index, summary["groups"], standardise=standardise)
-    analysis["roles_dropped"] = summary["roles_dropped"]
+    unjudged = None
     if (root / VECTOR_FILES["all_answers"]).exists():
         everything, _ = load_tensors(root / VECTOR_FILES["all_answers"])
-        analysis["n_roles_all_answers"] = len(everything)
-        analysis["cos_axis_pc1_all_answers"] = unjudged_cos_axis_pc1(tensors[DEFAULT_ROLE], everything, standardise)
+        unjudged = UnjudgedAlignment(len(everything), unjudged_cos_axis_pc1(tensors[DEFAULT_ROLE], everything, standardise))
     traits_path = root / VECTOR_FILES["traits"]
     trait_vectors = load_tensors(traits_path)[0] if traits_path.exists() else {}
-    analysis["traits_used"], analysis["traits_dropped"] = len(trait_vectors), summary.get("traits_dropped", {})
-    if len(trait_vectors) >= 2:
-        alignment = trait_alignment(trait_vectors, role_vectors, axis.vectors, standardise)
-        analysis["trait_alignment"] = alignment
-        analysis.update(_trait_rankings(alignment, index))
+    analysis = RunAnalysis(
+        analyze_persona_space(role_vectors, axis.vectors, index, summary["groups"], standardise=standardise),
+        roles_dropped=summary["roles_dropped"], traits_used=len(trait_vectors),
+        traits_dropped=summary.get("traits_dropped", {}), unjudged=unjudged,
+        traits=trait_alignment(trait_vectors, role_vectors, axis.vectors, standardise) if len(trait_vectors) >= 2 else None,
+    )
     if not write:
         return analysis
     manifest = RunStore(root).read_manifest()
-    (root / "persona_space.json").write_text(json.dumps(analysis, indent=2))
+    (root / "persona_space.json").write_text(json.dumps(analysis.to_json(), indent=2))
     details = {"model": manifest["identity"]["model"], "preset": manifest.get("preset", ""),
                "judge": summary["judge"], "default rollouts": summary["n_default"],
                "trait judge": summary.get("trait_judge", ""), "min score-3 answers per role": summary["min_score3"]}

@@ -19,6 +19,7 @@ from torch import Tensor
 from persona_axis.errors import PersonaAxisError
 from persona_axis.hooks import LayerOp, layer_hooks
 from persona_axis.models import LoadedModel
+from persona_axis.vectors import unit_vector
 
 Positions = Literal["all", "last"]
 
@@ -34,14 +35,6 @@ def check_vector(vector: Tensor, hidden_size: int, what: str = "vector") -> Tens
     if not torch.isfinite(vector).all():
         raise PersonaAxisError(f"{what} contains NaN or inf values: recompute it or check the file it came from")
     return vector.float().cpu()
-
-
-def unit(vector: Tensor) -> Tensor:
-    """Return vector / ||vector||; a zero vector is an error (it has no direction)."""
-    norm = vector.norm()
-    if norm == 0:
-        raise PersonaAxisError("direction vector is all zeros: it has no direction to steer or cap along")
-    return vector / norm
 
 
 @dataclass
@@ -93,7 +86,7 @@ class Ablation(_Intervention):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._unit = unit(torch.as_tensor(self.direction).float())
+        self._unit = unit_vector(torch.as_tensor(self.direction).float(), "ablation direction")
 
     def apply(self, hidden: Tensor) -> Tensor:
         d = self._unit.to(hidden.device)
@@ -106,7 +99,8 @@ class Ablation(_Intervention):
 
 def mean_ablation(direction: Tensor, mean: Tensor, positions: Positions = "all") -> Ablation:
     """Set the component along `direction` to that of `mean` (e.g. the mean activation over a dataset)."""
-    return Ablation(direction, coef=float(unit(direction.float()) @ mean.float()), positions=positions)
+    return Ablation(direction, coef=float(unit_vector(direction.float(), "ablation direction") @ mean.float()),
+                    positions=positions)
 
 
 @dataclass
@@ -124,7 +118,7 @@ class Cap(_Intervention):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._unit = unit(torch.as_tensor(self.axis).float())
+        self._unit = unit_vector(torch.as_tensor(self.axis).float(), "cap axis")
         self._cast: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.raised = torch.zeros(())
         self.seen = torch.zeros(())

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -29,6 +29,51 @@ from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index, layer_after_block, measured_layer
 from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import Addition
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One capping experiment of a `sweep`: where its effect was read, and its two scores (see `sweep`)."""
+
+    id: str
+    measured_layer: int
+    role_shift: float
+    default_kl: float
+
+    def to_json(self) -> dict[str, str | int | float]:
+        """{"id", "measured_layer", "role_shift", "default_kl"}."""
+        return asdict(self)
+
+    def dominates(self, other: SweepRow) -> bool:
+        """At least as good as `other` on both scores (higher role_shift, lower default_kl) and better on one."""
+        return (self.role_shift >= other.role_shift and self.default_kl <= other.default_kl
+                and (self.role_shift > other.role_shift or self.default_kl < other.default_kl))
+
+
+@dataclass(frozen=True)
+class SteerRow:
+    """One coefficient of a `steer_sweep`: the judge's score counts ("0".."3", "unscored") over n replies,
+    their mean score (None when none was scored) and the replies' mean projection on the unit axis."""
+
+    coef: float
+    n: int
+    scores: dict[str, int]
+    mean_score: float | None
+    mean_projection: float
+
+
+@dataclass(frozen=True)
+class SteerSweep:
+    """A `steer_sweep`: the steered layer, the layer projections were read at, ‖v‖, and one row per coef."""
+
+    layer: int
+    measured_layer: int
+    unit_length: float
+    rows: list[SteerRow]
+
+    def to_json(self) -> dict[str, object]:
+        """{"layer", "measured_layer", "unit_length", "rows": [{"coef", "n", "scores", "mean_score", "mean_projection"}]}."""
+        return asdict(self)
 
 
 def candidate_blocks(n_layers: int) -> list[range]:
@@ -51,7 +96,7 @@ def sweep(
     max_new_tokens: int = 32,
     *,
     progress: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[SweepRow]:
     """Measure each (block, percentile) experiment calibrated from the run; one row per experiment.
 
     role_shift: mean over role-play conversations of (capped − uncapped) projection of the reply's
@@ -69,8 +114,7 @@ def sweep(
             for b in blocks for p in percentiles]
     shifts = _role_shifts(lm, axis, plan, role_conversations, max_new_tokens, progress)
     kls = [r.kl for r in next_token_kl(lm, default_conversations, [e.interventions() for e, _ in plan], max_new_tokens)]
-    return [{"id": e.id, "measured_layer": layer, "role_shift": s, "default_kl": k}
-            for (e, layer), s, k in zip(plan, shifts, kls)]
+    return [SweepRow(e.id, layer, s, k) for (e, layer), s, k in zip(plan, shifts, kls)]
 
 
 def _role_shifts(lm: LoadedModel, axis: Axis, plan: list[tuple[Experiment, int]],
@@ -87,26 +131,21 @@ def _role_shifts(lm: LoadedModel, axis: Axis, plan: list[tuple[Experiment, int]]
     return shifts
 
 
-def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def pareto_front(rows: Sequence[SweepRow]) -> list[SweepRow]:
     """Rows no other row dominates (role_shift at least as high and default_kl at least as low, one strictly)."""
-    def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
-        return (a["role_shift"] >= b["role_shift"] and a["default_kl"] <= b["default_kl"]
-                and (a["role_shift"] > b["role_shift"] or a["default_kl"] < b["default_kl"]))
-
-    return [row for row in rows if not any(dominates(other, row) for other in rows)]
+    return [row for row in rows if not any(other.dominates(row) for other in rows)]
 
 
 def steer_sweep(lm: LoadedModel, axis: Axis, catalog: Catalog, judge: Judge, layer: int, coefs: Sequence[float],
                 n_roles: int = 12, n_questions: int = 2, max_new_tokens: int = 48, progress: bool = False,
-                *, norms: Tensor | None = None, measure_at: int | None = None) -> dict[str, Any]:
+                *, norms: Tensor | None = None, measure_at: int | None = None) -> SteerSweep:
     """For each coef, add coef × v at `layer` while role-play prompts are answered; judge and project the replies.
 
     v is axis[layer], or with norms [layers] (see `chat.default_norms`) norms[layer] × the unit
     axis, so coefs are relative to the default activation norm. Projections are read at
     `measured_layer` (default: `measurement.measured_layer`'s choice, outside the steered layer).
-    Returns {"layer", "measured_layer", "unit_length" (‖v‖), "rows"}: per coef, the judge's score
-    counts ("0".."3", "unscored"), the mean score, and the mean projection of the replies' mean
-    activation on the unit axis at the measured layer.
+    Each row holds the judge's score counts, the mean score, and the mean projection of the replies'
+    mean activation on the unit axis at the measured layer.
     """
     layer = check_layer_index(layer, lm.n_layers, "steered layer")
     axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
@@ -123,8 +162,7 @@ def steer_sweep(lm: LoadedModel, axis: Axis, catalog: Catalog, judge: Judge, lay
                                 for (name, c), text in zip(pairs, result.texts)])
         counts = Counter("unscored" if v.score is None else str(v.score) for v in verdicts)
         scored = [v.score for v in verdicts if v.score is not None]
-        rows.append({"coef": coef, "n": len(pairs),
-                     "scores": {k: counts.get(k, 0) for k in ("0", "1", "2", "3", "unscored")},
-                     "mean_score": sum(scored) / len(scored) if scored else None,
-                     "mean_projection": float(axis.project(means[:, 0], measured).mean())})
-    return {"layer": layer, "measured_layer": measured, "unit_length": float(vector.norm()), "rows": rows}
+        rows.append(SteerRow(coef, len(pairs), {k: counts.get(k, 0) for k in ("0", "1", "2", "3", "unscored")},
+                             sum(scored) / len(scored) if scored else None,
+                             float(axis.project(means[:, 0], measured).mean())))
+    return SteerSweep(layer, measured, float(vector.norm()), rows)

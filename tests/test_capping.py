@@ -123,7 +123,7 @@ def test_populations_select_the_right_rollouts(tmp_path: Path, population: str, 
     ({"percentiles": [0.0]}, "percentiles"),
     ({"percentiles": [1.0]}, "percentiles"),
     ({"percentiles": []}, "percentiles"),
-    ({"layers": range(3, 5)}, "within the axis"),
+    ({"layers": range(3, 5)}, "layer 4 is out of range"),
     ({"layers": [range(2, 2)]}, "non-empty"),
     ({"population": "everyone"}, "unknown population"),
 ])

@@ -236,8 +236,8 @@ def test_analyze_compares_pc1_loadings_between_runs(tiny_run: Path, tiny_model_d
     untouched = {p: p.stat().st_mtime_ns for p in other.rglob("*") if p.is_file()}
     assert main(["analyze", str(tiny_run), "--compare", str(other), "--json"]) == 0
     correlation = json.loads(capsys.readouterr().out)["pc1_correlation"]
-    expected, shared = pc1_loading_correlation(analyze_run(tiny_run, write=False)["pc1_loadings"],
-                                               analyze_run(other, write=False)["pc1_loadings"])
+    expected, shared = pc1_loading_correlation(analyze_run(tiny_run, write=False).space.pc1_loadings,
+                                               analyze_run(other, write=False).space.pc1_loadings)
     assert correlation["pearson_r"] == pytest.approx(expected) and correlation["shared_roles"] == shared >= 3
     assert abs(expected) < 0.999  # two different runs, not a run with itself
     assert {p: p.stat().st_mtime_ns for p in other.rglob("*") if p.is_file()} == untouched  # --compare writes nothing

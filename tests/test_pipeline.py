@@ -19,6 +19,7 @@ from persona_axis.catalog import load_catalog
 from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.http import OpenAIJudge
 from persona_axis.models import load_model
+from persona_axis.persona_space import RunAnalysis
 from persona_axis.pipeline import analyze_run, plan_rollouts, preset_settings, run_pipeline, select_roles
 from persona_axis.store import RunStore, load_tensors, read_jsonl
 
@@ -154,9 +155,10 @@ def test_pipeline_in_process_drops_roles_and_analyzes(
     expected = vectors["default"] - torch.stack([vectors[n] for n in summary["roles_used"]]).mean(0)
     torch.testing.assert_close(axis, expected)
     analysis = analyze_run(out)
-    assert analysis["n_roles_used"] == 5 and analysis["roles_dropped"] == {"villain_b": 0}
-    assert len(analysis["cos_axis_pc1"]) == 3 and len(analysis["cos_axis_pc1_all_answers"]) == 3
-    assert analysis["traits_used"] == 4 and set(analysis["trait_alignment"]["cos_axis"]) == set(traits)
+    assert analysis.space.n_roles_used == 5 and analysis.roles_dropped == {"villain_b": 0}
+    assert len(analysis.space.cos_axis_pc1) == 3 and analysis.unjudged and len(analysis.unjudged.cos_axis_pc1) == 3
+    assert analysis.traits_used == 4 and analysis.traits and set(analysis.traits.cos_axis) == set(traits)
+    assert RunAnalysis.from_json(json.loads((out / "persona_space.json").read_text())) == analysis
     assert (out / "report.html").exists() and (out / "figures" / "pc1_pc2.png").exists()
     assert manifest["identity"]["settings"]["batch_size"] == 8 and "torch" in manifest["versions"]
 

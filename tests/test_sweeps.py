@@ -16,7 +16,7 @@ from persona_axis.chat import default_norms
 from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import JudgeItem, Verdict
 from persona_axis.models import LoadedModel
-from persona_axis.sweeps import candidate_blocks, pareto_front, steer_sweep, sweep
+from persona_axis.sweeps import SweepRow, candidate_blocks, pareto_front, steer_sweep, sweep
 
 
 def test_sweep_and_pareto_front(tmp_path: Path, tiny_llama: LoadedModel) -> None:
@@ -25,20 +25,19 @@ def test_sweep_and_pareto_front(tmp_path: Path, tiny_llama: LoadedModel) -> None
     conversations = [[{"role": "user", "content": "Who are you?"}], [{"role": "user", "content": "Name a colour."}]]
     rows = sweep(tiny_llama, axis, tmp_path, [range(0, 2), range(1, 3)], [0.02, 0.98], conversations,
                  conversations[:1], max_new_tokens=4)
-    assert [r["id"] for r in rows] == ["layers_0:2-p0.02", "layers_0:2-p0.98", "layers_1:3-p0.02", "layers_1:3-p0.98"]
-    assert all(math.isfinite(r["role_shift"]) and math.isfinite(r["default_kl"]) and r["default_kl"] >= -1e-6
+    assert [r.id for r in rows] == ["layers_0:2-p0.02", "layers_0:2-p0.98", "layers_1:3-p0.02", "layers_1:3-p0.98"]
+    assert all(math.isfinite(r.role_shift) and math.isfinite(r.default_kl) and r.default_kl >= -1e-6
                for r in rows)
     # read outside the capped block: after it, or before it when the block ends at the last layer
-    assert [r["measured_layer"] for r in rows] == [2, 2, 0, 0]
+    assert [r.measured_layer for r in rows] == [2, 2, 0, 0]
     low, high = rows[0], rows[1]
-    assert abs(low["role_shift"]) < 1e-3 and low["default_kl"] < 1e-6  # a floor below everything changes nothing
-    assert high["role_shift"] > 100 and high["default_kl"] > low["default_kl"]  # the raised residual carries on
+    assert abs(low.role_shift) < 1e-3 and low.default_kl < 1e-6  # a floor below everything changes nothing
+    assert high.role_shift > 100 and high.default_kl > low.default_kl  # the raised residual carries on
 
-    front = pareto_front([{"id": "a", "role_shift": 1.0, "default_kl": 0.1}, {"id": "b", "role_shift": 2.0, "default_kl": 0.1},
-                          {"id": "c", "role_shift": 3.0, "default_kl": 0.5}, {"id": "d", "role_shift": 0.5, "default_kl": 0.0},
-                          {"id": "e", "role_shift": 3.0, "default_kl": 0.5}])
-    assert [r["id"] for r in front] == ["b", "c", "d", "e"]
-    best = max(rows, key=lambda r: r["role_shift"])
+    front = pareto_front([SweepRow("a", 0, 1.0, 0.1), SweepRow("b", 0, 2.0, 0.1), SweepRow("c", 0, 3.0, 0.5),
+                          SweepRow("d", 0, 0.5, 0.0), SweepRow("e", 0, 3.0, 0.5)])
+    assert [r.id for r in front] == ["b", "c", "d", "e"]
+    best = max(rows, key=lambda r: r.role_shift)
     assert best in pareto_front(rows) and all(r in rows for r in pareto_front(rows))
 
 
@@ -56,12 +55,12 @@ def test_steer_sweep_reports_scores_and_projection_moves_with_coef(tiny_llama: L
     axis = Axis(torch.randn(1, 64).repeat(3, 1))  # one direction at every layer: the addition carries downstream
     report = steer_sweep(tiny_llama, axis, load_catalog(), LengthJudge(), layer=0, coefs=[-20.0, 0.0, 20.0],
                          n_roles=3, n_questions=1, max_new_tokens=4)
-    assert (report["layer"], report["measured_layer"]) == (0, 1)  # middle layer 1, downstream of the steered 0
-    assert report["unit_length"] == pytest.approx(float(axis.vectors[0].norm()), abs=1e-3)
-    rows = report["rows"]
-    assert [r["coef"] for r in rows] == [-20.0, 0.0, 20.0]
-    assert all(sum(r["scores"].values()) == r["n"] == 3 for r in rows)
-    projections = [r["mean_projection"] for r in rows]
+    assert (report.layer, report.measured_layer) == (0, 1)  # middle layer 1, downstream of the steered 0
+    assert report.unit_length == pytest.approx(float(axis.vectors[0].norm()), abs=1e-3)
+    rows = report.rows
+    assert [r.coef for r in rows] == [-20.0, 0.0, 20.0]
+    assert all(sum(r.scores.values()) == r.n == 3 for r in rows)
+    projections = [r.mean_projection for r in rows]
     assert projections[0] < projections[1] < projections[2]  # the residual stream carries the addition to layer 1
     assert len(role_play_conversations(load_catalog(), 4, 2)) == 8
 
@@ -72,8 +71,8 @@ def test_steer_sweep_never_reads_the_steered_layer(tiny_llama: LoadedModel) -> N
     axis = Axis(0.01 * v / v.norm(dim=-1, keepdim=True))  # small enough to leave the greedy tokens unchanged
     report = steer_sweep(tiny_llama, axis, load_catalog(), LengthJudge(), layer=1, coefs=[0.0, 1.0],
                          n_roles=2, n_questions=1, max_new_tokens=4)
-    assert report["measured_layer"] != report["layer"] == 1
-    moved = report["rows"][1]["mean_projection"] - report["rows"][0]["mean_projection"]
+    assert report.measured_layer != report.layer == 1
+    moved = report.rows[1].mean_projection - report.rows[0].mean_projection
     assert abs(moved - 0.01) > 1e-3  # read at the steered layer it moves by exactly coef·‖axis‖ = 0.01
     assert abs(moved) < 1e-6  # upstream of the steering, the same tokens give the same activations
     with pytest.raises(PersonaAxisError, match="steered layer -1 is out of range"):
@@ -85,8 +84,8 @@ def test_relative_steer_sweep_scales_by_the_default_norm(tmp_path: Path, tiny_ll
     norms = default_norms(tmp_path)
     report = steer_sweep(tiny_llama, axis, load_catalog(), LengthJudge(), layer=2, coefs=[0.0], n_roles=1,
                          n_questions=1, max_new_tokens=2, norms=norms)
-    assert report["measured_layer"] == 1
-    assert report["unit_length"] == pytest.approx(float(norms[2]), abs=1e-3) != pytest.approx(
+    assert report.measured_layer == 1
+    assert report.unit_length == pytest.approx(float(norms[2]), abs=1e-3) != pytest.approx(
         float(axis.vectors[2].norm()), abs=1e-3)
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persona_axis.cli.options import judge_options, model_options, print_json
+
+if TYPE_CHECKING:
+    from persona_axis.persona_space import RunAnalysis
 
 DEMO_CHARACTERS = {
     "default Assistant": "",
@@ -36,34 +39,37 @@ def _role_list(value: str | None) -> list[str] | None:
     return [name for name in (value or "").replace(",", " ").split() if name] or None
 
 
-def headline(analysis: dict[str, Any]) -> str:
-    cos = analysis["cos_axis_pc1"]
+def headline(analysis: RunAnalysis) -> str:
+    """The analysis in a few lines: roles, PC1, cos(axis, PC1), the ends of the axis, the unjudged check, traits."""
+    space = analysis.space
+    cos, layer = space.cos_axis_pc1, space.layer
     best = max(range(len(cos)), key=lambda i: cos[i])
     return (
-        f"roles used {analysis['n_roles_used']} (dropped {len(analysis['roles_dropped'])}) | "
-        f"PC1 explains {analysis['variance_explained'][0]:.1%} at layer {analysis['layer']} | "
-        f"{analysis['n_components_70']} components reach 70% | cos(axis, PC1) {cos[analysis['layer']]:.2f} "
+        f"roles used {space.n_roles_used} (dropped {len(analysis.roles_dropped)}) | "
+        f"PC1 explains {space.variance_explained[0]:.1%} at layer {layer} | "
+        f"{space.n_components_70} components reach 70% | cos(axis, PC1) {cos[layer]:.2f} "
         f"(best {cos[best]:.2f} at layer {best})\n"
-        f"Assistant end of the axis: {', '.join(analysis['axis_top'])}\n"
-        f"far end of the axis:       {', '.join(analysis['axis_bottom'])}"
+        f"Assistant end of the axis: {', '.join(space.axis_top)}\n"
+        f"far end of the axis:       {', '.join(space.axis_bottom)}"
         + _all_answers_line(analysis) + _traits_line(analysis)
     )
 
 
-def _all_answers_line(analysis: dict[str, Any]) -> str:
-    if "cos_axis_pc1_all_answers" not in analysis:
+def _all_answers_line(analysis: RunAnalysis) -> str:
+    if analysis.unjudged is None:
         return ""
-    cos = analysis["cos_axis_pc1_all_answers"]
-    return (f"\nwithout the judge (all {analysis['n_roles_all_answers']} roles, every answer): cos(axis, PC1) "
-            f"{cos[analysis['layer']]:.2f} at layer {analysis['layer']}")
+    layer = analysis.space.layer
+    return (f"\nwithout the judge (all {analysis.unjudged.n_roles} roles, every answer): cos(axis, PC1) "
+            f"{analysis.unjudged.cos_axis_pc1[layer]:.2f} at layer {layer}")
 
 
-def _traits_line(analysis: dict[str, Any]) -> str:
-    if "traits_cos_axis_top" not in analysis:
-        return f"\ntraits used {analysis.get('traits_used', 0)}" if "traits_used" in analysis else ""
-    top = ", ".join(name for name, _ in analysis["traits_cos_axis_top"][:5])
-    bottom = ", ".join(name for name, _ in analysis["traits_cos_axis_bottom"][:5])
-    return (f"\ntraits used {analysis['traits_used']} (dropped {len(analysis['traits_dropped'])}) | "
+def _traits_line(analysis: RunAnalysis) -> str:
+    ends = analysis.trait_ends()
+    if ends is None:
+        return f"\ntraits used {analysis.traits_used}"
+    top = ", ".join(name for name, _ in ends.axis_top[:5])
+    bottom = ", ".join(name for name, _ in ends.axis_bottom[:5])
+    return (f"\ntraits used {analysis.traits_used} (dropped {len(analysis.traits_dropped)}) | "
             f"Assistant end: {top}\n"
             f"traits at the far end: {bottom}")
 
@@ -93,20 +99,21 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from persona_axis.pipeline import analyze_run
 
     analysis = analyze_run(args.run, layer=args.layer, standardise=args.standardise)
+    comparison: dict[str, Any] = {}
     if args.compare:
         from persona_axis.persona_space import pc1_loading_correlation
 
         other = analyze_run(args.compare, layer=args.layer, standardise=args.standardise, write=False)
-        r, shared = pc1_loading_correlation(analysis["pc1_loadings"], other["pc1_loadings"])
-        analysis["pc1_correlation"] = {"run": args.compare, "pearson_r": r, "shared_roles": shared}
+        r, shared = pc1_loading_correlation(analysis.space.pc1_loadings, other.space.pc1_loadings)
+        comparison = {"pc1_correlation": {"run": args.compare, "pearson_r": r, "shared_roles": shared}}
     if args.json:
-        print_json(analysis)
-    else:
-        print(headline(analysis))
-        if args.compare:
-            c = analysis["pc1_correlation"]
-            print(f"PC1 loadings vs {c['run']}: Pearson r {c['pearson_r']:.3f} over {c['shared_roles']} shared roles")
-        print(f"report: {Path(args.run) / 'report.html'}")
+        print_json({**analysis.to_json(), **comparison})
+        return
+    print(headline(analysis))
+    if comparison:
+        c = comparison["pc1_correlation"]
+        print(f"PC1 loadings vs {c['run']}: Pearson r {c['pearson_r']:.3f} over {c['shared_roles']} shared roles")
+    print(f"report: {Path(args.run) / 'report.html'}")
 
 
 def cmd_judge_eval(args: argparse.Namespace) -> None:

@@ -136,12 +136,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     rows = sweep(lm, axis, args.run, blocks, args.percentiles, roles, defaults, args.max_new_tokens, progress=True)
     front = pareto_front(rows)
     if args.json:
-        print_json({"experiments": rows, "pareto_front": [r["id"] for r in front]})
+        print_json({"experiments": [r.to_json() for r in rows], "pareto_front": [r.id for r in front]})
         return
     for row in rows:
         mark = "*" if row in front else " "
-        print(f"{mark} {row['id']:24s} role_shift {row['role_shift']:+8.3f} (at layer {row['measured_layer']})"
-              f"   default_kl {row['default_kl']:.5f}")
+        print(f"{mark} {row.id:24s} role_shift {row.role_shift:+8.3f} (at layer {row.measured_layer})"
+              f"   default_kl {row.default_kl:.5f}")
     print("* = on the Pareto front (moves role-play toward the Assistant most for the least change to default replies)")
 
 
@@ -165,16 +165,16 @@ def cmd_steer_sweep(args: argparse.Namespace) -> None:
                          n_questions=args.questions, max_new_tokens=args.max_new_tokens, progress=True,
                          norms=default_norms(args.axis) if args.relative else None)
     if args.json:
-        print_json({"judge": judge.id, "relative": args.relative, **report})
+        print_json({"judge": judge.id, "relative": args.relative, **report.to_json()})
         return
     unit = "the default activation norm" if args.relative else "the axis length"
-    print(f"steered layer {report['layer']}, coef in units of {unit} ({report['unit_length']:.3f}; negative = away "
-          f"from the Assistant); judge {judge.id}; projections read at layer {report['measured_layer']}")
-    for row in report["rows"]:
-        s = row["scores"]
-        score = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.2f}"
-        print(f"coef {row['coef']:+6.2f}  scores 0:{s['0']:3d} 1:{s['1']:3d} 2:{s['2']:3d} 3:{s['3']:3d}"
-              f"  mean score {score}  mean projection {row['mean_projection']:+.2f}")
+    print(f"steered layer {report.layer}, coef in units of {unit} ({report.unit_length:.3f}; negative = away "
+          f"from the Assistant); judge {judge.id}; projections read at layer {report.measured_layer}")
+    for row in report.rows:
+        s = row.scores
+        score = "n/a" if row.mean_score is None else f"{row.mean_score:.2f}"
+        print(f"coef {row.coef:+6.2f}  scores 0:{s['0']:3d} 1:{s['1']:3d} 2:{s['2']:3d} 3:{s['3']:3d}"
+              f"  mean score {score}  mean projection {row.mean_projection:+.2f}")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -128,8 +128,7 @@ def _cap_counts(interventions: dict[int, list[Any]]) -> dict[str, list[int]]:
 
 def _projections(means: Any, direction: Axis, skip: Sequence[int]) -> list[list[float | None]]:
     """Mean projections [n][layers] of response means [n, layers, hidden] on the unit rows; None at `skip`."""
-    units = direction.vectors / direction.vectors.norm(dim=-1, keepdim=True)
-    values = (means.float() * units).sum(-1).tolist()
+    values = (means.float() * direction.units()).sum(-1).tolist()
     return [[None if k in skip else v for k, v in enumerate(row)] for row in values]
 
 
