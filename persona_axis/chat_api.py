@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -83,6 +84,15 @@ def retry_after_s(value: str | None) -> float | None:
     if value is None or not value.strip().isdigit():
         return None
     return min(float(value.strip()), MAX_DELAY_S)
+
+
+def parse_int_field(label: str, value: str, low: int, high: int) -> int:
+    """`value` as an integer in [low, high]; raises ValueError naming `label` when it is not one (strict reply parsing)."""
+    if not re.fullmatch(r"-?[0-9]+", value):
+        raise ValueError(f"non-integer {label} {value[:20]!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{label} {int(value)} out of range {low}-{high}")
+    return int(value)
 
 
 def completion_text(body: bytes) -> str:

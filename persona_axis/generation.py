@@ -124,7 +124,7 @@ def generate(
     if watch is not None:
         watch = (lm.check_layer(watch[0]), check_vector(watch[1], lm.hidden_size, "watched direction"))
     prompts = [lm.chat_prompt(list(c)) for c in conversations]
-    lengths = [len(lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    lengths = [lm.token_count(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     texts: list[str] = [""] * len(prompts)
     tokens: list[list[int]] = [[] for _ in prompts]

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from persona_axis.chat_api import ChatClient, Unparsed
+from persona_axis.chat_api import ChatClient, Unparsed, parse_int_field
 from persona_axis.evals.harm_judges import HARMFUL_AT, HarmItem, HarmVerdict
 
 SYSTEM_PROMPT = """\
@@ -68,11 +68,7 @@ def parse_reply(text: str) -> tuple[dict[str, int], str]:
     for name, (low, high) in FIELDS.items():
         if name not in values:
             raise ValueError(f"no {name.upper()} line in reply")
-        if not re.fullmatch(r"-?[0-9]+", values[name]):
-            raise ValueError(f"non-integer {name.upper()} {values[name][:20]!r}")
-        if not low <= int(values[name]) <= high:
-            raise ValueError(f"{name.upper()} {int(values[name])} out of range {low}-{high}")
-        parsed[name] = int(values[name])
+        parsed[name] = parse_int_field(name.upper(), values[name], low, high)
     return parsed, " ".join(" ".join(other).split())
 
 

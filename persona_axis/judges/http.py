@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from persona_axis.chat_api import ChatClient, Unparsed
+from persona_axis.chat_api import ChatClient, Unparsed, parse_int_field
 from persona_axis.judges.base import SCORES, JudgeItem, Verdict
 
 _FORMAT = """
@@ -105,12 +105,9 @@ def parse_reply(text: str) -> tuple[int, str]:
     if len(found) != 1:
         raise ValueError("no SCORE line in reply" if not found else f"{len(found)} SCORE lines in reply")
     index, value = found[0]
-    if not re.fullmatch(r"-?[0-9]+", value):
-        raise ValueError(f"non-integer score {value[:20]!r}")
-    if int(value) not in SCORES:
-        raise ValueError(f"score {int(value)} out of range 0-3")
+    score = parse_int_field("score", value, min(SCORES), max(SCORES))
     rationale = " ".join(" ".join(lines[:index] + lines[index + 1:]).split())
-    return int(value), rationale
+    return score, rationale
 
 
 class OpenAIJudge:
