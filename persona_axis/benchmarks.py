@@ -8,13 +8,16 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from persona_axis.capture import response_means_by_forward
 from persona_axis.generation import GenerationResult, generate
 from persona_axis.models import LoadedModel, Message
+
+if TYPE_CHECKING:
+    from persona_axis.pipeline import Settings
 
 # Open-ended requests that make a small chat model write at length.
 BENCH_REQUESTS = [
@@ -93,7 +96,8 @@ def _interleaved(variants: dict[str, Callable[[], int]], rounds: int) -> dict[st
 
 
 def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds: int = 3) -> dict[str, float | int | str]:
-    """Plain vs one-pass capture vs generate-then-forward (two-pass) vs transformers' generate()."""
+    """Plain vs one-pass capture vs generate-then-forward (two-pass) vs transformers' generate(),
+    and continuous vs static batching of rollouts (`rollout_batching`)."""
     conversations = bench_conversations(batch)
     all_layers = list(range(lm.n_layers))
     prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
@@ -143,7 +147,41 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         "memory_bandwidth_bytes_per_s": round(bandwidth),
         "weight_read_limit_tokens_per_s": round(weight_read_limit, 1),
         "fraction_of_weight_read_limit": round(rates["onepass"] / weight_read_limit, 4),
+        **rollout_batching(lm, batch, new_tokens, rounds),
     }
+
+
+def quick_plan_slice(lm: LoadedModel, n: int) -> tuple[list[list[Message]], Settings]:
+    """n rollouts spread evenly over the `quick` preset's plan (default, role and trait prompts), and the preset."""
+    from persona_axis.catalog import load_catalog, short_model_name
+    from persona_axis.pipeline import PRESETS, plan_rollouts, select_roles, select_traits
+
+    settings = PRESETS["quick"]
+    catalog = load_catalog(None).for_model(short_model_name(lm.name))
+    plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None), select_traits(catalog, settings))
+    step = max(1, len(plan) // n)
+    return [item.messages() for item in plan[::step][:n]], settings
+
+
+def rollout_batching(lm: LoadedModel, batch: int, new_tokens: int, rounds: int) -> dict[str, float | int]:
+    """Continuous vs static batching on a slice of the quick preset's rollouts (4 x batch replies).
+
+    As the pipeline generates them: sampled with the preset's settings, all layers captured,
+    replies ending at end-of-turn (mixed lengths) or at min(new_tokens, the preset's limit).
+    Both loops produce the same replies; tokens/s counts the tokens the model produced.
+    """
+    conversations, settings = quick_plan_slice(lm, 4 * batch)
+    limit = min(new_tokens, settings.max_new_tokens)
+
+    def run(continuous: bool) -> int:
+        return generated_tokens(generate(lm, conversations, max_new_tokens=limit, temperature=settings.temperature,
+                                         top_p=settings.top_p, batch_size=batch, continuous=continuous))
+
+    rates = _interleaved({"static": lambda: run(False), "continuous": lambda: run(True)}, rounds)
+    return {"rollouts_replies": len(conversations), "rollouts_max_new_tokens": limit,
+            "rollouts_static_tokens_per_s": round(rates["static"], 1),
+            "rollouts_continuous_tokens_per_s": round(rates["continuous"], 1),
+            "rollouts_continuous_vs_static": round(rates["continuous"] / rates["static"], 3)}
 
 
 def _cap_block(lm: LoadedModel, size: int = 8) -> list[int]:
