@@ -40,7 +40,7 @@ from persona_axis.models import LoadedModel, Message
 from persona_axis.sampling import pick_tokens, reply_generator, stream_seed
 from persona_axis.steering import Cap, InterventionMap, check_vector, intervention_ops
 
-__all__ = ["GenerationResult", "Reply", "TokenCallback", "generate", "stop_token_ids", "stream_replies"]
+__all__ = ["GenerationResult", "Reply", "TokenCallback", "decode_spec", "generate", "stop_token_ids", "stream_replies"]
 
 
 @dataclass
