@@ -1,4 +1,4 @@
-"""Continuous batching: a fixed set of slots, each holding one reply in progress; a slot whose reply
+"""Continuous batching: a set of slots, each holding one reply in progress; a slot whose reply
 ends (end-of-turn or max_new_tokens) is refilled at once with the next waiting conversation.
 
 KV layout: every cache layer holds buffers [slots, kv_heads, capacity, head_dim]. Slot s keeps its
@@ -7,8 +7,11 @@ of the newly admitted conversations, then one column per fed token. A decode ste
 its pending token at position length_s, writes that token's key and value at column length_s,
 and attends over the first max(length) + 1 columns with a mask that hides each slot's columns
 past its own (stale entries of an earlier occupant included). Positions equal columns, so a
-refilled slot needs no reset. Models whose cache holds other layer kinds than plain full
-attention (sliding windows, ...) are not supported here: `supports_slots` says so.
+refilled slot needs no reset. Once no conversation waits and half the slots or more are empty,
+the empty slots are dropped, so the last replies do not pay for rows that hold nothing.
+
+Models whose cache holds other layer kinds than plain full attention (sliding windows, ...) are
+not supported here: `supports_slots` says so.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def _slot_layers(model: PreTrainedModel, columns: _Columns, capacity: int) -> tu
             self.key_buffer[slot, :, : keys.shape[1]] = keys
             self.value_buffer[slot, :, : values.shape[1]] = values
 
+        def keep(self, slots: Tensor) -> None:
+            """Keep only the slots listed in `slots` [k] long, in that order."""
+            if self.is_initialized:
+                self.key_buffer, self.value_buffer = self.key_buffer[slots], self.value_buffer[slots]
+                self.keys, self.values = self.key_buffer, self.value_buffer
+
         def get_seq_length(self) -> int:
             return columns.width - 1
 
@@ -109,8 +118,11 @@ class ContinuousBatch:
         with layer_hooks(self.lm.layers, self.spec.steer_ops):
             while True:
                 yield from self._admit()
-                if not any(i >= 0 for i in self.occupant):
+                busy = sum(i >= 0 for i in self.occupant)
+                if not busy:
                     return
+                if not self.waiting and 2 * busy <= len(self.occupant):
+                    self._shrink()
                 yield from self._decode_step()
 
     def _admit(self) -> Iterator[tuple[int, Reply]]:
@@ -188,6 +200,20 @@ class ContinuousBatch:
             return model(input_ids=torch.tensor(self.pending, device=device)[:, None], attention_mask=attention,
                          position_ids=lengths[:, None], past_key_values=self.cache, use_cache=True,
                          **({"logits_to_keep": 1} if need_logits else {}))
+
+    def _shrink(self) -> None:
+        """Drop the empty slots once nobody waits for one: later steps compute only the replies still running."""
+        keep = [s for s, i in enumerate(self.occupant) if i >= 0]
+        slots = torch.tensor(keep, device=self.lm.device)
+        for layer in self.layers:
+            layer.keep(slots)
+        for recorder in self.recorders:
+            recorder.keep(slots)
+        self.record_ops = merge_ops(*(r.ops() for r in self.recorders))
+        self.columns.rows = torch.arange(len(keep), device=self.lm.device)
+        self.occupant, self.lengths, self.pending = [self.occupant[s] for s in keep], [self.lengths[s] for s in keep], \
+            [self.pending[s] for s in keep]
+        self.tokens, self.generators = [self.tokens[s] for s in keep], [self.generators[s] for s in keep]
 
     def _release(self, slot: int, finished: bool) -> tuple[int, Reply]:
         """Empty `slot` and return its conversation's reply."""

@@ -15,6 +15,7 @@ import torch
 from persona_axis.capture import response_means_by_forward
 from persona_axis.generation import GenerationResult, generate
 from persona_axis.models import LoadedModel, Message
+from persona_axis.sampling import stream_seed
 
 if TYPE_CHECKING:
     from persona_axis.pipeline import Settings
@@ -151,34 +152,41 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
     }
 
 
-def quick_plan_slice(lm: LoadedModel, n: int) -> tuple[list[list[Message]], Settings]:
-    """n rollouts spread evenly over the `quick` preset's plan (default, role and trait prompts), and the preset."""
+def quick_plan_chunks(lm: LoadedModel, n: int, size: int) -> tuple[list[list[list[Message]]], Settings]:
+    """n chunks of `size` consecutive rollouts of the `quick` preset's plan, spread evenly over it, and the preset."""
     from persona_axis.catalog import load_catalog, short_model_name
     from persona_axis.pipeline import PRESETS, plan_rollouts, select_roles, select_traits
 
     settings = PRESETS["quick"]
     catalog = load_catalog(None).for_model(short_model_name(lm.name))
     plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None), select_traits(catalog, settings))
-    step = max(1, len(plan) // n)
-    return [item.messages() for item in plan[::step][:n]], settings
+    starts = [k * max(0, len(plan) - size) // max(1, n - 1) for k in range(n)]
+    return [[item.messages() for item in plan[start : start + size]] for start in starts], settings
 
 
 def rollout_batching(lm: LoadedModel, batch: int, new_tokens: int, rounds: int) -> dict[str, float | int]:
-    """Continuous vs static batching on a slice of the quick preset's rollouts (4 x batch replies).
+    """Rollouts as the pipeline generated them (static batches, one per chunk) vs as it does now (one continuous batch).
 
-    As the pipeline generates them: sampled with the preset's settings, all layers captured,
-    replies ending at end-of-turn (mixed lengths) or at min(new_tokens, the preset's limit).
-    Both loops produce the same replies; tokens/s counts the tokens the model produced.
+    Three chunks of `batch` rollouts from the quick preset's plan, sampled with its settings, all
+    layers captured, each reply ending at end-of-turn or at min(new_tokens, the preset's limit).
+    Both produce the same replies (chunk k seeded with k); tokens/s counts the tokens the model produced.
     """
-    conversations, settings = quick_plan_slice(lm, 4 * batch)
+    chunks, settings = quick_plan_chunks(lm, 3, batch)
     limit = min(new_tokens, settings.max_new_tokens)
 
-    def run(continuous: bool) -> int:
+    def run(conversations: list[list[Message]], seed: int | list[int], continuous: bool) -> int:
         return generated_tokens(generate(lm, conversations, max_new_tokens=limit, temperature=settings.temperature,
-                                         top_p=settings.top_p, batch_size=batch, continuous=continuous))
+                                         top_p=settings.top_p, seed=seed, batch_size=batch, continuous=continuous))
 
-    rates = _interleaved({"static": lambda: run(False), "continuous": lambda: run(True)}, rounds)
-    return {"rollouts_replies": len(conversations), "rollouts_max_new_tokens": limit,
+    def static() -> int:
+        return sum(run(chunk, k, continuous=False) for k, chunk in enumerate(chunks))
+
+    def continuous() -> int:
+        seeds = [stream_seed(k, j) for k, chunk in enumerate(chunks) for j in range(len(chunk))]
+        return run([c for chunk in chunks for c in chunk], seeds, continuous=True)
+
+    rates = _interleaved({"static": static, "continuous": continuous}, rounds)
+    return {"rollouts_replies": sum(len(chunk) for chunk in chunks), "rollouts_max_new_tokens": limit,
             "rollouts_static_tokens_per_s": round(rates["static"], 1),
             "rollouts_continuous_tokens_per_s": round(rates["continuous"], 1),
             "rollouts_continuous_vs_static": round(rates["continuous"] / rates["static"], 3)}

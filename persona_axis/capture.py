@@ -49,6 +49,11 @@ class StepMeanRecorder:
         """[batch, layers, hidden] float32 means; rows with no recorded step are zero."""
         return (self._sums / self.counts.clamp_min(1.0)[None, :, None]).transpose(0, 1).contiguous()
 
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the batch rows listed in `rows` [k] long, in that order (call ops() again for the new batch)."""
+        self._staging = self._staging[:, rows].contiguous()
+        self._sums, self.counts = self._sums[:, rows], self.counts[rows]
+
     def pop(self, row: int) -> Tensor:
         """Row `row`'s means [layers, hidden] float32 (zero with no recorded step); the row then starts afresh."""
         means = self._sums[:, row] / self.counts[row].clamp_min(1.0)
@@ -139,6 +144,12 @@ class StepProjectionRecorder:
         for row, (value, keep) in enumerate(zip(self.last.tolist(), mask.tolist())):
             if keep:
                 self.values[row].append(value)
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the batch rows listed in `rows` [k] long, in that order (call ops() again for the new batch)."""
+        self._staging = self._staging[rows]
+        self.last = self.last[rows]
+        self.values = [self.values[row] for row in rows.tolist()]
 
     def pop(self, row: int) -> list[float]:
         """Row `row`'s projections so far; the row then starts afresh."""

@@ -16,6 +16,7 @@ from conftest import tiny_model
 
 from persona_axis.batching import supports_slots
 from persona_axis.generation import GenerationResult, generate
+from persona_axis.hooks import layer_hooks
 from persona_axis.models import LoadedModel, wrap_model
 from persona_axis.sampling import stream_seed
 from persona_axis.steering import Addition, Cap
@@ -133,3 +134,12 @@ def test_models_with_sliding_window_layers_fall_back_to_the_static_loop(tokenize
     continuous = generate(lm, CONVERSATIONS[:4], max_new_tokens=4, batch_size=2)
     static = generate(lm, CONVERSATIONS[:4], max_new_tokens=4, batch_size=2, continuous=False)
     assert continuous.token_ids == static.token_ids
+
+
+def test_the_batch_sheds_empty_slots_once_nobody_waits(tiny_llama: LoadedModel) -> None:
+    lm = _mixed_lengths(tiny_llama)
+    rows: list[int] = []
+    with layer_hooks(lm.layers, {0: [lambda h: rows.append(h.shape[0]) if h.shape[1] == 1 else None]}):
+        batch = generate(lm, CONVERSATIONS, max_new_tokens=TOKENS, batch_size=SLOTS, capture=[1])
+    assert rows[0] == SLOTS and rows[-1] < SLOTS  # decode steps: full at first, fewer rows at the end
+    _assert_same(batch, _alone(lm, capture=[1]))

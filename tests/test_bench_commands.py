@@ -37,6 +37,6 @@ def test_bench_command_runs_at_tiny_size(name: str, tiny_model_dir: str, capsys:
     assert (report["batch"], report["new_tokens"], report["rounds"]) == (2, 2, 1)
     assert report["plain_tokens_per_s"] > 0
     if name == "generate":
-        assert report["rollouts_replies"] == 8 and report["rollouts_max_new_tokens"] == 2  # 4 x batch, capped by --new-tokens
+        assert report["rollouts_replies"] == 6 and report["rollouts_max_new_tokens"] == 2  # 3 chunks of --batch, --new-tokens
     if name == "monitor":
         assert report["turns_per_conversation"] == 5  # a system message and two user/assistant turns
