@@ -8,13 +8,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from persona_axis.capture import response_means_by_forward
 from persona_axis.generation import GenerationResult, generate
 from persona_axis.models import LoadedModel, Message
+from persona_axis.sampling import stream_seed
+
+if TYPE_CHECKING:
+    from persona_axis.pipeline import Settings
 
 # Open-ended requests that make a small chat model write at length.
 BENCH_REQUESTS = [
@@ -93,7 +97,8 @@ def _interleaved(variants: dict[str, Callable[[], int]], rounds: int) -> dict[st
 
 
 def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds: int = 3) -> dict[str, float | int | str]:
-    """Plain vs one-pass capture vs generate-then-forward (two-pass) vs transformers' generate()."""
+    """Plain vs one-pass capture vs generate-then-forward (two-pass) vs transformers' generate(),
+    and continuous vs static batching of rollouts (`rollout_batching`)."""
     conversations = bench_conversations(batch)
     all_layers = list(range(lm.n_layers))
     prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
@@ -143,7 +148,48 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         "memory_bandwidth_bytes_per_s": round(bandwidth),
         "weight_read_limit_tokens_per_s": round(weight_read_limit, 1),
         "fraction_of_weight_read_limit": round(rates["onepass"] / weight_read_limit, 4),
+        **rollout_batching(lm, batch, new_tokens, rounds),
     }
+
+
+def quick_plan_chunks(lm: LoadedModel, n: int, size: int) -> tuple[list[list[list[Message]]], Settings]:
+    """n chunks of `size` consecutive rollouts of the `quick` preset's plan, spread evenly over it, and the preset."""
+    from persona_axis.catalog import load_catalog, short_model_name
+    from persona_axis.pipeline import PRESETS, plan_rollouts, select_roles, select_traits
+
+    settings = PRESETS["quick"]
+    catalog = load_catalog(None).for_model(short_model_name(lm.name))
+    plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None), select_traits(catalog, settings))
+    starts = [k * max(0, len(plan) - size) // max(1, n - 1) for k in range(n)]
+    return [[item.messages() for item in plan[start : start + size]] for start in starts], settings
+
+
+def rollout_batching(lm: LoadedModel, batch: int, new_tokens: int, rounds: int) -> dict[str, float | int]:
+    """Rollouts as the pipeline generated them (static batches, one per chunk) vs as it does now (one continuous batch).
+
+    Three chunks of `batch` rollouts from the quick preset's plan, sampled with its settings, all
+    layers captured, each reply ending at end-of-turn or at min(new_tokens, the preset's limit).
+    Both produce the same replies (chunk k seeded with k); tokens/s counts the tokens the model produced.
+    """
+    chunks, settings = quick_plan_chunks(lm, 3, batch)
+    limit = min(new_tokens, settings.max_new_tokens)
+
+    def run(conversations: list[list[Message]], seed: int | list[int], continuous: bool) -> int:
+        return generated_tokens(generate(lm, conversations, max_new_tokens=limit, temperature=settings.temperature,
+                                         top_p=settings.top_p, seed=seed, batch_size=batch, continuous=continuous))
+
+    def static() -> int:
+        return sum(run(chunk, k, continuous=False) for k, chunk in enumerate(chunks))
+
+    def continuous() -> int:
+        seeds = [stream_seed(k, j) for k, chunk in enumerate(chunks) for j in range(len(chunk))]
+        return run([c for chunk in chunks for c in chunk], seeds, continuous=True)
+
+    rates = _interleaved({"static": static, "continuous": continuous}, rounds)
+    return {"rollouts_replies": sum(len(chunk) for chunk in chunks), "rollouts_max_new_tokens": limit,
+            "rollouts_static_tokens_per_s": round(rates["static"], 1),
+            "rollouts_continuous_tokens_per_s": round(rates["continuous"], 1),
+            "rollouts_continuous_vs_static": round(rates["continuous"] / rates["static"], 3)}
 
 
 def _cap_block(lm: LoadedModel, size: int = 8) -> list[int]:

@@ -49,6 +49,18 @@ class StepMeanRecorder:
         """[batch, layers, hidden] float32 means; rows with no recorded step are zero."""
         return (self._sums / self.counts.clamp_min(1.0)[None, :, None]).transpose(0, 1).contiguous()
 
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the batch rows listed in `rows` [k] long, in that order (call ops() again for the new batch)."""
+        self._staging = self._staging[:, rows].contiguous()
+        self._sums, self.counts = self._sums[:, rows], self.counts[rows]
+
+    def pop(self, row: int) -> Tensor:
+        """Row `row`'s means [layers, hidden] float32 (zero with no recorded step); the row then starts afresh."""
+        means = self._sums[:, row] / self.counts[row].clamp_min(1.0)
+        self._sums[:, row] = 0.0
+        self.counts[row] = 0.0
+        return means
+
 
 class MaskedMeanRecorder:
     """Per-layer means over the positions a [batch, seq] mask selects, within one forward pass.
@@ -109,15 +121,15 @@ def response_means_by_forward(
 class StepProjectionRecorder:
     """Per-token projections on a unit direction at one layer, for the decode steps a mask selects.
 
-    The live monitor: each decode step costs one [batch, hidden] x [hidden] product. After a
-    generation, `values[i]` lists the projections of sequence i's response tokens, in order.
+    The live monitor: each decode step costs one [batch, hidden] x [hidden] product. `values[i]`
+    lists the projections of row i's recorded tokens, in order; `last` [batch] holds the latest step's.
     """
 
     def __init__(self, layer: int, direction: Tensor, batch: int, device: torch.device) -> None:
         self.layer = layer
         self._unit = unit_vector(direction.float(), "watched direction").to(device)
         self._staging = torch.zeros(batch, dtype=torch.float32, device=device)
-        self._steps: list[tuple[Tensor, Tensor]] = []
+        self.values: list[list[float]] = [[] for _ in range(batch)]
         self.last: Tensor = self._staging
 
     def ops(self) -> dict[int, list[LayerOp]]:
@@ -129,13 +141,17 @@ class StepProjectionRecorder:
     def commit(self, mask: Tensor) -> None:
         """Keep this step's projections for sequences where `mask` [batch] is true."""
         self.last = self._staging.clone()
-        self._steps.append((self.last, mask.clone()))
+        for row, (value, keep) in enumerate(zip(self.last.tolist(), mask.tolist())):
+            if keep:
+                self.values[row].append(value)
 
-    @property
-    def values(self) -> list[list[float]]:
-        """Per sequence, the projections of its recorded tokens in order."""
-        if not self._steps:
-            return [[] for _ in range(self._staging.shape[0])]
-        values = torch.stack([v for v, _ in self._steps], dim=1).tolist()  # [batch, steps]
-        masks = torch.stack([m for _, m in self._steps], dim=1).tolist()
-        return [[v for v, keep in zip(row, mask) if keep] for row, mask in zip(values, masks)]
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the batch rows listed in `rows` [k] long, in that order (call ops() again for the new batch)."""
+        self._staging = self._staging[rows]
+        self.last = self.last[rows]
+        self.values = [self.values[row] for row in rows.tolist()]
+
+    def pop(self, row: int) -> list[float]:
+        """Row `row`'s projections so far; the row then starts afresh."""
+        values, self.values[row] = self.values[row], []
+        return values

@@ -1,8 +1,9 @@
 """The Assistant Axis pipeline over a run directory: rollouts → scores → vectors → axis → analysis.
 
 Every step reads what is on disk and does only what is missing, so a killed run resumes where it
-stopped. Rollouts are generated in fixed chunks of the plan (chunk k is always the same items,
-seeded with seed + k), so a resumed run produces exactly what an uninterrupted one would have.
+stopped. Rollouts are saved in fixed chunks of the plan (chunk k is always the same items; reply j
+of chunk k samples from the random stream of (seed + k, j)) and generated in fixed waves of chunks,
+so a resumed run produces exactly what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,10 @@ from tqdm.auto import tqdm
 from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
 from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import generate
+from persona_axis.generation import Reply, decode_spec, stream_replies
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index
-from persona_axis.models import LoadedModel
+from persona_axis.models import LoadedModel, Message
 from persona_axis.persona_space import (
     RunAnalysis,
     UnjudgedAlignment,
@@ -32,6 +34,7 @@ from persona_axis.persona_space import (
     trait_alignment,
     unjudged_cos_axis_pc1,
 )
+from persona_axis.sampling import stream_seed
 from persona_axis.store import RunStore, load_tensors, rollout_kind
 
 
@@ -42,7 +45,8 @@ class Settings:
     Default prompts, roles and traits all answer the same first `questions` questions, so question
     content cannot leak into the axis. roles_per_group=None means every role; default_prompts=None
     every default prompt; traits=None every trait (0: none). Replies are sampled at `temperature`
-    with nucleus `top_p` (temperature 0: greedy), seeded per chunk with seed + chunk index.
+    with nucleus `top_p` (temperature 0: greedy); reply j of chunk k samples from the stream of
+    (seed + k, j). batch_size: replies per chunk, and replies decoded at once.
     """
 
     prompts_per_role: int
@@ -86,6 +90,10 @@ class PlanItem:
     system: str
     question: str
     kind: str = "role"
+
+    def messages(self) -> list[Message]:
+        """The conversation to answer: the system prompt, then the question."""
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.question}]
 
 
 def select_roles(catalog: Catalog, settings: Settings, names: list[str] | None) -> tuple[Role, ...]:
@@ -136,30 +144,73 @@ def question_ids_by_kind(plan: list[PlanItem]) -> dict[str, list[str]]:
     return {kind: list(ids) for kind, ids in found.items()}
 
 
+CHUNKS_PER_WAVE = 16
+ROLLOUT_ENGINE = f"continuous batching in waves of {CHUNKS_PER_WAVE} chunks; one random stream per reply"
+
+
 def step_rollouts(store: RunStore, lm: LoadedModel, plan: list[PlanItem], settings: Settings, progress: bool) -> None:
-    """Generate missing rollouts chunk by chunk; each chunk saves its activations, then appends its records."""
+    """Generate missing rollouts; each chunk saves its activations, then appends its records, once its replies are in.
+
+    Chunks go through one continuous batch per wave of CHUNKS_PER_WAVE chunks (a slot whose reply
+    ended takes the wave's next item at once). A wave with any chunk missing is generated whole, so
+    every reply is batched with the same companions as in an uninterrupted run.
+    """
     done = {r["id"] for r in store.records("rollouts")}
     size = settings.batch_size
+    chunks = [plan[start : start + size] for start in range(0, len(plan), size)]
+    complete = [store.has(store.chunk_file(k)) and all(item.id in done for item in chunk) for k, chunk in enumerate(chunks)]
     bar = tqdm(total=len(plan), desc="rollouts", unit="reply", disable=not progress)
-    for index, start in enumerate(range(0, len(plan), size)):
-        chunk = plan[start : start + size]
-        if store.has(store.chunk_file(index)) and all(item.id in done for item in chunk):
-            bar.update(len(chunk))
+    for first in range(0, len(chunks), CHUNKS_PER_WAVE):
+        wave = list(range(first, min(first + CHUNKS_PER_WAVE, len(chunks))))
+        if all(complete[k] for k in wave):
+            bar.update(sum(len(chunks[k]) for k in wave))
             continue
-        conversations = [
-            [{"role": "system", "content": item.system}, {"role": "user", "content": item.question}] for item in chunk
-        ]
-        result = generate(lm, conversations, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                          top_p=settings.top_p, seed=settings.seed + index, batch_size=len(chunk))
-        store.save_chunk(index, result.captured_means(), [i.id for i in chunk])
-        store.append("rollouts", [
-            {**asdict(item), "chunk": index, "response": text, "n_tokens": len(ids), "finished": fin}
-            for item, text, ids, fin in zip(chunk, result.texts, result.token_ids, result.finished)
-            if item.id not in done
-        ])
-        bar.update(len(chunk))
+        for k, replies in _wave_replies(lm, {k: chunks[k] for k in wave}, settings):
+            if not complete[k]:
+                _save_chunk(store, k, chunks[k], replies, done)
+            bar.update(len(replies))
     bar.close()
     store.mark_step("rollouts", {"done": True, "n": len(plan)})
+
+
+def _wave_replies(lm: LoadedModel, chunks: dict[int, list[PlanItem]],
+                  settings: Settings) -> Iterator[tuple[int, list[Reply]]]:
+    """(chunk index, its replies in item order) for each chunk of a wave, as soon as its last reply ends."""
+    items = [(k, j, item) for k, chunk in chunks.items() for j, item in enumerate(chunk)]
+    conversations = [item.messages() for _, _, item in items]
+    spec = decode_spec(lm, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                       top_p=settings.top_p)
+    seeds = [stream_seed(settings.seed + k, j) for k, j, _ in items]
+    waiting: dict[int, dict[int, Reply]] = {}
+    for n, reply in stream_replies(lm, conversations, spec, seed=seeds, batch_size=settings.batch_size):
+        k, j, _ = items[n]
+        got = waiting.setdefault(k, {})
+        got[j] = reply
+        if len(got) == len(chunks[k]):
+            yield k, [got[j] for j in range(len(got))]
+            del waiting[k]
+
+
+def _save_chunk(store: RunStore, index: int, chunk: list[PlanItem], replies: list[Reply], done: set[str]) -> None:
+    """Save a chunk's activations [n, layers, hidden], then append the records not already on disk."""
+    store.save_chunk(index, torch.stack([r.captured_means() for r in replies]), [i.id for i in chunk])
+    store.append("rollouts", [
+        {**asdict(item), "chunk": index, "response": r.text, "n_tokens": len(r.token_ids), "finished": r.finished}
+        for item, r in zip(chunk, replies) if item.id not in done
+    ])
+
+
+def _engine_identity(store: RunStore, identity: dict[str, Any]) -> dict[str, Any]:
+    """`identity` plus the engine that generates rollouts, so a run is never resumed by a different one.
+
+    A run whose rollouts an earlier engine finished keeps its identity: nothing is left to generate,
+    so judging and analysis can still resume.
+    """
+    manifest = store.read_manifest()
+    earlier = bool(manifest) and "rollout_engine" not in manifest.get("identity", {})
+    if earlier and manifest.get("steps", {}).get("rollouts", {}).get("done"):
+        return identity
+    return {**identity, "rollout_engine": ROLLOUT_ENGINE}
 
 
 def _judge_items(records: list[dict[str, Any]], catalog: Catalog) -> list[JudgeItem]:
@@ -315,6 +366,7 @@ def run_pipeline(
     }
     judges = {"role": judge, "trait": trait_judge or judge}
     with RunStore.open(out) as store:
+        identity = _engine_identity(store, identity)
         store.claim(identity, {"preset": preset, "versions": _versions(), "catalog_source": catalog.source,
                                "questions": question_ids_by_kind(plan), "traits": [t.name for t in traits]})
         step_rollouts(store, lm, plan, settings, progress)

@@ -109,7 +109,8 @@ class Cap(_Intervention):
 
     After it, x·â ≥ τ at every position; positions already at or above τ are unchanged. With
     track=True it counts, over generated tokens (forward passes of one position), how many it
-    raised: `engaged()` is that fraction.
+    raised: `engaged()` is that fraction. A decode loop names the rows that hold a response
+    token with `count_rows` (rows of finished replies and empty batch slots are then not counted).
     """
 
     axis: Tensor
@@ -122,6 +123,7 @@ class Cap(_Intervention):
         self._cast: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.raised = torch.zeros(())
         self.seen = torch.zeros(())
+        self._counted_rows: Tensor | None = None
 
     def _units(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """The unit axis in float32 and in the hidden dtype, on the hidden device (cached)."""
@@ -135,9 +137,22 @@ class Cap(_Intervention):
         a, a_model = self._units(hidden)
         raise_by = (self.floor - hidden.float() @ a).clamp_min_(0.0)  # projection in float32: [batch, seq]
         if self.track and hidden.shape[1] == 1:
-            self.raised = self.raised + (raise_by > 0).sum().cpu()
-            self.seen = self.seen + raise_by.numel()
+            self._count(raise_by[:, 0] > 0)
         return torch.addcmul(hidden, raise_by.to(hidden.dtype).unsqueeze(-1), a_model)
+
+    def _count(self, raised: Tensor) -> None:
+        """Add one generated position per counted row [batch] bool, and those of them this cap raised."""
+        rows = self._counted_rows
+        if rows is None:
+            self.raised = self.raised + raised.sum().cpu()
+            self.seen = self.seen + raised.numel()
+        else:
+            self.raised = self.raised + (raised & rows).sum().cpu()
+            self.seen = self.seen + rows.sum().cpu()
+
+    def count_rows(self, rows: Tensor | None) -> None:
+        """Count engagement only on the batch rows where `rows` [batch] bool is true (None: every row)."""
+        self._counted_rows = rows
 
     def engaged(self) -> float:
         """Fraction of generated-token positions this cap raised since the last reset (0 when none seen)."""

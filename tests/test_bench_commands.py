@@ -17,7 +17,8 @@ from persona_axis.cli import main
 
 COMMON = ["--batch", "2", "--new-tokens", "2", "--rounds", "1", "--dtype", "float32", "--json"]
 EXPECTED = {
-    "generate": {"plain_tokens_per_s", "onepass_tokens_per_s", "speedup_vs_twopass", "roofline_fraction"},
+    "generate": {"plain_tokens_per_s", "onepass_tokens_per_s", "speedup_vs_twopass", "roofline_fraction",
+                 "rollouts_continuous_vs_static"},
     "steer": {"plain_tokens_per_s", "cap8_ratio", "add1_ratio", "naive_cap8_ratio", "cap_op_us"},
     "monitor": {"plain_tokens_per_s", "monitor_ratio", "onepass_conversations_per_s", "conversation_speedup"},
 }
@@ -35,5 +36,7 @@ def test_bench_command_runs_at_tiny_size(name: str, tiny_model_dir: str, capsys:
     assert EXPECTED[name] <= set(report)
     assert (report["batch"], report["new_tokens"], report["rounds"]) == (2, 2, 1)
     assert report["plain_tokens_per_s"] > 0
+    if name == "generate":
+        assert report["rollouts_replies"] == 6 and report["rollouts_max_new_tokens"] == 2  # 3 chunks of --batch, --new-tokens
     if name == "monitor":
         assert report["turns_per_conversation"] == 5  # a system message and two user/assistant turns

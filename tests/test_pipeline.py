@@ -17,10 +17,20 @@ from chat_server import FakeServer, Reply
 from persona_axis.axis import load_axis
 from persona_axis.catalog import load_catalog
 from persona_axis.errors import PersonaAxisError
+from persona_axis.generation import generate
 from persona_axis.judges.http import OpenAIJudge
 from persona_axis.models import load_model
 from persona_axis.persona_space import RunAnalysis
-from persona_axis.pipeline import analyze_run, plan_rollouts, preset_settings, run_pipeline, select_roles
+from persona_axis.pipeline import (
+    ROLLOUT_ENGINE,
+    _engine_identity,
+    analyze_run,
+    plan_rollouts,
+    preset_settings,
+    run_pipeline,
+    select_roles,
+    step_rollouts,
+)
 from persona_axis.store import RunStore, load_tensors, read_jsonl
 
 ROLES = {
@@ -200,3 +210,36 @@ def _ids(out: Path) -> list[str]:
 def test_analyze_without_run_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(PersonaAxisError, match="no finished run"):
         analyze_run(tmp_path)
+
+
+def test_each_rollout_chunk_holds_what_generating_that_chunk_alone_gives(
+        tmp_path: Path, tiny_model_dir: str, catalog_dir: Path) -> None:
+    """Chunks share one continuous batch, yet reply j of chunk k is the one seeded (seed + k, j)."""
+    lm = load_model(tiny_model_dir, dtype="float32")
+    catalog = load_catalog(catalog_dir)
+    settings = preset_settings("smoke", batch_size=3, max_new_tokens=6)
+    plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None))[:10]
+    with RunStore.open(tmp_path / "run") as store:
+        step_rollouts(store, lm, plan, settings, progress=False)
+        responses = {r["id"]: r["response"] for r in store.records("rollouts")}
+        chunks = list(store.activation_chunks())
+    assert len(chunks) == 4 and len(responses) == 10
+    for k, (ids, means) in enumerate(chunks):
+        items = plan[3 * k : 3 * k + 3]
+        alone = generate(lm, [item.messages() for item in items], max_new_tokens=6, temperature=settings.temperature,
+                         top_p=settings.top_p, seed=settings.seed + k, batch_size=1, continuous=False)
+        assert ids == [item.id for item in items]
+        assert [responses[item.id] for item in items] == alone.texts
+        torch.testing.assert_close(means, alone.captured_means(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_begun_by_an_earlier_rollout_engine_resumes_only_once_its_rollouts_are_done(tmp_path: Path) -> None:
+    identity = {"model": "m", "settings": {"seed": 0}}
+    with RunStore.open(tmp_path / "fresh") as store:
+        assert _engine_identity(store, identity) == {**identity, "rollout_engine": ROLLOUT_ENGINE}
+    with RunStore.open(tmp_path / "earlier") as store:
+        store.claim(identity, {})  # what a version without the engine key wrote
+        with pytest.raises(PersonaAxisError, match="rollout_engine"):
+            store.claim(_engine_identity(store, identity), {})
+        store.mark_step("rollouts", {"done": True})
+        assert store.claim(_engine_identity(store, identity), {})["identity"] == identity
