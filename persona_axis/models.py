@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from persona_axis.errors import PersonaAxisError
+from persona_axis.fast_path import Int8Linear, resolve_fast_path, use_int8_linears
 from persona_axis.measurement import check_layer_index
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class LoadedModel:
     name: str
     source_hash: str
     system_role: bool
+    fast_path: str = "exact"  # "int8": linear layers hold int8 weights (see fast_path.py)
 
     @property
     def device(self) -> torch.device:
@@ -72,10 +74,16 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def numerics(self) -> dict[str, str]:
+        """What a run's identity records about how numbers are computed: dtype, and the fast path when one is on."""
+        dtype = {"dtype": str(self.dtype).removeprefix("torch.")}
+        return dtype if self.fast_path == "exact" else {**dtype, "fast_path": self.fast_path}
+
     @property
     def n_parameters(self) -> int:
-        """Distinct parameters (tied embeddings counted once)."""
-        return sum(p.numel() for p in self.model.parameters())
+        """Distinct parameters (tied embeddings counted once; int8 linear weights included)."""
+        int8 = sum(m.qweight.numel() for m in self.model.modules() if isinstance(m, Int8Linear))
+        return sum(p.numel() for p in self.model.parameters()) + int8
 
     def chat_prompt(self, messages: list[Message]) -> str:
         """Render messages with the chat template, ending with the assistant's turn opening.
@@ -306,20 +314,23 @@ def _directory_hash(path: Path) -> str:
 
 
 def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device: str | None = None,
-               progress: bool = True) -> LoadedModel:
+               progress: bool = True, fast_path: str = "exact") -> LoadedModel:
     """Load a causal chat LM for persona work.
 
     spec: "default" (embedded SmolLM2-135M-Instruct), a path to a .gguf file, a local model
     directory, or a Hugging Face hub id (needs the hub or a warm HF cache). dtype: "auto" picks
     bfloat16 where matmuls are fast in it, else float32. device: "cpu", "cuda", ... (default:
     cuda when available). progress=False silences transformers' progress bars (GGUF conversion,
-    weight loading) while loading.
+    weight loading) while loading. fast_path: "exact" (the model as loaded), "int8" (CPU:
+    weight-only int8 linear layers, faster decoding, bounded loss; see fast_path.py) or "auto"
+    (int8 on CPU, exact elsewhere).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, name, source_hash = _resolve_source(spec, progress)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, dev)
+    fast_path = resolve_fast_path(fast_path, dev)
     try:
         with transformers_progress(progress):
             tokenizer = AutoTokenizer.from_pretrained(where)
@@ -329,11 +340,18 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
             f"cannot load model {spec!r}: {str(exc).splitlines()[0]} "
             "(use 'default', a .gguf path, a local model directory, or a hub id available offline)"
         ) from None
-    return wrap_model(model.to(dev).eval(), tokenizer, name=name, source_hash=source_hash)
+    return wrap_model(model.to(dev).eval(), tokenizer, name=name, source_hash=source_hash, fast_path=fast_path)
 
 
-def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", source_hash: str = "") -> LoadedModel:
-    """Wrap an already-loaded HF causal LM and tokenizer (e.g. a tiny model built from a config)."""
+def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", source_hash: str = "",
+               fast_path: str = "exact") -> LoadedModel:
+    """Wrap an already-loaded HF causal LM and tokenizer (e.g. a tiny model built from a config).
+
+    fast_path "int8" (or "auto" on CPU) swaps the model's linear layers for int8 ones in place (fast_path.py).
+    """
+    fast_path = resolve_fast_path(fast_path, next(model.parameters()).device)
+    if fast_path == "int8":
+        use_int8_linears(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -349,4 +367,5 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", sour
         name=name,
         source_hash=source_hash,
         system_role=template_has_system_role(tokenizer),
+        fast_path=fast_path,
     )

@@ -361,7 +361,7 @@ def run_pipeline(
     roles, traits = select_roles(catalog, settings, role_names), select_traits(catalog, settings)
     plan = plan_rollouts(catalog, settings, roles, traits)
     identity = {
-        "model": lm.name, "model_hash": lm.source_hash, "dtype": str(lm.dtype).removeprefix("torch."),
+        "model": lm.name, "model_hash": lm.source_hash, **lm.numerics(),
         "catalog": catalog.digest(), "roles": sorted(r.name for r in roles), "settings": asdict(settings),
     }
     judges = {"role": judge, "trait": trait_judge or judge}

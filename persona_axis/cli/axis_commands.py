@@ -25,7 +25,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from persona_axis.generation import generate
     from persona_axis.models import load_model
 
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
     print(f"model: {lm.name} | {lm.n_layers} layers | hidden {lm.hidden_size} | {lm.dtype}")
     conversations = [[{"role": "system", "content": system}, {"role": "user", "content": DEMO_QUESTION}]
                      for system in DEMO_CHARACTERS.values()]
@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                "key_env": args.judge_key_env}
     judge = make_judge(args.judge, **options)
     trait_judge = make_judge(args.judge, traits=catalog.traits, **options)
-    lm = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path, progress=not args.no_progress)
     run_pipeline(args.out, lm, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
                  progress=not args.no_progress, trait_judge=trait_judge)
     print(headline(analyze_run(args.out)))

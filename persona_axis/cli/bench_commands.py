@@ -22,7 +22,7 @@ def _bench(name: str) -> Callable[[argparse.Namespace], None]:
         from persona_axis import benchmarks
         from persona_axis.models import load_model
 
-        lm = load_model(args.model, dtype=args.dtype)
+        lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
         measure = getattr(benchmarks, f"bench_{name}")
         _report(measure(lm, batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds), args.json)
 

@@ -38,8 +38,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     config = calibrate(args.run, blocks, args.percentile or [0.25], population=args.population)
     if not args.no_engagement:
         samples = engagement_samples(run_catalog(args.run), args.samples, 2 * args.samples)
-        measure_engagement(load_model(args.model, dtype=args.dtype), config, samples, args.max_new_tokens,
-                           progress=not args.json)
+        lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+        measure_engagement(lm, config, samples, args.max_new_tokens, progress=not args.json)
     out = Path(args.out) if args.out else Path(args.run) / "capping"
     save_config(config, out)
     if args.export_torch:
@@ -65,7 +65,7 @@ def _session_parts(args: argparse.Namespace) -> tuple[Any, Any, dict[int, list[A
     from persona_axis.models import load_model
 
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
     return lm, axis, load_interventions(lm, axis, args.axis, args.config, args.cap, args.steer)
 
 
@@ -129,7 +129,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     axis = load_axis(args.run)
     blocks = _layer_ranges(args.blocks) if args.blocks else candidate_blocks(axis.n_layers)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
     catalog = load_catalog()
     roles = [c for _, c in role_play_conversations(catalog, args.roles, 1)]
     defaults = [[{"role": "user", "content": q.text}] for q in catalog.questions[: args.roles]]
@@ -158,7 +158,7 @@ def cmd_steer_sweep(args: argparse.Namespace) -> None:
         raise PersonaAxisError("--relative scales coefs by the run's default activation norms: "
                                "give --axis as a run directory")
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
     judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env)
     layer = axis.layer_or_middle(args.layer)
     report = steer_sweep(lm, axis, load_catalog(), judge, layer, args.coefs, n_roles=args.roles,

@@ -32,7 +32,7 @@ def cmd_eval_run(args: argparse.Namespace) -> None:
     settings = eval_preset(args.preset)
     eval_set = read_eval_set(args.set) if args.set else build_eval_set(preset_settings(args.preset))
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
     conditions = plan_conditions(lm, axis, args.axis, args.config, args.cap, args.steer, args.direction)
     pc1 = pc1_axis(args.axis, axis) if args.direction != "axis" else None
     judge = make_harm_judge(args.judge, Path(args.out) / "judge-cache", args.judge_url, args.judge_model,

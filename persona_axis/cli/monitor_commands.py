@@ -16,7 +16,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
 
     conversations = read_conversations(args.file)
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
     layers = list(range(axis.n_layers)) if args.all_layers else None
     results = [project_conversation(lm, axis, c, layers=layers, layer=args.layer) for c in conversations]
     if args.plot:

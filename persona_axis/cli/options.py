@@ -6,10 +6,15 @@ import argparse
 import json
 from typing import Any
 
+from persona_axis.fast_path import FAST_PATHS
+
 
 def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default', a .gguf file, a model directory or a hub id")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where fast), float32, bfloat16 or float16")
+    p.add_argument("--fast-path", default="exact", choices=("auto", *FAST_PATHS),
+                   help="exact (default): the model as loaded; int8: weight-only int8 linears on CPU, faster "
+                        "decoding with a bounded loss (docs/fast-path.md); auto: int8 on CPU, else exact")
 
 
 def axis_options(p: argparse.ArgumentParser) -> None:

@@ -93,7 +93,7 @@ def run_identity(lm: LoadedModel, axis: Axis, eval_set: EvalSet, settings: EvalS
                  conditions: Sequence[Condition]) -> dict[str, Any]:
     """What makes two runs the same run: model, axis, eval set, settings, and what every condition does."""
     axis_hash = hashlib.sha256(axis.vectors.float().contiguous().numpy().tobytes()).hexdigest()
-    return {"model": lm.name, "model_hash": lm.source_hash, "dtype": str(lm.dtype).removeprefix("torch."),
+    return {"model": lm.name, "model_hash": lm.source_hash, **lm.numerics(),
             "axis": axis_hash, "eval_set": set_digest(eval_set.items), "settings": asdict(settings),
             "conditions": {c.name: c.digest() for c in conditions}}
 
