@@ -27,6 +27,10 @@ FAST_PATHS = ("exact", "int8")
 class Int8Linear(nn.Module):
     """y = x W^T + b with W [out, in] held as int8 [out, in] and per-row scales [out]."""
 
+    qweight: Tensor
+    scales: Tensor
+    bias: Tensor | None
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()

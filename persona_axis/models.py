@@ -82,7 +82,7 @@ class LoadedModel:
     @property
     def n_parameters(self) -> int:
         """Distinct parameters (tied embeddings counted once; int8 linear weights included)."""
-        int8 = sum(m.qweight.numel() for m in self.model.modules() if isinstance(m, Int8Linear))
+        int8 = sum(int(m.qweight.numel()) for m in self.model.modules() if isinstance(m, Int8Linear))
         return sum(p.numel() for p in self.model.parameters()) + int8
 
     def chat_prompt(self, messages: list[Message]) -> str:
