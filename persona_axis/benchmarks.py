@@ -5,16 +5,20 @@ Variants are interleaved round by round and each figure is the median over round
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from persona_axis.capture import response_means_by_forward
+from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import GenerationResult, generate
-from persona_axis.models import LoadedModel, Message
+from persona_axis.llamacpp_peer import LlamaCppPeer
+from persona_axis.models import LoadedModel, Message, wrap_model
 from persona_axis.sampling import stream_seed
 
 if TYPE_CHECKING:
@@ -96,9 +100,11 @@ def _interleaved(variants: dict[str, Callable[[], int]], rounds: int) -> dict[st
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds: int = 3) -> dict[str, float | int | str]:
-    """Plain vs one-pass capture vs generate-then-forward (two-pass) vs transformers' generate(),
-    and continuous vs static batching of rollouts (`rollout_batching`)."""
+def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, rounds: int = 3,
+                   peer_gguf: Path | None = None) -> dict[str, Any]:
+    """Plain vs one-pass capture vs generate-then-forward (two-pass) vs transformers' generate() at `batch`;
+    batch 1 with all-layer capture (the model's path, and the int8 fast path beside an exact model);
+    llama.cpp on `peer_gguf` at batch 1 and `batch`; continuous vs static batching of rollouts."""
     conversations = bench_conversations(batch)
     all_layers = list(range(lm.n_layers))
     prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
@@ -132,6 +138,7 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
     return {
         "model": lm.name,
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "fast_path": lm.fast_path,
         "batch": batch,
         "new_tokens": new_tokens,
         "rounds": rounds,
@@ -143,13 +150,75 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         "speedup_vs_twopass": round(rates["onepass"] / rates["twopass"], 3),
         "capture_overhead": round(1 - rates["onepass"] / rates["plain"], 4),
         "plain_vs_hf_generate": round(rates["plain"] / rates["hf"], 3),
+        "batch16_vs_hf_generate": round(rates["onepass"] / rates["hf"], 3),
         "matmul_flops": round(flops),
         "roofline_fraction": round(2 * lm.n_parameters * rates["onepass"] / flops, 4),
         "memory_bandwidth_bytes_per_s": round(bandwidth),
         "weight_read_limit_tokens_per_s": round(weight_read_limit, 1),
         "fraction_of_weight_read_limit": round(rates["onepass"] / weight_read_limit, 4),
+        **batch1_and_peer(lm, batch, new_tokens, rounds, peer_gguf, rates["onepass"]),
         **rollout_batching(lm, batch, new_tokens, rounds),
     }
+
+
+def _int8_copy(lm: LoadedModel) -> LoadedModel | None:
+    """The same model on the int8 fast path (a copy), when `lm` is an exact model on CPU; else None."""
+    if lm.fast_path != "exact" or lm.device.type != "cpu":
+        return None
+    return wrap_model(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, source_hash=lm.source_hash,
+                      fast_path="int8")
+
+
+def batch1_and_peer(lm: LoadedModel, batch: int, new_tokens: int, rounds: int, peer_gguf: Path | None,
+                    batch_rate: float) -> dict[str, Any]:
+    """One conversation decoded with all layers captured (the model's path; the int8 path beside an exact
+    model), and llama.cpp on the same GGUF and prompt ids, greedy, at batch 1 and `batch`.
+
+    batch_rate: our one-pass capture rate at `batch` (measured by the caller), for the batch ratio.
+    """
+    conversations = bench_conversations(batch)
+    prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
+    fast = _int8_copy(lm)
+    variants: dict[str, Callable[[], int]] = {
+        "batch1": lambda: generated_tokens(fixed_generate(lm, conversations[:1], new_tokens, 1, capture=True))}
+    if fast is not None:
+        variants["batch1_int8"] = lambda: generated_tokens(
+            fixed_generate(fast, conversations[:1], new_tokens, 1, capture=True))
+    peer, peer_note = _peer(peer_gguf, batch, max(map(len, prompt_ids)) + new_tokens)
+    if peer is not None:
+        variants["llamacpp_batch1"] = lambda: sum(map(len, peer.generate(prompt_ids[:1], new_tokens)))
+        variants["llamacpp_batch"] = lambda: sum(map(len, peer.generate(prompt_ids, new_tokens)))
+    try:
+        for run in variants.values():
+            run()  # warm-up
+        rates = _interleaved(variants, rounds)
+    finally:
+        if peer is not None:
+            peer.close()
+    report: dict[str, Any] = {"batch1_tokens_per_s": round(rates["batch1"], 1)}
+    if fast is not None:
+        report |= {"batch1_int8_tokens_per_s": round(rates["batch1_int8"], 1),
+                   "batch1_int8_vs_exact": round(rates["batch1_int8"] / rates["batch1"], 3)}
+    if peer is None:
+        return report | {"llamacpp": peer_note}
+    report |= {"llamacpp": peer_note,
+               "llamacpp_batch1_tokens_per_s": round(rates["llamacpp_batch1"], 1),
+               "llamacpp_batch16_tokens_per_s": round(rates["llamacpp_batch"], 1),
+               "batch1_vs_llamacpp": round(rates["batch1"] / rates["llamacpp_batch1"], 3),
+               "batch16_vs_llamacpp": round(batch_rate / rates["llamacpp_batch"], 3)}
+    if fast is not None:
+        report["batch1_int8_vs_llamacpp"] = round(rates["batch1_int8"] / rates["llamacpp_batch1"], 3)
+    return report
+
+
+def _peer(gguf: Path | None, sequences: int, length: int) -> tuple[LlamaCppPeer | None, str]:
+    """llama.cpp on `gguf` with the torch thread count, or None and why not."""
+    if gguf is None:
+        return None, "skipped: the model was not loaded from a GGUF file"
+    try:
+        return LlamaCppPeer(gguf, sequences, length, torch.get_num_threads()), f"llama.cpp on {gguf.name}"
+    except PersonaAxisError as exc:
+        return None, f"skipped: {exc}"
 
 
 def quick_plan_chunks(lm: LoadedModel, n: int, size: int) -> tuple[list[list[list[Message]]], Settings]:

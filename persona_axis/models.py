@@ -296,6 +296,18 @@ def _resolve_source(spec: str, progress: bool = True) -> tuple[str, str, str]:
     return spec, spec, spec
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file a model spec loads from ("default", a packaged model or a .gguf path), else None."""
+    if spec == "default":
+        return embedded_gguf_path()
+    from persona_axis.model_zoo import PACKAGED_MODELS, installed_path
+
+    if spec in PACKAGED_MODELS:
+        return installed_path(spec)
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 

@@ -18,7 +18,8 @@ from persona_axis.cli import main
 COMMON = ["--batch", "2", "--new-tokens", "2", "--rounds", "1", "--dtype", "float32", "--json"]
 EXPECTED = {
     "generate": {"plain_tokens_per_s", "onepass_tokens_per_s", "speedup_vs_twopass", "roofline_fraction",
-                 "rollouts_continuous_vs_static"},
+                 "rollouts_continuous_vs_static", "batch16_vs_hf_generate", "fast_path", "batch1_tokens_per_s",
+                 "batch1_int8_tokens_per_s", "batch1_int8_vs_exact", "llamacpp"},
     "steer": {"plain_tokens_per_s", "cap8_ratio", "add1_ratio", "naive_cap8_ratio", "cap_op_us"},
     "monitor": {"plain_tokens_per_s", "monitor_ratio", "onepass_conversations_per_s", "conversation_speedup"},
 }
@@ -38,5 +39,7 @@ def test_bench_command_runs_at_tiny_size(name: str, tiny_model_dir: str, capsys:
     assert report["plain_tokens_per_s"] > 0
     if name == "generate":
         assert report["rollouts_replies"] == 6 and report["rollouts_max_new_tokens"] == 2  # 3 chunks of --batch, --new-tokens
+        assert report["fast_path"] == "exact" and report["batch1_int8_tokens_per_s"] > 0
+        assert report["llamacpp"].startswith("skipped: the model was not loaded from a GGUF file")
     if name == "monitor":
         assert report["turns_per_conversation"] == 5  # a system message and two user/assistant turns

@@ -20,11 +20,12 @@ def _report(report: dict[str, Any], as_json: bool) -> None:
 def _bench(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         from persona_axis import benchmarks
-        from persona_axis.models import load_model
+        from persona_axis.models import gguf_file, load_model
 
         lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
         measure = getattr(benchmarks, f"bench_{name}")
-        _report(measure(lm, batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds), args.json)
+        peer = {"peer_gguf": gguf_file(args.model)} if name == "generate" else {}
+        _report(measure(lm, batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds, **peer), args.json)
 
     return run
 
@@ -32,7 +33,7 @@ def _bench(name: str) -> Callable[[argparse.Namespace], None]:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="throughput benchmarks (ratios measured in one run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name, text in [("generate", "plain vs one-pass capture vs two-pass extraction"),
+    for name, text in [("generate", "plain vs one-pass capture vs two-pass extraction; batch 1, int8 path, llama.cpp peer"),
                        ("steer", "capping and steering overhead vs plain generation, and vs peer libraries"),
                        ("monitor", "live-monitor overhead; one-pass vs per-prefix conversation projection")]:
         p = bench_sub.add_parser(name, help=text)
