@@ -45,6 +45,25 @@ BENCH_REQUESTS = [
 ]
 
 
+# Questions a chat model answers in a sentence: mixed with BENCH_REQUESTS, replies end at very different lengths.
+SHORT_QUESTIONS = [
+    "What is the capital of France?",
+    "How many days are in a week?",
+    "What colour is a ripe banana?",
+    "What is two plus three?",
+    "Which planet do we live on?",
+    "What language is spoken in Brazil?",
+    "How many legs does a spider have?",
+    "What is the opposite of cold?",
+]
+
+
+def mixed_conversations(n: int) -> list[list[Message]]:
+    """n single-turn conversations alternating a long writing request and a one-line question."""
+    return [[{"role": "user", "content": (BENCH_REQUESTS if i % 2 == 0 else SHORT_QUESTIONS)[(i // 2) % 8]}]
+            for i in range(n)]
+
+
 def bench_conversations(n: int) -> list[list[Message]]:
     return [[{"role": "user", "content": BENCH_REQUESTS[i % len(BENCH_REQUESTS)]}] for i in range(n)]
 
@@ -158,6 +177,7 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         "fraction_of_weight_read_limit": round(rates["onepass"] / weight_read_limit, 4),
         **batch1_and_peer(lm, batch, new_tokens, rounds, peer_gguf, rates["onepass"]),
         **rollout_batching(lm, batch, new_tokens, rounds),
+        **mixed_batching(lm, batch, new_tokens, rounds),
     }
 
 
@@ -259,6 +279,25 @@ def rollout_batching(lm: LoadedModel, batch: int, new_tokens: int, rounds: int) 
             "rollouts_static_tokens_per_s": round(rates["static"], 1),
             "rollouts_continuous_tokens_per_s": round(rates["continuous"], 1),
             "rollouts_continuous_vs_static": round(rates["continuous"] / rates["static"], 3)}
+
+
+def mixed_batching(lm: LoadedModel, batch: int, new_tokens: int, rounds: int) -> dict[str, float | int]:
+    """Continuous vs static batching where reply lengths differ: 3 × `batch` conversations alternating long
+    requests and one-line questions (`mixed_conversations`), greedy, all layers captured, each reply
+    ending at end-of-turn or `new_tokens`. Both loops produce the same replies."""
+    conversations = mixed_conversations(3 * batch)
+
+    def run(continuous: bool) -> GenerationResult:
+        return generate(lm, conversations, max_new_tokens=new_tokens, batch_size=batch, continuous=continuous)
+
+    lengths = [len(t) for t in run(True).token_ids]
+    rates = _interleaved({"static": lambda: generated_tokens(run(False)),
+                          "continuous": lambda: generated_tokens(run(True))}, rounds)
+    return {"mixed_replies": len(conversations), "mixed_reply_tokens_min": min(lengths),
+            "mixed_reply_tokens_median": round(statistics.median(lengths)), "mixed_reply_tokens_max": max(lengths),
+            "mixed_static_tokens_per_s": round(rates["static"], 1),
+            "mixed_continuous_tokens_per_s": round(rates["continuous"], 1),
+            "mixed_continuous_vs_static": round(rates["continuous"] / rates["static"], 3)}
 
 
 def _cap_block(lm: LoadedModel, size: int = 8) -> list[int]:
