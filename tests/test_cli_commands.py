@@ -241,3 +241,19 @@ def test_analyze_compares_pc1_loadings_between_runs(tiny_run: Path, tiny_model_d
     assert correlation["pearson_r"] == pytest.approx(expected) and correlation["shared_roles"] == shared >= 3
     assert abs(expected) < 0.999  # two different runs, not a run with itself
     assert {p: p.stat().st_mtime_ns for p in other.rglob("*") if p.is_file()} == untouched  # --compare writes nothing
+
+
+def test_bench_fast_path_rebuilds_the_axis_from_the_runs_replies(tiny_run: Path, tiny_model_dir: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "fast-path", str(tiny_run), *_model(tiny_model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert report["replies"] >= len(manifest["questions"]["default"])  # every default answer at least
+    assert len(report["cos_per_layer"]) == 3  # the tiny model's layers
+    assert 0.9 < report["cos_min"] < 1.0  # int8 moves the axis a little, never not at all
+
+
+def test_bench_fast_path_needs_a_finished_run(tmp_path: Path, tiny_model_dir: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "fast-path", str(tmp_path), *_model(tiny_model_dir)]) == 2
+    assert "finish the run first" in capsys.readouterr().err

@@ -43,3 +43,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=_bench(name))
+
+    fidelity = bench_sub.add_parser("fast-path", help="how far the int8 fast path moves a finished run's axis "
+                                                      "(its replies fed through exact and int8 models)")
+    fidelity.add_argument("run", help="a finished run directory (vectors.safetensors, rollouts, scores)")
+    model_options(fidelity)
+    fidelity.add_argument("--json", action="store_true", help="print one JSON object")
+    fidelity.set_defaults(func=_fidelity)
+
+
+def _fidelity(args: argparse.Namespace) -> None:
+    from persona_axis.fast_path_fidelity import fast_path_fidelity
+    from persona_axis.models import load_model
+
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    _report(fast_path_fidelity(lm, args.run), args.json)
