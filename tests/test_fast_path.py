@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_model
 from torch import Tensor, nn
 
+from persona_axis import fast_path
 from persona_axis.capture import response_means_by_forward
 from persona_axis.errors import PersonaAxisError
 from persona_axis.fast_path import Int8Linear, resolve_fast_path
@@ -19,16 +20,26 @@ from persona_axis.models import LoadedModel, load_model, wrap_model
 from persona_axis.steering import Cap
 
 
-def test_int8_linear_is_close_to_the_float_linear_but_quantised() -> None:
+@pytest.mark.parametrize("shape", [(3, 5, 64), (2, 20, 64)])  # 15 rows: the int8 kernel; 40: dequantised weights
+def test_int8_linear_is_close_to_the_float_linear_but_quantised(shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True)
     fast = Int8Linear(linear)
-    x = torch.randn(3, 5, 64)
+    x = torch.randn(*shape)
     exact, approx = linear(x), fast(x)
-    assert approx.shape == exact.shape == (3, 5, 48) and approx.dtype == torch.float32
+    assert approx.shape == exact.shape == (*shape[:-1], 48) and approx.dtype == torch.float32
     assert fast.qweight.dtype == torch.int8
     relative = ((approx - exact).norm() / exact.norm()).item()
     assert 0 < relative < 0.02
+
+
+def test_both_int8_routes_use_the_same_quantised_weights() -> None:
+    torch.manual_seed(0)
+    fast = Int8Linear(nn.Linear(64, 48))
+    rows = torch.randn(40, 64)
+    many = fast(rows)  # dequantised weights
+    few = torch.cat([fast(rows[i : i + 8]) for i in range(0, 40, 8)])  # the int8 kernel
+    assert ((many - few).norm() / many.norm()).item() < 1e-3  # summation order, seen through bfloat16 rounding
 
 
 def test_use_int8_linears_replaces_every_linear_and_keeps_hooks_acting(tokenizer: Any) -> None:
@@ -87,12 +98,13 @@ def embedded_pair() -> tuple[LoadedModel, LoadedModel]:
 
 
 def test_int8_path_keeps_captured_means_and_projections_on_the_embedded_model(
-        embedded_pair: tuple[LoadedModel, LoadedModel]) -> None:
+        embedded_pair: tuple[LoadedModel, LoadedModel], monkeypatch: pytest.MonkeyPatch) -> None:
     """Teacher-forced on the exact path's greedy replies: every layer's response mean within cosine
     0.999; on a persona direction, each reply's mean projection within 1 % of the reply's range of
     per-token projections, and every per-token projection within 3 % of it (measured: up to 2.7 %,
     so the per-token readout is not within the 1 % the reference path would need)."""
     exact, fast = embedded_pair
+    monkeypatch.setattr(fast_path, "KERNEL_MAX_ROWS", 1 << 30)  # every row through the int8 kernel: the lossier route
     replies = generate(exact, CONVERSATIONS, max_new_tokens=32, capture=False)
     prompts = [exact.tokenizer(exact.chat_prompt(c), add_special_tokens=False).input_ids for c in CONVERSATIONS]
     layers = list(range(exact.n_layers))
