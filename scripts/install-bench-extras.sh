@@ -11,4 +11,4 @@ has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) \
 -DGGML_F16C=$(has f16c) -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VNNI=$(has avx512_vnni) \
 -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
-  .venv/bin/python -m pip install --quiet --no-deps llama-cpp-python==0.3.36
+  .venv/bin/python -m pip install --quiet --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
