@@ -18,7 +18,7 @@ called from any thread. Events are delivered by calling the request's `on_event`
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -131,6 +131,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()
         self.closed = False
+        self.ended: Counter[str] = Counter()  # requests ended so far, by reason
         self.entering: list[Request] = []  # taken from the queue, not yet in a row
         self.sparse_steps = 0  # consecutive steps with half the slots or more empty and nobody waiting
 
@@ -335,6 +336,7 @@ class Engine:
         fed = row.tokens[: row.reported]
         text = row.cut_text if row.cut_text is not None else self.lm.tokenizer.decode(fed, skip_special_tokens=True)
         engaged = {layer: row.raised.get(layer, 0) / max(1, row.reported) for layer in row.request.settings.caps}
+        self.ended[reason] += 1
         row.request.on_event(EndEvent(reason, text, fed, row.projections, engaged,
                                       len(row.request.prompt_ids), error))
 
