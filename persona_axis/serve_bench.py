@@ -100,13 +100,13 @@ def bench_serve(lm: LoadedModel, axis: Axis | None = None, config: CappingConfig
             for key, value in result.items():
                 report.setdefault(key, {})[str(n)] = value
         uniform = _load(url, [[body(c, {"cap": experiment})] for c in range(16)])["aggregate_tokens_per_s"]
-        mixes = [{"cap": experiment}, {}, {"steer": [{"layer": max(0, steer_layer), "coef": -1.0}]},
+        mixes: list[dict[str, Any]] = [{"cap": experiment}, {}, {"steer": [{"layer": max(0, steer_layer), "coef": -1.0}]},
                  {"cap": experiment, "steer": [{"layer": max(0, steer_layer), "coef": 1.0}]}]
         mixed = _load(url, [[body(c, mixes[c % 4])] for c in range(16)])["aggregate_tokens_per_s"]
         served16 = _load(url, [[body(c, {})] for c in range(16)])["aggregate_tokens_per_s"]
     start = time.perf_counter()
-    result = fixed_generate(lm, prompts[:16], new_tokens, batch=16)
-    offline = sum(len(ids) for ids in result.token_ids) / (time.perf_counter() - start)
+    offline_result = fixed_generate(lm, prompts[:16], new_tokens, batch=16)
+    offline = sum(len(ids) for ids in offline_result.token_ids) / (time.perf_counter() - start)
     report.update({"offline_batch16_tokens_per_s": offline, "serve16_plain_tokens_per_s": served16,
                    "serve_vs_offline_ratio": served16 / offline, "mixed_vs_uniform_ratio": mixed / uniform,
                    "mixed_tokens_per_s": mixed, "uniform_tokens_per_s": uniform})

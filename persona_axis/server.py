@@ -110,13 +110,14 @@ class PersonaServer:
     """The model, its axis and capping config behind the HTTP routes, with one engine thread."""
 
     def __init__(self, lm: LoadedModel, axis: Axis, config: CappingConfig | None = None,
-                 limits: ServerLimits = ServerLimits(), model_id: str = "persona-axis") -> None:
+                 limits: ServerLimits | None = None, model_id: str = "persona-axis") -> None:
         axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
         if config is not None:
             config.check_model(lm)
-        self.lm, self.axis, self.config, self.limits, self.model_id = lm, axis, config, limits, model_id
+        self.lm, self.axis, self.config, self.model_id = lm, axis, config, model_id
+        self.limits = limits or ServerLimits()
         self.context = context_length(lm)
-        self.engine = Engine(lm, limits.max_rows, limits.max_waiting)
+        self.engine = Engine(lm, self.limits.max_rows, self.limits.max_waiting)
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -194,9 +195,9 @@ class PersonaServer:
         projections = ext.get("projections", "token")
         if projections not in ("token", "turn", None):
             raise BadRequest(f"persona_axis.projections must be \"token\", \"turn\" or null, not {projections!r}")
-        layer = ext.get("layer")
-        if layer is not None:
-            layer = check_layer_index(_integer(layer, "persona_axis.layer", 0), self.lm.n_layers, "persona_axis.layer")
+        asked = ext.get("layer")
+        if asked is not None:
+            layer = check_layer_index(_integer(asked, "persona_axis.layer", 0), self.lm.n_layers, "persona_axis.layer")
         else:
             layer = measured_layer(self.axis, set(caps) | set(additions))
         watch = (layer, self.axis.unit(layer)) if projections else None

@@ -33,10 +33,10 @@ def tiny_lm(tokenizer: Any) -> LoadedModel:
 
 
 @contextmanager
-def running_server(tokenizer: Any, limits: ServerLimits = ServerLimits()) -> Iterator[tuple[str, PersonaServer]]:
+def running_server(tokenizer: Any, limits: ServerLimits | None = None) -> Iterator[tuple[str, PersonaServer]]:
     """(base URL without /v1, the PersonaServer) for a server running in a thread until the block ends."""
     lm = tiny_lm(tokenizer)
     axis, config = tiny_axis_and_config(lm)
-    server = PersonaServer(lm, axis, config, limits)
+    server = PersonaServer(lm, axis, config, limits or ServerLimits())
     with BackgroundServer(build_app(server)) as background:
         yield background.url, server

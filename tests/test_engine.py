@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.engine import Engine, EndEvent, QueueFull, Sampling, TokenEvent, run_to_end
+from persona_axis.engine import EndEvent, Engine, QueueFull, Sampling, TokenEvent, run_to_end
 from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, wrap_model
 from persona_axis.row_interventions import RowSettings
