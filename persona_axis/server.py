@@ -19,7 +19,8 @@ projection, cap_engaged {layer: share of tokens the cap raised}, window}. Stream
 Limits: a bounded queue (HTTP 429 with Retry-After when full), a per-request timeout (504, or an error
 event in a stream), a client that disconnects frees its row, and max_tokens is cut to what the context
 leaves. Conversations longer than the context are cut by `context_window`'s sliding window (whole oldest
-messages dropped, the system message kept), reported as persona_axis.window.dropped_messages.
+messages dropped, the system message kept) until the prompt leaves MIN_REPLY_TOKENS (or max_tokens, if
+fewer) for the reply, reported as persona_axis.window.dropped_messages; max_tokens is then cut to the rest.
 Bad requests get HTTP 400 with a one-line message and affect nothing else.
 """
 
@@ -47,7 +48,8 @@ from persona_axis.models import LoadedModel, Message
 from persona_axis.row_interventions import RowSettings
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS = 256  # a reply's length when the request sets no max_tokens (cut to what the context leaves)
+MIN_REPLY_TOKENS = 16  # room for the reply that the sliding window keeps (max_tokens, if smaller)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -145,8 +147,7 @@ class PersonaServer:
             raise BadRequest("only n = 1 is supported")
         requested = body.get("max_completion_tokens", body.get("max_tokens"))
         wanted = DEFAULT_MAX_TOKENS if requested is None else _integer(requested, "max_tokens", 1)
-        reserve = min(wanted, self.context // 2)
-        chat, dropped = prompt_window(self.lm, chat, self.context - reserve)
+        chat, dropped = prompt_window(self.lm, chat, self.context - min(wanted, MIN_REPLY_TOKENS))
         prompt_ids = self.lm.tokenizer(self.lm.chat_prompt(chat), add_special_tokens=False).input_ids
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop or []
@@ -423,6 +424,7 @@ def serve_forever(server: PersonaServer, host: str, port: int, announce: Callabl
         sock.bind((host, port))
     except OSError as exc:
         raise PersonaAxisError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)  # connections made right after the announcement wait for uvicorn instead of being refused
     announce(f"http://{host}:{sock.getsockname()[1]}")
     uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning", lifespan="on",
                                                              timeout_graceful_shutdown=5)).run(sockets=[sock])

@@ -118,7 +118,7 @@ def test_max_tokens_is_cut_to_the_context_and_long_conversations_slide(served: t
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: " + "words " * 60} for i in range(30)]
     slid = _ask(url, messages=long + [{"role": "user", "content": "And now?"}], max_tokens=8).json()
     dropped = slid["persona_axis"]["window"]["dropped_messages"]
-    assert 0 < dropped < 30 and slid["usage"]["prompt_tokens"] <= 512 - 8
+    assert 0 < dropped < 30 and slid["usage"]["prompt_tokens"] <= 512 - 8 and slid["usage"]["total_tokens"] <= 512
     huge = _ask(url, messages=[{"role": "user", "content": "word " * 2000}], max_tokens=8)
     assert huge.status_code == 400 and "longer than" in huge.json()["error"]["message"]
 
