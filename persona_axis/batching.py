@@ -43,7 +43,7 @@ def supports_slots(model: PreTrainedModel) -> bool:
 
 
 @dataclass
-class _Columns:
+class SlotColumns:
     """Where a decode step writes: column lengths[s] for slot s; `width` columns are attended over."""
 
     lengths: Tensor  # [slots] long
@@ -52,7 +52,7 @@ class _Columns:
     capacity: int = 0  # columns each slot's buffers hold
 
 
-def _slot_layers(model: PreTrainedModel, columns: _Columns) -> tuple[Any, list[Any]]:
+def slot_cache(model: PreTrainedModel, columns: SlotColumns) -> tuple[Any, list[Any]]:
     """A transformers cache whose layers write each slot's new key/value at that slot's own column."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -117,9 +117,9 @@ class ContinuousBatch:
         device = lm.device
         self.pad = int(lm.tokenizer.pad_token_id)
         capacity = max((len(p) for p in prompt_ids), default=0) + spec.max_new_tokens + 1
-        self.columns = _Columns(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device),
+        self.columns = SlotColumns(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device),
                                 capacity=capacity)
-        self.cache, self.layers = _slot_layers(lm.model, self.columns)
+        self.cache, self.layers = slot_cache(lm.model, self.columns)
         self.means, self.watcher = spec.recorders(lm, n)
         self.recorders = [r for r in (self.means, self.watcher) if r is not None]
         self.record_ops = merge_ops(*(r.ops() for r in self.recorders))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from persona_axis.batching import _Columns, _slot_layers, supports_slots
+from persona_axis.batching import SlotColumns, slot_cache, supports_slots
 from persona_axis.decoding import left_padded, preallocated_cache, stop_token_ids
 from persona_axis.errors import PersonaAxisError
 from persona_axis.hooks import layer_hooks
@@ -123,8 +123,8 @@ class Engine:
         self.stops = frozenset(stop_token_ids(lm))
         self.pad = int(lm.tokenizer.pad_token_id)
         device = lm.device
-        self.columns = _Columns(torch.zeros(0, dtype=torch.long, device=device), torch.arange(0, device=device))
-        self.cache, self.layers = _slot_layers(lm.model, self.columns)
+        self.columns = SlotColumns(torch.zeros(0, dtype=torch.long, device=device), torch.arange(0, device=device))
+        self.cache, self.layers = slot_cache(lm.model, self.columns)
         self.interventions = RowInterventions(0, lm.hidden_size, device)
         self.rows: list[_Row | None] = []
         self.lengths: list[int] = []
