@@ -8,11 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 from serving import EXPERIMENT, running_server
-
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
 MESSAGE = "Tell me about yourself."
