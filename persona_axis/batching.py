@@ -43,15 +43,16 @@ def supports_slots(model: PreTrainedModel) -> bool:
 
 
 @dataclass
-class _Columns:
+class SlotColumns:
     """Where a decode step writes: column lengths[s] for slot s; `width` columns are attended over."""
 
     lengths: Tensor  # [slots] long
     rows: Tensor  # [slots] long: 0..slots-1
     width: int = 1
+    capacity: int = 0  # columns each slot's buffers hold
 
 
-def _slot_layers(model: PreTrainedModel, columns: _Columns, capacity: int) -> tuple[Any, list[Any]]:
+def slot_cache(model: PreTrainedModel, columns: SlotColumns) -> tuple[Any, list[Any]]:
     """A transformers cache whose layers write each slot's new key/value at that slot's own column."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -60,7 +61,7 @@ def _slot_layers(model: PreTrainedModel, columns: _Columns, capacity: int) -> tu
         def load(self, slot: int, keys: Tensor, values: Tensor) -> None:
             """Put a prompt's keys/values [kv_heads, length, head_dim] in columns [0, length) of `slot`."""
             if not self.is_initialized:
-                shape = (columns.rows.shape[0], keys.shape[0], capacity)
+                shape = (columns.rows.shape[0], keys.shape[0], columns.capacity)
                 self.key_buffer = keys.new_zeros(*shape, keys.shape[2])
                 self.value_buffer = values.new_zeros(*shape, values.shape[2])
                 self.keys, self.values, self.is_initialized = self.key_buffer, self.value_buffer, True
@@ -71,6 +72,13 @@ def _slot_layers(model: PreTrainedModel, columns: _Columns, capacity: int) -> tu
             """Keep only the slots listed in `slots` [k] long, in that order."""
             if self.is_initialized:
                 self.key_buffer, self.value_buffer = self.key_buffer[slots], self.value_buffer[slots]
+                self.keys, self.values = self.key_buffer, self.value_buffer
+
+        def resize(self, slots: int, capacity: int) -> None:
+            """Make room for `slots` slots of `capacity` columns, keeping what the first slots hold (new room zero)."""
+            if self.is_initialized:
+                self.key_buffer, self.value_buffer = _resized(self.key_buffer, slots, capacity), \
+                    _resized(self.value_buffer, slots, capacity)
                 self.keys, self.values = self.key_buffer, self.value_buffer
 
         def get_seq_length(self) -> int:
@@ -84,6 +92,14 @@ def _slot_layers(model: PreTrainedModel, columns: _Columns, capacity: int) -> tu
     cache = DynamicCache(config=model.config)
     cache.layers = [SlotLayer() for _ in cache.layers]
     return cache, cache.layers
+
+
+def _resized(buffer: Tensor, slots: int, capacity: int) -> Tensor:
+    """buffer [slots', heads, capacity', dim] copied into zeros [slots, heads, capacity, dim] (cut where smaller)."""
+    out = buffer.new_zeros(slots, buffer.shape[1], capacity, buffer.shape[3])
+    keep_slots, keep_columns = min(slots, buffer.shape[0]), min(capacity, buffer.shape[2])
+    out[:keep_slots, :, :keep_columns] = buffer[:keep_slots, :, :keep_columns]
+    return out
 
 
 class ContinuousBatch:
@@ -100,9 +116,10 @@ class ContinuousBatch:
         n = max(1, min(slots, len(prompt_ids)))
         device = lm.device
         self.pad = int(lm.tokenizer.pad_token_id)
-        self.columns = _Columns(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device))
         capacity = max((len(p) for p in prompt_ids), default=0) + spec.max_new_tokens + 1
-        self.cache, self.layers = _slot_layers(lm.model, self.columns, capacity)
+        self.columns = SlotColumns(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device),
+                                capacity=capacity)
+        self.cache, self.layers = slot_cache(lm.model, self.columns)
         self.means, self.watcher = spec.recorders(lm, n)
         self.recorders = [r for r in (self.means, self.watcher) if r is not None]
         self.record_ops = merge_ops(*(r.ops() for r in self.recorders))

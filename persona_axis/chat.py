@@ -12,9 +12,10 @@ Projections are read where no intervention acts (see persona_axis.measurement) a
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -26,6 +27,10 @@ from persona_axis.measurement import check_layer_index, measured_layer
 from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import Addition, Cap, Intervention
 from persona_axis.store import load_tensors
+
+if TYPE_CHECKING:
+    from persona_axis.engine import Engine, TokenEvent
+    from persona_axis.row_interventions import RowSettings
 
 
 @dataclass
@@ -188,6 +193,24 @@ def reply_variants(lm: LoadedModel, axis: Axis, conversations: Sequence[list[Mes
     return layer, variants
 
 
+def row_settings(interventions: dict[int, list[Intervention]], watch: tuple[int, Tensor] | None) -> RowSettings:
+    """The serving engine's per-row form of caps and axis additions (other interventions are refused)."""
+    from persona_axis.row_interventions import RowSettings
+
+    caps: dict[int, tuple[Tensor, float]] = {}
+    additions: dict[int, Tensor] = {}
+    for layer, items in interventions.items():
+        for item in items:
+            if isinstance(item, Cap) and layer not in caps:
+                caps[layer] = (item.axis.float() / item.axis.float().norm(), item.floor)
+            elif isinstance(item, Addition):
+                vector = item.coef * item.vector.float()
+                additions[layer] = additions[layer] + vector if layer in additions else vector
+            else:
+                raise PersonaAxisError(f"streaming supports one cap and axis additions per layer, not {item!r}")
+    return RowSettings(caps, additions, watch)
+
+
 class ChatSession:
     """A multi-turn chat: keeps the messages, generates each reply with the interventions, reports projections.
 
@@ -201,6 +224,7 @@ class ChatSession:
         self.layer = measured_layer(axis, self.interventions, layer)
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+        self._engine: Engine | None = None
 
     def say(self, text: str) -> Reply:
         """Add a user turn, generate the assistant's reply, keep it in the history."""
@@ -210,3 +234,29 @@ class ChatSession:
         [reply] = reply_batch(self.lm, self.axis, [self.messages], self.interventions, self.layer, **self.options)
         self.messages.append({"role": "assistant", "content": reply.text})
         return reply
+
+    def stream(self, text: str, on_token: Callable[[TokenEvent], None]) -> Reply:
+        """Like `say` (greedy), on the server's streaming engine: `on_token` gets each token as it is generated,
+        with its projection at `self.layer` and the layers whose cap raised it."""
+        from persona_axis.engine import EndEvent, Engine, Sampling
+
+        if not text.strip():
+            raise PersonaAxisError("empty message: type something to say")
+        if self._engine is None:
+            self._engine = Engine(self.lm, max_rows=1)
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.lm.tokenizer(self.lm.chat_prompt(self.messages), add_special_tokens=False).input_ids
+        settings = row_settings(self.interventions, (self.layer, self.axis.unit(self.layer)))
+        ends: list[EndEvent] = []
+        self._engine.submit(prompt, Sampling(int(self.options["max_new_tokens"]), seed=int(self.options["seed"])),
+                            settings, lambda e: ends.append(e) if isinstance(e, EndEvent) else on_token(e))
+        while not ends:
+            self._engine.step()
+        end = ends[0]
+        if end.reason == "error":
+            raise PersonaAxisError(f"generation failed: {end.error}")
+        self.messages.append({"role": "assistant", "content": end.text})
+        projection = sum(end.projections) / len(end.projections) if end.projections else 0.0
+        by_layer: list[float | None] = [None] * self.lm.n_layers
+        by_layer[self.layer] = projection
+        return Reply(end.text, self.layer, projection, by_layer, end.engaged, len(end.token_ids))

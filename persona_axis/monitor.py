@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class TurnProjection:
     projection: float
     n_tokens: int
     by_layer: dict[int, float]
+    dropped: int = 0  # earlier messages left out of its context by a sliding window (context_window's policy)
 
 
 @dataclass
@@ -194,6 +195,38 @@ def project_conversation(lm: LoadedModel, axis: Axis, conversation: Conversation
     messages, source = _messages(conversation)
     projector = ConversationProjector(lm, axis, layers, layer)
     return TurnProjections(source, projector.layer, projector.add_turns(messages))
+
+
+def _rendered_length(lm: LoadedModel, messages: list[Message]) -> int:
+    return lm.token_count(_render(lm, messages))
+
+
+def project_windowed(lm: LoadedModel, axis: Axis, conversation: Conversation | Sequence[Message], window: int,
+                     layers: Sequence[int] | None = None, layer: int | None = None) -> TurnProjections:
+    """Per-turn projections where each turn sees at most `window` tokens: the latest whole messages that fit
+    with it (the system message kept; `context_window.fit_window`). A conversation that fits is projected
+    in one pass, as `project_conversation`; otherwise a new pass starts wherever the window's first message
+    moves. Each turn records how many earlier messages its window left out (`TurnProjection.dropped`)."""
+    from persona_axis.context_window import fit_window
+
+    if window < 1:
+        raise PersonaAxisError(f"--window must be a positive number of tokens, not {window}")
+    messages, source = _messages(conversation)
+    messages = check_messages(messages, "conversation", need_assistant=False)
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    projector: ConversationProjector | None = None
+    start = -1
+    turns: list[TurnProjection] = []
+    for k in range(len(messages)):
+        kept, dropped = fit_window(messages[: k + 1], window, lambda m: _rendered_length(lm, m)) if k >= head \
+            else (messages[:1], 0)
+        if projector is None or head + dropped != start:
+            projector, start = ConversationProjector(lm, axis, layers, layer), head + dropped
+            turn = projector.add_turns(kept)[-1]
+        else:
+            turn = projector.add_turn(messages[k])
+        turns.append(replace(turn, index=k, dropped=dropped))
+    return TurnProjections(source, lm.check_layer(axis.layer_or_middle(layer)), turns)
 
 
 def project_by_prefix(lm: LoadedModel, axis: Axis, conversation: Conversation | Sequence[Message],

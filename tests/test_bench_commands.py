@@ -43,3 +43,15 @@ def test_bench_command_runs_at_tiny_size(name: str, tiny_model_dir: str, capsys:
         assert report["llamacpp"].startswith("skipped: the model was not loaded from a GGUF file")
     if name == "monitor":
         assert report["turns_per_conversation"] == 5  # a system message and two user/assistant turns
+
+
+def test_bench_serve_runs_at_tiny_size(tiny_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The load test against a real server on 127.0.0.1, at 1 and 2 clients with one short request each."""
+    assert main(["bench", "serve", "--model", tiny_model_dir, "--dtype", "float32", "--clients", "1,2",
+                 "--requests", "1", "--new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["clients"] == [1, 2]
+    for key in ("aggregate_tokens_per_s", "ttft_p50_s", "ttft_p95_s", "token_latency_p50_s", "token_latency_p95_s"):
+        assert set(report[key]) == {"1", "2"}
+    assert report["aggregate_tokens_per_s"]["2"] > 0 and report["ttft_p95_s"]["2"] >= report["ttft_p50_s"]["2"] > 0
+    assert report["serve_vs_offline_ratio"] > 0 and report["mixed_vs_uniform_ratio"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -93,3 +94,17 @@ def test_replies_never_report_an_intervened_layer(tiny_llama: LoadedModel) -> No
         ChatSession(tiny_llama, axis, {}, layer=-1)
     session = ChatSession(tiny_llama, axis, {0: [Addition(axis.vectors[0], 1.0)]}, max_new_tokens=3)
     assert session.layer == 1 and session.say("Hello").layer == 1  # the middle layer, downstream of layer 0
+
+
+def test_a_streamed_reply_is_the_reply_say_gives_token_by_token(tiny_llama: LoadedModel) -> None:
+    """ChatSession.stream (the server's engine) and .say (offline generate) agree: text, projection, engagement."""
+    torch.manual_seed(0)
+    axis = Axis(torch.randn(3, 64))
+    interventions = {2: [Cap(axis.vectors[2], 0.5, track=True)], 1: [Addition(axis.vectors[1], -1.0)]}
+    said = ChatSession(tiny_llama, axis, interventions, max_new_tokens=6).say("Hello?")
+    tokens: list[Any] = []
+    streamed = ChatSession(tiny_llama, axis, interventions, max_new_tokens=6).stream("Hello?", tokens.append)
+    assert "".join(t.text for t in tokens) == streamed.text == said.text and len(tokens) == streamed.n_tokens
+    assert streamed.layer == said.layer and streamed.projection == pytest.approx(said.projection, abs=1e-5)
+    assert streamed.engaged == pytest.approx(said.engaged) and streamed.engaged[2] > 0
+    assert all(t.capped_layers == (2,) for t in tokens if t.capped_layers)

@@ -19,6 +19,7 @@ from persona_axis.monitor import (
     plot_trajectory,
     project_by_prefix,
     project_conversation,
+    project_windowed,
     turn_layout,
 )
 
@@ -165,3 +166,24 @@ def test_generate_with_alerts_reports_where_the_alert_fired(tiny_llama: LoadedMo
     threshold = sorted(means[2:])[len(means[2:]) // 2]  # a threshold some later running mean falls below
     _, middle = generate_with_alerts(tiny_llama, axis, conversations[:1], 1, threshold=threshold, **kwargs)
     assert middle == [next(k for k in range(2, len(means)) if means[k] < threshold)]
+
+
+def test_a_window_projects_long_transcripts_as_the_server_would_see_them(tiny_llama: LoadedModel, axis: Axis) -> None:
+    """--window N: each turn is projected in the latest whole messages that fit in N tokens (system kept),
+    which equals projecting exactly that window; a transcript that fits is projected as without a window."""
+    long = [{"role": "system", "content": "You are terse."}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: " + "many words here " * 12}
+        for i in range(40)]
+    with pytest.raises(PersonaAxisError, match="more than the 512-token context"):
+        project_conversation(tiny_llama, axis, long)
+    windowed = project_windowed(tiny_llama, axis, long, window=300)
+    assert [t.index for t in windowed.turns] == list(range(len(long)))
+    assert windowed.turns[1].dropped == 0 and windowed.turns[-1].dropped > 0
+    for k in (5, 22, len(long) - 1):
+        turn = windowed.turns[k]
+        window = [long[0], *long[1 + turn.dropped : k + 1]]
+        alone = project_conversation(tiny_llama, axis, window)
+        assert turn.projection == pytest.approx(alone.turns[-1].projection, abs=1e-5)
+    short = project_windowed(tiny_llama, axis, long[:4], window=10_000)
+    assert [t.projection for t in short.turns] == pytest.approx(
+        [t.projection for t in project_conversation(tiny_llama, axis, long[:4]).turns], abs=1e-6)

@@ -30,6 +30,19 @@ def _bench(name: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
+def _bench_serve(args: argparse.Namespace) -> None:
+    from persona_axis.axis import load_axis
+    from persona_axis.capping import load_config
+    from persona_axis.models import load_model
+    from persona_axis.serve_bench import bench_serve
+
+    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    axis = load_axis(args.axis) if args.axis else None
+    config = load_config(args.config) if args.config else None
+    _report(bench_serve(lm, axis, config, clients=args.clients, requests_per_client=args.requests,
+                        new_tokens=args.new_tokens), args.json)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="throughput benchmarks (ratios measured in one run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -43,6 +56,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=_bench(name))
+    serve = bench_sub.add_parser("serve", help="load test of `serve` on 127.0.0.1 (1, 4, 16 clients) vs offline generate")
+    model_options(serve)
+    serve.add_argument("--axis", help="axis file or run (default: a random axis; speed does not depend on it)")
+    serve.add_argument("--config", help="capping config for the capped requests (with --axis; default: synthetic caps)")
+    serve.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16],
+                       help="comma-separated concurrent client counts")
+    serve.add_argument("--requests", type=int, default=2, help="streamed requests each client sends in turn")
+    serve.add_argument("--new-tokens", type=int, default=64, help="tokens per reply (end-of-turn ignored)")
+    serve.add_argument("--json", action="store_true", help="print one JSON object")
+    serve.set_defaults(func=_bench_serve)
 
     fidelity = bench_sub.add_parser("fast-path", help="how far the int8 fast path moves a finished run's axis "
                                                       "(its replies fed through exact and int8 models)")

@@ -75,6 +75,22 @@ def _describe(reply: Any) -> str:
             + (f" | cap raised {engaged} of tokens" if engaged else "") + "]")
 
 
+def _live_readout(tty: bool) -> Any:
+    """A token callback that prints each token as it comes; on a terminal, a readout of the running mean
+    projection and whether the cap acted on the token sits just after the cursor (the next token overwrites it)."""
+    seen: list[float] = []
+
+    def on_token(event: Any) -> None:
+        sys.stdout.write(event.text)
+        if tty and event.projection is not None:
+            seen.append(event.projection)
+            cap = f", cap acting at L{','.join(map(str, event.capped_layers))}" if event.capped_layers else ""
+            sys.stdout.write(f"\x1b7\x1b[2m  [running projection {sum(seen) / len(seen):+.2f}{cap}]\x1b[0m\x1b[K\x1b8")
+        sys.stdout.flush()
+
+    return on_token
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from persona_axis.chat import ChatSession, describe_interventions
     from persona_axis.errors import PersonaAxisError
@@ -88,12 +104,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
     for line in sys.stdin:
         if not line.strip():
             break
+        print("assistant: ", end="", flush=True)
         try:
-            reply = session.say(line.rstrip("\n"))
+            reply = session.stream(line.rstrip("\n"), _live_readout(sys.stdout.isatty()))
         except PersonaAxisError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"\nerror: {exc}", file=sys.stderr)
             continue
-        print(f"assistant: {reply.text.strip()}\n{_describe(reply)}", flush=True)
+        print(("\x1b[K" if sys.stdout.isatty() else "") + f"\n{_describe(reply)}", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

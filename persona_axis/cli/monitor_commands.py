@@ -12,13 +12,14 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.conversations import read_conversations
     from persona_axis.models import load_model
-    from persona_axis.monitor import plot_trajectory, project_conversation
+    from persona_axis.monitor import plot_trajectory, project_conversation, project_windowed
 
     conversations = read_conversations(args.file)
     axis = load_axis(args.axis)
     lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
     layers = list(range(axis.n_layers)) if args.all_layers else None
-    results = [project_conversation(lm, axis, c, layers=layers, layer=args.layer) for c in conversations]
+    results = [project_windowed(lm, axis, c, args.window, layers=layers, layer=args.layer) if args.window
+               else project_conversation(lm, axis, c, layers=layers, layer=args.layer) for c in conversations]
     if args.plot:
         plot_trajectory(results, args.plot, threshold=args.threshold)
     if args.json:
@@ -28,6 +29,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         print(f"=== {result.source} (projection on the axis at layer {result.layer}; higher = more Assistant-like)")
         for turn in result.turns:
             flag = "  <- below threshold" if args.threshold is not None and turn.projection < args.threshold else ""
+            flag += f"  (window: {turn.dropped} earlier messages left out)" if turn.dropped else ""
             print(f"turn {turn.index:3d} {turn.role:9s} {turn.projection:+9.3f}  ({turn.n_tokens} tokens){flag}")
     if args.plot:
         print(f"trajectory plot: {args.plot}")
@@ -41,5 +43,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     monitor.add_argument("--all-layers", action="store_true", help="also report every layer's projection")
     monitor.add_argument("--threshold", type=float, help="draw and flag this projection (e.g. a capping floor)")
     monitor.add_argument("--plot", help="write the trajectory plot (PNG) here")
+    monitor.add_argument("--window", type=int, metavar="N",
+                         help="for transcripts longer than the context: each turn sees the latest whole messages "
+                              "that fit in N tokens (the system message kept), as `serve` does; without it a "
+                              "transcript longer than the context is refused")
     monitor.add_argument("--json", action="store_true")
     monitor.set_defaults(func=cmd_monitor)

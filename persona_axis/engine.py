@@ -1,0 +1,375 @@
+"""An open-ended continuous batch for serving: requests join while others decode, and leave when done.
+
+Unlike `batching.ContinuousBatch` (a fixed list of prompts with one set of interventions), the
+engine takes requests at any time (`submit`), each with its own sampling settings, caps, steering
+and watched layer (`row_interventions`). Every `step` admits waiting requests into free slots
+(one prefill pass for all of them), then feeds every running row its pending token in one decode
+pass. Slots grow as requests arrive (up to `max_rows`) and are dropped when half or more have stood
+empty for a few steps.
+
+Tokens are reported as they are fed: a `TokenEvent` carries the token, its text and the watched
+projection at its own position (the activation computed when it is fed), so a reply's projections
+line up one to one with its tokens. The KV layout is batching.py's.
+
+Thread use: one thread runs `run_forever` (or calls `step`); `submit` and `Request.cancel` may be
+called from any thread. Events are delivered by calling the request's `on_event` in the engine thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from persona_axis.batching import SlotColumns, slot_cache, supports_slots
+from persona_axis.decoding import left_padded, preallocated_cache, stop_token_ids
+from persona_axis.errors import PersonaAxisError
+from persona_axis.hooks import layer_hooks
+from persona_axis.models import LoadedModel
+from persona_axis.row_interventions import RowInterventions, RowSettings
+from persona_axis.sampling import pick_tokens, reply_generator, stream_seed
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request picks tokens: greedy when temperature <= 0, else nucleus sampling from its own
+    stream (seeded like reply 0 of an offline `generate(..., seed=seed)`). ignore_eos: run to max_new_tokens."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_texts: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token as it is fed: its id, the text it adds, its watched projection (None without
+    watch) and the layers whose cap raised it."""
+
+    token_id: int
+    text: str
+    projection: float | None
+    capped_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    """A request's end. reason: "stop" (end of turn or a stop text), "length" (max_new_tokens),
+    "cancelled" or "error" (then `error` says why). engaged: {layer: share of its tokens the cap raised}."""
+
+    reason: str
+    text: str
+    token_ids: list[int]
+    projections: list[float]
+    engaged: dict[int, float]
+    prompt_tokens: int
+    error: str = ""
+
+
+Event = TokenEvent | EndEvent
+SHRINK_AFTER_STEPS = 8  # empty slots are dropped after this many sparse steps (not at once: a client may be back)
+
+
+class QueueFull(PersonaAxisError):
+    """The engine's waiting queue is full: try again later."""
+
+
+@dataclass
+class Request:
+    """A submitted request; `cancel()` frees its row (or its place in the queue) at the next step."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    settings: RowSettings
+    on_event: Callable[[Event], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    """A running request: the tokens picked so far (the last one pending, i.e. not yet fed)."""
+
+    request: Request
+    tokens: list[int]
+    generator: torch.Generator | None
+    text: str = ""
+    reported: int = 0  # tokens fed and reported so far
+    cut_text: str | None = None  # the reply's text when a stop text ended it
+    projections: list[float] = field(default_factory=list)
+    raised: dict[int, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Continuous batching over requests that arrive at any time (see the module doc).
+
+    max_rows: most requests decoded together; max_waiting: most requests queued for a row
+    (`submit` raises QueueFull beyond it).
+    """
+
+    def __init__(self, lm: LoadedModel, max_rows: int = 16, max_waiting: int = 64) -> None:
+        if not supports_slots(lm.model):
+            raise PersonaAxisError(f"{lm.name} has cache layers other than full attention (e.g. sliding windows): "
+                                   "serving needs a model whose every layer attends to the whole context")
+        self.lm, self.max_rows, self.max_waiting = lm, max_rows, max_waiting
+        self.stops = frozenset(stop_token_ids(lm))
+        self.pad = int(lm.tokenizer.pad_token_id)
+        device = lm.device
+        self.columns = SlotColumns(torch.zeros(0, dtype=torch.long, device=device), torch.arange(0, device=device))
+        self.cache, self.layers = slot_cache(lm.model, self.columns)
+        self.interventions = RowInterventions(0, lm.hidden_size, device)
+        self.rows: list[_Row | None] = []
+        self.lengths: list[int] = []
+        self.waiting: deque[Request] = deque()
+        self.wake = threading.Condition()
+        self.closed = False
+        self.ended: Counter[str] = Counter()  # requests ended so far, by reason
+        self.entering: list[Request] = []  # taken from the queue, not yet in a row
+        self.sparse_steps = 0  # consecutive steps with half the slots or more empty and nobody waiting
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], sampling: Sampling, settings: RowSettings,
+               on_event: Callable[[Event], None]) -> Request:
+        """Queue a request; raises QueueFull when `max_waiting` requests already wait."""
+        if not prompt_ids or sampling.max_new_tokens < 1:
+            raise PersonaAxisError("a request needs a non-empty prompt and max_new_tokens >= 1")
+        request = Request(list(prompt_ids), sampling, settings, on_event)
+        with self.wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting for a row: try again shortly")
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    @property
+    def busy(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def run_forever(self) -> None:
+        """Step until `close()`; sleeps while there is nothing to do."""
+        while True:
+            with self.wake:
+                while not self.closed and not self.waiting and not self.busy:
+                    self.wake.wait()
+                if self.closed:
+                    return
+            self.step()
+
+    def close(self) -> None:
+        """Stop `run_forever`; every running or waiting request ends as cancelled."""
+        with self.wake:
+            self.closed = True
+            self.wake.notify_all()
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            request.on_event(EndEvent("cancelled", "", [], [], {}, len(request.prompt_ids)))
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests into free slots, then one decode step for every running row."""
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self.busy:
+                self._decode()
+            self.sparse_steps = self.sparse_steps + 1 if 2 * self.busy <= len(self.rows) and not self.waiting else 0
+            if self.rows and self.sparse_steps >= SHRINK_AFTER_STEPS:
+                self._shrink()
+        except Exception as exc:  # a failed step must not leave clients waiting forever
+            self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _drop_cancelled(self) -> None:
+        with self.wake:
+            cancelled = [r for r in self.waiting if r.cancelled]
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for request in cancelled:
+            request.on_event(EndEvent("cancelled", "", [], [], {}, len(request.prompt_ids)))
+        for slot, row in enumerate(self.rows):
+            if row is not None and row.request.cancelled:
+                self._end(slot, "cancelled")
+
+    def _admit(self) -> None:
+        with self.wake:
+            free = [s for s, row in enumerate(self.rows) if row is None]
+            room = len(free) + self.max_rows - len(self.rows)
+            entering = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        self.entering = list(entering)
+        if not entering:
+            return
+        if len(free) < len(entering):
+            free += self._grow_slots(len(entering) - len(free))
+        slots = free[: len(entering)]
+        self._ensure_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens + 1 for r in entering))
+        for slot, request in zip(slots, entering):
+            self.interventions.set_row(slot, request.settings)
+        logits = self._prefill(slots, entering)
+        for k, (slot, request) in enumerate(zip(slots, entering)):
+            seed = stream_seed(request.sampling.seed, 0)
+            generator = reply_generator(seed, self.lm.device) if request.sampling.temperature > 0 else None
+            self.rows[slot] = _Row(request, [], generator)
+            self.entering.remove(request)
+            self.lengths[slot] = len(request.prompt_ids)
+            self._take(slot, self._pick(logits[k : k + 1], [slot])[0])
+
+    def _grow_slots(self, extra: int) -> list[int]:
+        start = len(self.rows)
+        slots = start + extra
+        for layer in self.layers:
+            layer.resize(slots, self.columns.capacity)
+        self.interventions.resize(slots)
+        self.rows += [None] * extra
+        self.lengths += [0] * extra
+        self.columns.rows = torch.arange(slots, device=self.lm.device)
+        return list(range(start, slots))
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed > self.columns.capacity:
+            capacity = max(needed, 2 * self.columns.capacity)
+            for layer in self.layers:
+                layer.resize(len(self.rows), capacity)
+            self.columns.capacity = capacity
+
+    def _prefill(self, slots: list[int], entering: list[Request]) -> Tensor:
+        """Run the entering prompts with their own interventions; copy their keys/values into `slots`.
+        Returns the logits at each prompt's last position [entering, vocab]."""
+        prompts = [r.prompt_ids for r in entering]
+        ids, attention, positions = left_padded(prompts, self.pad, self.lm.device)
+        prefill = preallocated_cache(self.lm.model, ids.shape[1])
+        ops = self.interventions.for_rows(torch.tensor(slots, device=self.lm.device), counting=False)
+        with layer_hooks(self.lm.layers, ops):
+            out = self.lm.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                past_key_values=prefill, use_cache=True, logits_to_keep=1)
+        filled = prefill
+        for layer, source in zip(self.layers, filled.layers):  # type: ignore[attr-defined]
+            for row, (slot, prompt) in enumerate(zip(slots, prompts)):
+                layer.load(slot, source.keys[row, :, -len(prompt):], source.values[row, :, -len(prompt):])
+        return out.logits[:, -1]
+
+    def _pick(self, logits: Tensor, slots: list[int]) -> list[int]:
+        """Each slot's next token from its row of logits [len(slots), vocab], with that request's sampling."""
+        picked = []
+        for k, slot in enumerate(slots):
+            row = self.rows[slot]
+            assert row is not None
+            s = row.request.sampling
+            generators = [row.generator] if row.generator is not None else []
+            picked.append(int(pick_tokens(logits[k : k + 1], s.temperature, s.top_p, generators)[0]))
+        return picked
+
+    def _take(self, slot: int, token: int) -> None:
+        """A picked token: an end-of-turn ends the row; a stop text ends it before the token; else it is pending."""
+        row = self.rows[slot]
+        assert row is not None
+        s = row.request.sampling
+        if token in self.stops and not s.ignore_eos:
+            self._end(slot, "stop")
+            return
+        if s.stop_texts:
+            text = self.lm.tokenizer.decode(row.tokens + [token], skip_special_tokens=True)
+            cut = min((text.find(t) for t in s.stop_texts if t in text), default=-1)
+            if cut >= 0:
+                row.cut_text = text[:cut]
+                self._end(slot, "stop")
+                return
+        row.tokens.append(token)
+
+    def _decode(self) -> None:
+        """Feed every running row its pending token; report it; end rows at their length; pick the next tokens."""
+        device = self.lm.device
+        occupied = [s for s, row in enumerate(self.rows) if row is not None]
+        pending = [row.tokens[-1] if row is not None else self.pad for row in self.rows]
+        lengths = torch.tensor(self.lengths, device=device)
+        self.columns.lengths, self.columns.width = lengths, max(self.lengths) + 1
+        attention = torch.arange(self.columns.width, device=device)[None, :] <= lengths[:, None]
+        ops = self.interventions.for_rows(None, counting=True)
+        with layer_hooks(self.lm.layers, ops):
+            out = self.lm.model(input_ids=torch.tensor(pending, device=device)[:, None], attention_mask=attention,
+                                position_ids=lengths[:, None], past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=1)
+        projections = self.interventions.projections.tolist()
+        raised = {layer: flags.tolist() for layer, flags in self.interventions.raised.items()}
+        picking = []
+        for s in occupied:
+            self.lengths[s] += 1
+            self._report(s, projections[s], [layer for layer, flags in sorted(raised.items()) if flags[s]])
+            row = self.rows[s]
+            assert row is not None
+            if len(row.tokens) >= row.request.sampling.max_new_tokens:
+                self._end(s, "length")
+            else:
+                picking.append(s)
+        if picking:
+            for s, token in zip(picking, self._pick(out.logits[picking, -1], picking)):
+                self._take(s, token)
+
+    def _report(self, slot: int, projection: float, capped_layers: list[int]) -> None:
+        row = self.rows[slot]
+        assert row is not None
+        text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        delta = text[len(row.text):] if not text.endswith("\ufffd") else ""  # hold back half a character
+        row.text += delta
+        row.reported += 1
+        watched = row.request.settings.watch is not None
+        if watched:
+            row.projections.append(projection)
+        for layer in row.request.settings.caps:
+            row.raised[layer] = row.raised.get(layer, 0) + (layer in capped_layers)
+        row.request.on_event(TokenEvent(row.tokens[-1], delta, projection if watched else None, tuple(capped_layers)))
+
+    def _end(self, slot: int, reason: str, error: str = "") -> None:
+        row = self.rows[slot]
+        assert row is not None
+        self.rows[slot] = None
+        self.lengths[slot] = 0
+        self.interventions.clear_row(slot)
+        fed = row.tokens[: row.reported]
+        text = row.cut_text if row.cut_text is not None else self.lm.tokenizer.decode(fed, skip_special_tokens=True)
+        engaged = {layer: row.raised.get(layer, 0) / max(1, row.reported) for layer in row.request.settings.caps}
+        self.ended[reason] += 1
+        row.request.on_event(EndEvent(reason, text, fed, row.projections, engaged,
+                                      len(row.request.prompt_ids), error))
+
+    def _shrink(self) -> None:
+        keep = [s for s, row in enumerate(self.rows) if row is not None]
+        slots = torch.tensor(keep, dtype=torch.long, device=self.lm.device)
+        for layer in self.layers:
+            layer.keep(slots)
+        self.interventions.keep(slots)
+        self.rows, self.lengths = [self.rows[s] for s in keep], [self.lengths[s] for s in keep]
+        self.columns.rows = torch.arange(len(keep), device=self.lm.device)
+
+    def _fail_all(self, why: str) -> None:
+        for request in self.entering:
+            request.on_event(EndEvent("error", "", [], [], {}, len(request.prompt_ids), why))
+        self.entering = []
+        for slot, row in enumerate(self.rows):
+            if row is not None:
+                self._end(slot, "error", why)
+
+
+def run_to_end(engine: Engine, jobs: Sequence[tuple[Sequence[int], Sampling, RowSettings]]) -> list[EndEvent]:
+    """Submit every job, step the engine in this thread until all have ended; the end events in job order."""
+    ends: list[EndEvent | None] = [None] * len(jobs)
+
+    def recorder(i: int) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:
+            if isinstance(event, EndEvent):
+                ends[i] = event
+        return on_event
+
+    for i, (prompt, sampling, settings) in enumerate(jobs):
+        engine.submit(prompt, sampling, settings, recorder(i))
+    while any(e is None for e in ends):
+        engine.step()
+    return [e for e in ends if e is not None]

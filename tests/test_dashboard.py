@@ -1,0 +1,85 @@
+"""The dashboard in a real headless browser (Debian's chromium + chromium-driver under selenium): send a message,
+wait for the streamed reply, one chart point per generated token, toggle the cap; saves docs/dashboard.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from serving import EXPERIMENT, running_server
+
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+MESSAGE = "Tell me about yourself."
+
+
+@pytest.fixture()
+def browser() -> Any:
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _reply_tokens(url: str, capped: bool) -> int:
+    """What the API itself generates for the page's request (greedy): the number of tokens."""
+    body = {"model": "persona-axis", "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 24,
+            "temperature": 0, "persona_axis": {"cap": EXPERIMENT if capped else None, "layer": 1}}
+    return int(httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["usage"]["completion_tokens"])
+
+
+def _send(browser: Any, text: str, replies: int) -> None:
+    box = browser.find_element(By.ID, "input")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-replies")
+                                     == str(replies))
+
+
+def test_the_page_charts_every_token_and_toggles_the_cap(tokenizer: Any, browser: Any) -> None:
+    with running_server(tokenizer) as (url, _server):
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("24")
+        _send(browser, MESSAGE, 1)
+        points = browser.find_elements(By.CSS_SELECTOR, "#token-chart circle.point.primary")
+        assert len(points) == _reply_tokens(url, capped=True) > 0
+        assert browser.find_elements(By.ID, "floor-line")  # the cap floor is drawn while capping
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#turn-chart circle.turn-point")) == 1
+
+        browser.find_element(By.ID, "cap-toggle").click()  # cap off
+        _send(browser, MESSAGE, 2)
+        uncapped = browser.find_elements(By.CSS_SELECTOR, "#token-chart circle.point.primary")
+        assert len(uncapped) == _reply_tokens_after(url, browser)
+        assert "uncapped" in browser.find_element(By.ID, "primary-label").text
+        assert not browser.find_elements(By.ID, "floor-line")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#turn-chart circle.turn-point")) == 2
+
+        browser.find_element(By.ID, "cap-toggle").click()  # cap on again, and compare: both answers side by side
+        browser.find_element(By.ID, "compare-toggle").click()
+        _send(browser, "And what do you like?", 3)
+        assert browser.find_elements(By.CSS_SELECTOR, "#token-chart circle.point.plain")
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".pair .turn.assistant")) == 2
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def _reply_tokens_after(url: str, browser: Any) -> int:
+    """Tokens of the second (uncapped) reply, asked of the API with the same two-turn history the page sent."""
+    first = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant .text")[0].get_attribute("textContent")
+    body = {"model": "persona-axis", "max_tokens": 24, "temperature": 0, "persona_axis": {"layer": 1},
+            "messages": [{"role": "user", "content": MESSAGE}, {"role": "assistant", "content": first},
+                         {"role": "user", "content": MESSAGE}]}
+    return int(httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["usage"]["completion_tokens"])
