@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from persona_axis.cli.options import model_options, print_json
+from persona_axis.cli.options import load_model_from, model_options, print_json
 
 
 def _report(report: dict[str, Any], as_json: bool) -> None:
@@ -20,9 +20,8 @@ def _report(report: dict[str, Any], as_json: bool) -> None:
 def _bench(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         from persona_axis import benchmarks
-        from persona_axis.models import load_model
 
-        lm = load_model(args.model, dtype=args.dtype)
+        lm = load_model_from(args)
         measure = getattr(benchmarks, f"bench_{name}")
         _report(measure(lm, batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds), args.json)
 

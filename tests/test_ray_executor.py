@@ -1,0 +1,125 @@
+"""The Ray executor on a local Ray cluster started by the test (loopback only, 2 CPUs): the smoke preset
+on the tiny model gives the local executor's axis bit for bit, also when an actor is killed mid-run."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona_axis.catalog import load_catalog
+from persona_axis.cli import main
+from persona_axis.errors import PersonaAxisError
+from persona_axis.judges.base import JudgeItem, Verdict
+from persona_axis.models import load_model
+from persona_axis.pipeline import Settings, plan_rollouts, preset_settings, run_pipeline, select_roles, select_traits
+from persona_axis.ray_executor import ModelSpec, RayExecutor
+from persona_axis.store import RunStore, load_tensors
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+class LengthJudge:
+    """Deterministic per reply, whatever order the replies are judged in: 3 for an even length, else 1."""
+
+    id = "length-parity"
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        return [Verdict(3 if len(item.response) % 2 == 0 else 1, "length parity", self.id) for item in items]
+
+
+def smoke_settings() -> Settings:
+    """The smoke preset with one reply per chunk: 57 chunks in 4 waves, so two actors share the work."""
+    return preset_settings("smoke", max_new_tokens=6, batch_size=1, min_score3=1)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke run by the local executor, single-threaded like each actor."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm = load_model(tiny_model_dir, dtype="float32", device="cpu", progress=False)
+        return run_pipeline(tmp_path_factory.mktemp("local") / "run", lm, load_catalog(), smoke_settings(),
+                            LengthJudge(), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _executor(tiny_model_dir: str) -> RayExecutor:
+    return RayExecutor(ModelSpec(tiny_model_dir, dtype="float32", device="cpu"), actors=2, threads_per_actor=1)
+
+
+def assert_same_run(run: Path, local: Path) -> None:
+    """Same axis, vectors and chunk files bit for bit; every planned rollout recorded exactly once."""
+    for name in ("axis.safetensors", "vectors.safetensors", "trait_vectors.safetensors"):
+        ours, theirs = load_tensors(run / name)[0], load_tensors(local / name)[0]
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    chunks = sorted(p.name for p in (run / "activations").iterdir())
+    assert chunks == sorted(p.name for p in (local / "activations").iterdir())
+    records = RunStore(run).records("rollouts")
+    ids = [r["id"] for r in records]
+    catalog, settings = load_catalog(), smoke_settings()
+    plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None), select_traits(catalog, settings))
+    assert len(ids) == len(set(ids)) == len(plan) and set(ids) == {item.id for item in plan}
+    local_texts = {r["id"]: r["response"] for r in RunStore(local).records("rollouts")}
+    assert {r["id"]: r["response"] for r in records} == local_texts
+
+
+def test_two_actors_give_the_local_axis_bit_for_bit(local_ray: None, local_run: Path, tiny_model_dir: str,
+                                                   tmp_path: Path) -> None:
+    with _executor(tiny_model_dir) as executor:
+        run = run_pipeline(tmp_path / "run", None, load_catalog(), smoke_settings(), LengthJudge(), progress=False,
+                           executor=executor)
+        assert sorted(executor.waves_by_actor) == [0, 1]  # both actors generated waves
+        assert sum(executor.waves_by_actor.values()) == 4 and executor.retried_waves == 0
+    assert_same_run(run, local_run)
+
+
+def test_a_killed_actor_loses_nothing_and_duplicates_nothing(local_ray: None, local_run: Path, tiny_model_dir: str,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    failures: list[BaseException] = []
+
+    def driver(executor: RayExecutor) -> None:
+        try:
+            run_pipeline(out, None, load_catalog(), smoke_settings(), LengthJudge(), progress=False, executor=executor)
+        except BaseException as exc:  # reported by the test thread below
+            failures.append(exc)
+
+    with _executor(tiny_model_dir) as executor:
+        victim = executor.actors[1]
+        thread = threading.Thread(target=driver, args=(executor,))
+        thread.start()
+        deadline = time.monotonic() + 300
+        while not (out / RunStore.chunk_file(0)).exists() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray.kill(victim, no_restart=True)  # the first wave is in: the other actor is mid-wave
+        thread.join(timeout=300)
+        assert not thread.is_alive() and not failures, failures
+        assert executor.retried_waves >= 1 and len(executor.actors) == 1
+    assert_same_run(out, local_run)
+
+
+def test_missing_ray_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(PersonaAxisError, match=r'pip install -e "\.\[ray\]"'):
+        RayExecutor(ModelSpec())
+    assert main(["run", "--out", str(tmp_path / "run"), "--preset", "smoke", "--executor", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "persona-axis: error: the Ray executor needs the ray extra" in err
