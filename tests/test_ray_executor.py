@@ -1,20 +1,18 @@
 """The Ray executor on a local Ray cluster started by the test (loopback only, 2 CPUs): the smoke preset
-on the tiny model gives the local executor's axis bit for bit, also when an actor is killed mid-run."""
+on the tiny model gives the local executor's axis bit for bit, also when an actor is killed mid-run. A missing
+ray is tested in test_executors.py."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from persona_axis.catalog import load_catalog
-from persona_axis.cli import main
-from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import JudgeItem, Verdict
 from persona_axis.models import load_model
 from persona_axis.pipeline import Settings, plan_rollouts, preset_settings, run_pipeline, select_roles, select_traits
@@ -34,9 +32,9 @@ class LengthJudge:
         return [Verdict(3 if len(item.response) % 2 == 0 else 1, "length parity", self.id) for item in items]
 
 
-def smoke_settings() -> Settings:
-    """The smoke preset with one reply per chunk: 57 chunks in 4 waves, so two actors share the work."""
-    return preset_settings("smoke", max_new_tokens=6, batch_size=1, min_score3=1)
+def smoke_settings(batch_size: int) -> Settings:
+    """The smoke preset (57 replies) in chunks of `batch_size`: 1 gives 57 chunks in 4 waves, 2 gives 29 in 2."""
+    return preset_settings("smoke", max_new_tokens=6, batch_size=batch_size, min_score3=1)
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +45,30 @@ def local_ray() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def local_run(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke run by the local executor, single-threaded like each actor."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        lm = load_model(tiny_model_dir, dtype="float32", device="cpu", progress=False)
-        return run_pipeline(tmp_path_factory.mktemp("local") / "run", lm, load_catalog(), smoke_settings(),
-                            LengthJudge(), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+def local_run(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """The smoke run (in chunks of a given size) by the local executor, single-threaded like each actor."""
+    runs: dict[int, Path] = {}
+
+    def run(batch_size: int) -> Path:
+        if batch_size not in runs:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                lm = load_model(tiny_model_dir, dtype="float32", device="cpu", progress=False)
+                runs[batch_size] = run_pipeline(tmp_path_factory.mktemp("local") / "run", lm, load_catalog(),
+                                                smoke_settings(batch_size), LengthJudge(), progress=False)
+            finally:
+                torch.set_num_threads(threads)
+        return runs[batch_size]
+
+    return run
 
 
 def _executor(tiny_model_dir: str) -> RayExecutor:
     return RayExecutor(ModelSpec(tiny_model_dir, dtype="float32", device="cpu"), actors=2, threads_per_actor=1)
 
 
-def assert_same_run(run: Path, local: Path) -> None:
+def assert_same_run(run: Path, local: Path, settings: Settings) -> None:
     """Same axis, vectors and chunk files bit for bit; every planned rollout recorded exactly once."""
     for name in ("axis.safetensors", "vectors.safetensors", "trait_vectors.safetensors"):
         ours, theirs = load_tensors(run / name)[0], load_tensors(local / name)[0]
@@ -73,31 +78,31 @@ def assert_same_run(run: Path, local: Path) -> None:
     assert chunks == sorted(p.name for p in (local / "activations").iterdir())
     records = RunStore(run).records("rollouts")
     ids = [r["id"] for r in records]
-    catalog, settings = load_catalog(), smoke_settings()
+    catalog = load_catalog()
     plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None), select_traits(catalog, settings))
     assert len(ids) == len(set(ids)) == len(plan) and set(ids) == {item.id for item in plan}
     local_texts = {r["id"]: r["response"] for r in RunStore(local).records("rollouts")}
     assert {r["id"]: r["response"] for r in records} == local_texts
 
 
-def test_two_actors_give_the_local_axis_bit_for_bit(local_ray: None, local_run: Path, tiny_model_dir: str,
-                                                   tmp_path: Path) -> None:
+def test_two_actors_give_the_local_axis_bit_for_bit(local_ray: None, local_run: Callable[[int], Path],
+                                                   tiny_model_dir: str, tmp_path: Path) -> None:
+    settings = smoke_settings(batch_size=2)  # two waves, each a continuous batch of two slots
     with _executor(tiny_model_dir) as executor:
-        run = run_pipeline(tmp_path / "run", None, load_catalog(), smoke_settings(), LengthJudge(), progress=False,
+        run = run_pipeline(tmp_path / "run", None, load_catalog(), settings, LengthJudge(), progress=False,
                            executor=executor)
-        assert sorted(executor.waves_by_actor) == [0, 1]  # both actors generated waves
-        assert sum(executor.waves_by_actor.values()) == 4 and executor.retried_waves == 0
-    assert_same_run(run, local_run)
+        assert executor.waves_by_actor == {0: 1, 1: 1} and executor.retried_waves == 0  # one wave each
+    assert_same_run(run, local_run(2), settings)
 
 
-def test_a_killed_actor_loses_nothing_and_duplicates_nothing(local_ray: None, local_run: Path, tiny_model_dir: str,
-                                                            tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def test_a_killed_actor_loses_nothing_and_duplicates_nothing(local_ray: None, local_run: Callable[[int], Path],
+                                                            tiny_model_dir: str, tmp_path: Path) -> None:
+    out, settings = tmp_path / "run", smoke_settings(batch_size=1)  # four waves: a wave is still queued or running
     failures: list[BaseException] = []
 
     def driver(executor: RayExecutor) -> None:
         try:
-            run_pipeline(out, None, load_catalog(), smoke_settings(), LengthJudge(), progress=False, executor=executor)
+            run_pipeline(out, None, load_catalog(), settings, LengthJudge(), progress=False, executor=executor)
         except BaseException as exc:  # reported by the test thread below
             failures.append(exc)
 
@@ -112,14 +117,4 @@ def test_a_killed_actor_loses_nothing_and_duplicates_nothing(local_ray: None, lo
         thread.join(timeout=300)
         assert not thread.is_alive() and not failures, failures
         assert executor.retried_waves >= 1 and len(executor.actors) == 1
-    assert_same_run(out, local_run)
-
-
-def test_missing_ray_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(PersonaAxisError, match=r'pip install -e "\.\[ray\]"'):
-        RayExecutor(ModelSpec())
-    assert main(["run", "--out", str(tmp_path / "run"), "--preset", "smoke", "--executor", "ray"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "persona-axis: error: the Ray executor needs the ray extra" in err
+    assert_same_run(out, local_run(1), settings)
