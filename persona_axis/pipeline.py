@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
 from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
-from persona_axis.executors import Executor, LocalExecutor, ModelIdentity
+from persona_axis.executors import Executor, LocalExecutor, ModelIdentity, Wave
 from persona_axis.generation import Reply
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index
@@ -147,6 +147,13 @@ CHUNKS_PER_WAVE = 16
 ROLLOUT_ENGINE = f"continuous batching in waves of {CHUNKS_PER_WAVE} chunks; one random stream per reply"
 
 
+def rollout_waves(plan: list[PlanItem], settings: Settings) -> list[Wave]:
+    """The plan cut into chunks of `settings.batch_size` items, grouped in waves of CHUNKS_PER_WAVE chunks."""
+    chunks = [plan[start : start + settings.batch_size] for start in range(0, len(plan), settings.batch_size)]
+    return [{k: chunks[k] for k in range(first, min(first + CHUNKS_PER_WAVE, len(chunks)))}
+            for first in range(0, len(chunks), CHUNKS_PER_WAVE)]
+
+
 def step_rollouts(store: RunStore, executor: Executor, plan: list[PlanItem], settings: Settings, progress: bool) -> None:
     """Generate missing rollouts; each chunk saves its activations, then appends its records, once its replies are in.
 
@@ -157,11 +164,9 @@ def step_rollouts(store: RunStore, executor: Executor, plan: list[PlanItem], set
     each once.
     """
     done = {r["id"] for r in store.records("rollouts")}
-    size = settings.batch_size
-    chunks = [plan[start : start + size] for start in range(0, len(plan), size)]
+    chunks = [plan[start : start + settings.batch_size] for start in range(0, len(plan), settings.batch_size)]
     complete = [store.has(store.chunk_file(k)) and all(item.id in done for item in chunk) for k, chunk in enumerate(chunks)]
-    waves = [{k: chunks[k] for k in range(first, min(first + CHUNKS_PER_WAVE, len(chunks)))}
-             for first in range(0, len(chunks), CHUNKS_PER_WAVE)]
+    waves = rollout_waves(plan, settings)
     missing = [wave for wave in waves if not all(complete[k] for k in wave)]
     bar = tqdm(total=len(plan), desc=f"rollouts ({executor.name})", unit="reply", disable=not progress)
     bar.update(sum(len(chunks[k]) for k, is_complete in enumerate(complete) if is_complete))

@@ -41,3 +41,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=_bench(name))
+    register_executor(bench_sub)
+
+
+def cmd_bench_executor(args: argparse.Namespace) -> None:
+    from persona_axis.executor_bench import bench_executor
+    from persona_axis.ray_executor import ModelSpec
+
+    model = ModelSpec(args.model, args.dtype, args.device, args.device_map)
+    _report(bench_executor(model, threads=args.threads, replies=args.replies, address=args.ray_address), args.json)
+
+
+def register_executor(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = bench_sub.add_parser("executor", help="the quick plan's rollouts: local vs Ray (one actor; N one-thread actors)")
+    model_options(p)
+    p.add_argument("--threads", type=int, default=2, help="threads of the local run and of the one Ray actor; also the "
+                                                          "number of one-thread actors (default 2)")
+    p.add_argument("--replies", type=int, help="only the quick plan's first N rollouts (a short check; default all)")
+    p.add_argument("--ray-address", help="auto or HOST:PORT (default: a local Ray with --threads CPUs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_executor)
