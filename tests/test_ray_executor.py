@@ -118,3 +118,15 @@ def test_a_killed_actor_loses_nothing_and_duplicates_nothing(local_ray: None, lo
         assert not thread.is_alive() and not failures, failures
         assert executor.retried_waves >= 1 and len(executor.actors) == 1
     assert_same_run(out, local_run(1), settings)
+
+
+def test_bench_executor_reports_rates_and_identity(local_ray: None, tiny_model_dir: str) -> None:
+    from persona_axis.executor_bench import bench_executor
+
+    report = bench_executor(ModelSpec(tiny_model_dir, dtype="float32", device="cpu"), threads=1, replies=4)
+    assert report["replies"] == 4 and report["waves"] == 1
+    assert report["local_rollouts_per_s"] > 0 and report["ray_rollouts_per_s"] > 0
+    assert report["ray_overhead_ratio"] == pytest.approx(report["local_rollouts_per_s"] / report["ray_rollouts_per_s"],
+                                                         rel=0.01)
+    # One thread everywhere: both Ray configurations reproduce the local chunks bit for bit.
+    assert report["ray_identical_to_local"] and report["ray_1_actors_x1_thread_identical_to_local"]
