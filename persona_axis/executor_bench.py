@@ -15,7 +15,7 @@ import torch
 
 from persona_axis.executors import ChunkReplies, LocalExecutor, Wave
 from persona_axis.models import LoadedModel, load_model
-from persona_axis.ray_executor import ModelSpec, RayExecutor, import_ray
+from persona_axis.ray_executor import ModelSpec, RayExecutor, import_ray, init_ray
 
 
 def quick_waves(lm: LoadedModel, replies: int | None) -> tuple[list[Wave], Any]:
@@ -68,8 +68,7 @@ def bench_executor(model: ModelSpec, threads: int = 2, replies: int | None = Non
         torch.set_num_threads(before)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address, num_cpus=None if address else threads, include_dashboard=False,
-                 logging_level="ERROR")
+        init_ray(address, num_cpus=None if address else threads)
     try:
         report: dict[str, Any] = {}
         runs = {"ray": (1, threads), f"ray_{threads}x1": (threads, 1)}

@@ -32,6 +32,24 @@ def import_ray() -> Any:
     return ray
 
 
+def init_ray(address: str | None, num_cpus: int | None = None, attempts: int = 3) -> None:
+    """Connect to the cluster at `address` ("auto", "HOST:PORT"), or start a local Ray (address None) with
+    `num_cpus` CPUs. Ray gives its local processes a fixed 30 s to come up, which a busy machine can
+    miss: starting is tried `attempts` times before a PersonaAxisError."""
+    ray = import_ray()
+    for attempt in range(attempts):
+        try:
+            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+            return
+        except ConnectionError as exc:
+            raise PersonaAxisError(f"cannot reach the Ray cluster at {address or 'RAY_ADDRESS'}: {exc}") from None
+        except Exception as exc:  # ray raises a bare Exception when its processes time out during start-up
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise PersonaAxisError(f"Ray did not start ({exc}); start it first with `ray start --head` and pass "
+                                       "--ray-address auto") from None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How each actor loads its model (the arguments of models.load_model).
@@ -102,10 +120,7 @@ class RayExecutor:
         """Connect to Ray (unless this process already is) and start the actors; each loads the model."""
         ray = self.ray
         if not ray.is_initialized():
-            try:
-                ray.init(address=self.address, include_dashboard=False, logging_level="ERROR")
-            except ConnectionError as exc:
-                raise PersonaAxisError(f"cannot reach the Ray cluster at {self.address or 'RAY_ADDRESS'}: {exc}") from None
+            init_ray(self.address)
             self._started_ray = True
         if self.gpus is None:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0

@@ -16,7 +16,7 @@ from persona_axis.catalog import load_catalog
 from persona_axis.judges.base import JudgeItem, Verdict
 from persona_axis.models import load_model
 from persona_axis.pipeline import Settings, plan_rollouts, preset_settings, run_pipeline, select_roles, select_traits
-from persona_axis.ray_executor import ModelSpec, RayExecutor
+from persona_axis.ray_executor import ModelSpec, RayExecutor, init_ray
 from persona_axis.store import RunStore, load_tensors
 
 ray = pytest.importorskip("ray")
@@ -39,7 +39,7 @@ def smoke_settings(batch_size: int) -> Settings:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    init_ray(None, num_cpus=2)
     yield
     ray.shutdown()
 
