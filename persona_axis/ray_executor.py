@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from persona_axis.errors import PersonaAxisError
@@ -142,7 +142,11 @@ class RayExecutor:
         resolving differently on GPU and CPU nodes)."""
         if not self.actors:
             raise PersonaAxisError("the Ray executor is not started: use it as a context manager or call start()")
-        found = set(self.ray.get([actor.model_identity.remote() for actor in self.actors]))
+        try:
+            found = set(self.ray.get([actor.model_identity.remote() for actor in self.actors]))
+        except self.ray.exceptions.RayActorError as exc:
+            detail = (str(exc).strip().splitlines() or [""])[-1][:300]
+            raise PersonaAxisError(f"a Ray actor could not load {self.model.spec!r}: {detail}") from None
         if len(found) > 1:
             listed = "; ".join(f"{m.name} ({m.dtype}, hash {m.source_hash[:12]})" for m in found)
             raise PersonaAxisError(f"the Ray actors loaded different models: {listed}: give them one model and an "
@@ -179,8 +183,3 @@ class RayExecutor:
         if not self.actors:
             raise PersonaAxisError("every Ray actor died (see the Ray logs: out of memory, a node lost?); run again "
                                    "to resume from the chunks already recorded")
-
-    def describe(self) -> dict[str, Any]:
-        """The executor's settings, for logs and benchmarks."""
-        return {"executor": self.name, "actors": self.n_actors, "threads_per_actor": self.threads,
-                "gpus_per_actor": self.gpus, "address": self.address, "model": asdict(self.model)}
