@@ -78,7 +78,8 @@ class MaskedMeanRecorder:
 
     def _summer(self, layer: int) -> LayerOp:
         def record(hidden: Tensor) -> None:
-            self._sums[layer] = torch.einsum("bth,bt->bh", hidden.float(), self.mask)
+            # .to(): on a device-mapped model, layers live on different devices; the sums gather on the mask's.
+            self._sums[layer] = torch.einsum("bth,bt->bh", hidden.float(), self.mask.to(hidden.device)).to(self.mask.device)
 
         return record
 
@@ -134,7 +135,10 @@ class StepProjectionRecorder:
 
     def ops(self) -> dict[int, list[LayerOp]]:
         def project_last(hidden: Tensor) -> None:
-            torch.mv(hidden[:, -1].float(), self._unit, out=self._staging)
+            if hidden.device == self._staging.device:
+                torch.mv(hidden[:, -1].float(), self._unit, out=self._staging)
+            else:  # a layer on another shard of a device-mapped model
+                self._staging.copy_(hidden[:, -1].float() @ self._unit.to(hidden.device))
 
         return {self.layer: [project_last]}
 

@@ -68,7 +68,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs, sampling and recorders live: the first accelerator of a sharded model, else its parameters'."""
+        return execution_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -325,8 +326,20 @@ def _directory_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """The device a model's inputs go to: for a model sharded by a device map (accelerate), its first
+    accelerator (cpu when every part is on cpu or disk); otherwise the device of its parameters."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        accelerators = [d for d in device_map.values() if str(d) not in ("cpu", "disk")]
+        return torch.device(f"cuda:{accelerators[0]}" if isinstance(accelerators[0], int) else accelerators[0]) \
+            if accelerators else torch.device("cpu")
+    return next(model.parameters()).device
+
+
 def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device: str | None = None,
-               progress: bool = True, fast_path: str = "exact") -> LoadedModel:
+               progress: bool = True, fast_path: str = "exact",
+               device_map: str | dict[str, Any] | None = None) -> LoadedModel:
     """Load a causal chat LM for persona work.
 
     spec: "default" (embedded SmolLM2-135M-Instruct), a path to a .gguf file, a local model
@@ -335,7 +348,10 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     cuda when available). progress=False silences transformers' progress bars (GGUF conversion,
     weight loading) while loading. fast_path: "exact" (the model as loaded), "int8" (CPU:
     weight-only int8 linear layers, faster decoding, bounded loss; see fast_path.py) or "auto"
-    (int8 on CPU, exact elsewhere).
+    (int8 on CPU, exact elsewhere). device_map:
+    "auto" (or an explicit map of module names to devices) shards the model over the visible GPUs,
+    then CPU memory, with accelerate, for models larger than one GPU; hooks, capture and
+    interventions work across the shards.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -346,13 +362,16 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     try:
         with transformers_progress(progress):
             tokenizer = AutoTokenizer.from_pretrained(where)
-            model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)  # see converted_gguf_dir
+            model: Any = AutoModelForCausalLM.from_pretrained(  # Any: see converted_gguf_dir
+                where, dtype=torch_dtype, device_map=device_map)
     except (OSError, ValueError) as exc:
         raise PersonaAxisError(
             f"cannot load model {spec!r}: {str(exc).splitlines()[0]} "
             "(use 'default', a .gguf path, a local model directory, or a hub id available offline)"
         ) from None
-    return wrap_model(model.to(dev).eval(), tokenizer, name=name, source_hash=source_hash, fast_path=fast_path)
+    if device_map is None:
+        model = model.to(dev)
+    return wrap_model(model.eval(), tokenizer, name=name, source_hash=source_hash, fast_path=fast_path)
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", source_hash: str = "",

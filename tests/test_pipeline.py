@@ -17,6 +17,7 @@ from chat_server import FakeServer, Reply
 from persona_axis.axis import load_axis
 from persona_axis.catalog import load_catalog
 from persona_axis.errors import PersonaAxisError
+from persona_axis.executors import LocalExecutor
 from persona_axis.generation import generate
 from persona_axis.judges.http import OpenAIJudge
 from persona_axis.models import load_model
@@ -220,7 +221,7 @@ def test_each_rollout_chunk_holds_what_generating_that_chunk_alone_gives(
     settings = preset_settings("smoke", batch_size=3, max_new_tokens=6)
     plan = plan_rollouts(catalog, settings, select_roles(catalog, settings, None))[:10]
     with RunStore.open(tmp_path / "run") as store:
-        step_rollouts(store, lm, plan, settings, progress=False)
+        step_rollouts(store, LocalExecutor(lm), plan, settings, progress=False)
         responses = {r["id"]: r["response"] for r in store.records("rollouts")}
         chunks = list(store.activation_chunks())
     assert len(chunks) == 4 and len(responses) == 10

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persona_axis.cli.options import judge_options, model_options, print_json
+from persona_axis.cli.options import executor_from, executor_options, judge_options, load_model_from, model_options, print_json
 
 if TYPE_CHECKING:
     from persona_axis.persona_space import RunAnalysis
@@ -23,9 +23,8 @@ DEMO_QUESTION = "Who are you, and what matters most to you?"
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from persona_axis.generation import generate
-    from persona_axis.models import load_model
 
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     print(f"model: {lm.name} | {lm.n_layers} layers | hidden {lm.hidden_size} | {lm.dtype}")
     conversations = [[{"role": "system", "content": system}, {"role": "user", "content": DEMO_QUESTION}]
                      for system in DEMO_CHARACTERS.values()]
@@ -77,7 +76,6 @@ def _traits_line(analysis: RunAnalysis) -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     from persona_axis.catalog import load_catalog
     from persona_axis.judges import make_judge
-    from persona_axis.models import load_model
     from persona_axis.pipeline import analyze_run, preset_settings, run_pipeline
 
     settings = preset_settings(args.preset, seed=args.seed, batch_size=args.batch_size,
@@ -88,9 +86,9 @@ def cmd_run(args: argparse.Namespace) -> None:
                "key_env": args.judge_key_env}
     judge = make_judge(args.judge, **options)
     trait_judge = make_judge(args.judge, traits=catalog.traits, **options)
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path, progress=not args.no_progress)
-    run_pipeline(args.out, lm, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
-                 progress=not args.no_progress, trait_judge=trait_judge)
+    with executor_from(args) as (lm, executor):
+        run_pipeline(args.out, lm, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
+                     progress=not args.no_progress, trait_judge=trait_judge, executor=executor)
     print(headline(analyze_run(args.out)))
     print(f"report: {Path(args.out) / 'report.html'}")
 
@@ -165,6 +163,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--max-new-tokens", type=int)
     run.add_argument("--min-score3", type=int, help="score-3 answers a role needs to keep its vector")
     run.add_argument("--no-progress", action="store_true")
+    executor_options(run)
     run.set_defaults(func=cmd_run)
 
     analyze = sub.add_parser("analyze", help="persona-space analysis of a run: PCA, cosines, figures, report")

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from persona_axis.cli.options import model_options, print_json
+from persona_axis.cli.options import load_model_from, model_options, print_json
 
 
 def _report(report: dict[str, Any], as_json: bool) -> None:
@@ -20,9 +20,9 @@ def _report(report: dict[str, Any], as_json: bool) -> None:
 def _bench(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         from persona_axis import benchmarks
-        from persona_axis.models import gguf_file, load_model
+        from persona_axis.models import gguf_file
 
-        lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+        lm = load_model_from(args)
         measure = getattr(benchmarks, f"bench_{name}")
         peer = {"peer_gguf": gguf_file(args.model)} if name == "generate" else {}
         _report(measure(lm, batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds, **peer), args.json)
@@ -33,10 +33,9 @@ def _bench(name: str) -> Callable[[argparse.Namespace], None]:
 def _bench_serve(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.capping import load_config
-    from persona_axis.models import load_model
     from persona_axis.serve_bench import bench_serve
 
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     axis = load_axis(args.axis) if args.axis else None
     config = load_config(args.config) if args.config else None
     _report(bench_serve(lm, axis, config, clients=args.clients, requests_per_client=args.requests,
@@ -74,10 +73,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fidelity.add_argument("--json", action="store_true", help="print one JSON object")
     fidelity.set_defaults(func=_fidelity)
 
+    register_executor(bench_sub)
+
 
 def _fidelity(args: argparse.Namespace) -> None:
     from persona_axis.fast_path_fidelity import fast_path_fidelity
-    from persona_axis.models import load_model
 
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     _report(fast_path_fidelity(lm, args.run), args.json)
+
+
+def cmd_bench_executor(args: argparse.Namespace) -> None:
+    from persona_axis.executor_bench import bench_executor
+    from persona_axis.ray_executor import ModelSpec
+
+    model = ModelSpec(args.model, args.dtype, args.device, args.device_map, args.fast_path)
+    _report(bench_executor(model, threads=args.threads, replies=args.replies, address=args.ray_address), args.json)
+
+
+def register_executor(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = bench_sub.add_parser("executor", help="the quick plan's rollouts: local vs Ray (one actor; N one-thread actors)")
+    model_options(p)
+    p.add_argument("--threads", type=int, default=2, help="threads of the local run and of the one Ray actor; also the "
+                                                          "number of one-thread actors (default 2)")
+    p.add_argument("--replies", type=int, help="only the quick plan's first N rollouts (a short check; default all)")
+    p.add_argument("--ray-address", help="auto or HOST:PORT (default: a local Ray with --threads CPUs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_executor)

@@ -11,6 +11,7 @@ from persona_axis.cli.options import (
     axis_options,
     intervention_options,
     judge_options,
+    load_model_from,
     model_options,
     number_list,
     print_json,
@@ -30,7 +31,6 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.calibration import calibrate, engagement_samples, measure_engagement
     from persona_axis.capping import default_layer_block, export_torch_config, save_config
-    from persona_axis.models import load_model
     from persona_axis.pipeline import run_catalog
 
     axis = load_axis(args.run)
@@ -38,8 +38,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     config = calibrate(args.run, blocks, args.percentile or [0.25], population=args.population)
     if not args.no_engagement:
         samples = engagement_samples(run_catalog(args.run), args.samples, 2 * args.samples)
-        lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
-        measure_engagement(lm, config, samples, args.max_new_tokens, progress=not args.json)
+        measure_engagement(load_model_from(args), config, samples, args.max_new_tokens,
+                           progress=not args.json)
     out = Path(args.out) if args.out else Path(args.run) / "capping"
     save_config(config, out)
     if args.export_torch:
@@ -62,10 +62,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def _session_parts(args: argparse.Namespace) -> tuple[Any, Any, dict[int, list[Any]]]:
     from persona_axis.axis import load_axis
     from persona_axis.chat import load_interventions
-    from persona_axis.models import load_model
 
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     return lm, axis, load_interventions(lm, axis, args.axis, args.config, args.cap, args.steer)
 
 
@@ -141,12 +140,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.catalog import load_catalog, role_play_conversations
-    from persona_axis.models import load_model
     from persona_axis.sweeps import candidate_blocks, pareto_front, sweep
 
     axis = load_axis(args.run)
     blocks = _layer_ranges(args.blocks) if args.blocks else candidate_blocks(axis.n_layers)
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     catalog = load_catalog()
     roles = [c for _, c in role_play_conversations(catalog, args.roles, 1)]
     defaults = [[{"role": "user", "content": q.text}] for q in catalog.questions[: args.roles]]
@@ -168,14 +166,13 @@ def cmd_steer_sweep(args: argparse.Namespace) -> None:
     from persona_axis.chat import default_norms
     from persona_axis.errors import PersonaAxisError
     from persona_axis.judges import make_judge
-    from persona_axis.models import load_model
     from persona_axis.sweeps import steer_sweep
 
     if args.relative and not Path(args.axis).is_dir():
         raise PersonaAxisError("--relative scales coefs by the run's default activation norms: "
                                "give --axis as a run directory")
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env)
     layer = axis.layer_or_middle(args.layer)
     report = steer_sweep(lm, axis, load_catalog(), judge, layer, args.coefs, n_roles=args.roles,

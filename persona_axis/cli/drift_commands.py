@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from persona_axis.cli.options import axis_options, intervention_options, print_json
+from persona_axis.cli.options import axis_options, intervention_options, load_model_from, print_json
 
 
 def _simulator(args: argparse.Namespace, target: Any) -> Any:
@@ -23,7 +23,8 @@ def _simulator(args: argparse.Namespace, target: Any) -> Any:
     if args.user_model_name:
         raise PersonaAxisError("--user-model-name names a model behind --user-url: give --user-url too")
     same = args.user_model in (None, args.model)
-    lm = target if same else load_model(args.user_model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = target if same else load_model(args.user_model, dtype=args.dtype, device=args.device,
+                                        fast_path=args.fast_path)
     return LocalUserSimulator(lm, max_new_tokens=args.user_max_new_tokens, temperature=args.user_temperature,
                               seed=args.seed)
 
@@ -46,11 +47,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.chat import load_interventions
     from persona_axis.drift_stats import plot_domains, turn_statistics
-    from persona_axis.models import load_model
     from persona_axis.simulate import simulate
 
     axis = load_axis(args.axis)
-    target = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    target = load_model_from(args)
     interventions = load_interventions(target, axis, args.axis, args.config, args.cap, args.steer)
     records = simulate(target, axis, _simulator(args, target), args.domain, args.turns, args.n, layer=args.layer,
                        interventions=interventions, max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from persona_axis.cli.options import judge_options, model_options
+from persona_axis.cli.options import judge_options, load_model_from, model_options
 
 
 def cmd_eval_build(args: argparse.Namespace) -> None:
@@ -27,12 +27,11 @@ def cmd_eval_run(args: argparse.Namespace) -> None:
     from persona_axis.evals.harm_judges import make_harm_judge
     from persona_axis.evals.harm_set import build_eval_set, preset_settings, read_eval_set
     from persona_axis.evals.run import eval_preset, run_eval
-    from persona_axis.models import load_model
 
     settings = eval_preset(args.preset)
     eval_set = read_eval_set(args.set) if args.set else build_eval_set(preset_settings(args.preset))
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     conditions = plan_conditions(lm, axis, args.axis, args.config, args.cap, args.steer, args.direction)
     pc1 = pc1_axis(args.axis, axis) if args.direction != "axis" else None
     judge = make_harm_judge(args.judge, Path(args.out) / "judge-cache", args.judge_url, args.judge_model,

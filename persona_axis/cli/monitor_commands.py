@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from persona_axis.cli.options import axis_options, print_json
+from persona_axis.cli.options import axis_options, load_model_from, print_json
 
 
 def cmd_monitor(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.conversations import read_conversations
-    from persona_axis.models import load_model
     from persona_axis.monitor import plot_trajectory, project_conversation, project_windowed
 
     conversations = read_conversations(args.file)
     axis = load_axis(args.axis)
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     layers = list(range(axis.n_layers)) if args.all_layers else None
     results = [project_windowed(lm, axis, c, args.window, layers=layers, layer=args.layer) if args.window
                else project_conversation(lm, axis, c, layers=layers, layer=args.layer) for c in conversations]

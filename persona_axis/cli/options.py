@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from persona_axis.executors import Executor
+    from persona_axis.models import LoadedModel
 
 from persona_axis.fast_path import FAST_PATHS
 
@@ -15,6 +21,16 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-path", default="exact", choices=("auto", *FAST_PATHS),
                    help="exact (default): the model as loaded; int8: weight-only int8 linears on CPU, faster "
                         "decoding with a bounded loss (docs/fast-path.md); auto: int8 on CPU, else exact")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument("--device-map", help="auto: shard a model larger than one GPU over the GPUs, then CPU (accelerate)")
+
+
+def load_model_from(args: argparse.Namespace, progress: bool = True) -> LoadedModel:
+    """The model that --model, --dtype, --fast-path, --device and --device-map name."""
+    from persona_axis.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                      fast_path=args.fast_path, progress=progress)
 
 
 def axis_options(p: argparse.ArgumentParser) -> None:
@@ -46,3 +62,28 @@ def number_list(value: str) -> list[float]:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj))
+
+
+def executor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local (this process, default) or ray (actors on a Ray cluster; needs the ray extra)")
+    p.add_argument("--ray-address", help="ray: auto (the cluster this machine joined), HOST:PORT, or unset to start a "
+                                        "local Ray (or use $RAY_ADDRESS)")
+    p.add_argument("--actors", type=int, default=1, help="ray: actors, each holding one copy of the model")
+    p.add_argument("--threads-per-actor", type=int, default=1, help="ray: CPU threads (and Ray CPUs) per actor")
+    p.add_argument("--gpus-per-actor", type=float, help="ray: GPUs per actor (default: 1 where the cluster has GPUs)")
+
+
+@contextmanager
+def executor_from(args: argparse.Namespace) -> Iterator[tuple[LoadedModel | None, Executor | None]]:
+    """(model, executor) for the pipeline: the model loaded here for --executor local, else a started Ray
+    executor whose actors load it (stopped on exit)."""
+    if args.executor == "local":
+        yield load_model_from(args, progress=not args.no_progress), None
+        return
+    from persona_axis.ray_executor import ModelSpec, RayExecutor
+
+    model = ModelSpec(args.model, args.dtype, args.device, args.device_map, args.fast_path)
+    with RayExecutor(model, actors=args.actors, threads_per_actor=args.threads_per_actor,
+                     gpus_per_actor=args.gpus_per_actor, address=args.ray_address) as executor:
+        yield None, executor

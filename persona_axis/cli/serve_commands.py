@@ -6,20 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from persona_axis.cli.options import axis_options
+from persona_axis.cli.options import axis_options, load_model_from
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.capping import load_config
-    from persona_axis.models import load_model
     from persona_axis.server import PersonaServer, ServerLimits, serve_forever
 
     axis = load_axis(args.axis)
     default_config = Path(args.axis) / "capping.json"
     config_path = args.config or (default_config if default_config.exists() else None)
     config = load_config(config_path) if config_path is not None else None
-    lm = load_model(args.model, dtype=args.dtype, fast_path=args.fast_path)
+    lm = load_model_from(args)
     limits = ServerLimits(max_rows=args.max_batch, max_waiting=args.max_queue, timeout_s=args.timeout)
     server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name)
     experiments = ", ".join(config.experiments) if config is not None else "none (no capping config)"
