@@ -33,13 +33,13 @@ class ModelIdentity:
 
     name: str
     source_hash: str
-    numerics: dict[str, str]  # dtype, and the fast path when one is on (LoadedModel.numerics)
+    numerics: tuple[tuple[str, str], ...]  # (key, value) of LoadedModel.numerics(): dtype, fast path if on
     n_layers: int
     hidden_size: int
 
     @classmethod
     def of(cls, lm: LoadedModel) -> ModelIdentity:
-        return cls(lm.name, lm.source_hash, lm.numerics(), lm.n_layers, lm.hidden_size)
+        return cls(lm.name, lm.source_hash, tuple(lm.numerics().items()), lm.n_layers, lm.hidden_size)
 
 
 class Executor(Protocol):

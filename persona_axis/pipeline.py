@@ -361,7 +361,7 @@ def run_pipeline(
     roles, traits = select_roles(catalog, settings, role_names), select_traits(catalog, settings)
     plan = plan_rollouts(catalog, settings, roles, traits)
     identity = {
-        "model": model.name, "model_hash": model.source_hash, **model.numerics,
+        "model": model.name, "model_hash": model.source_hash, **dict(model.numerics),
         "catalog": catalog.digest(), "roles": sorted(r.name for r in roles), "settings": asdict(settings),
     }
     judges = {"role": judge, "trait": trait_judge or judge}

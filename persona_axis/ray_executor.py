@@ -149,7 +149,7 @@ class RayExecutor:
             detail = (str(exc).strip().splitlines() or [""])[-1][:300]
             raise PersonaAxisError(f"a Ray actor could not load {self.model.spec!r}: {detail}") from None
         if len(found) > 1:
-            listed = "; ".join(f"{m.name} ({m.dtype}, hash {m.source_hash[:12]})" for m in found)
+            listed = "; ".join(f"{m.name} ({dict(m.numerics)}, hash {m.source_hash[:12]})" for m in found)
             raise PersonaAxisError(f"the Ray actors loaded different models: {listed}: give them one model and an "
                                    "explicit --dtype")
         return found.pop()
