@@ -126,7 +126,7 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
     llama.cpp on `peer_gguf` at batch 1 and `batch`; continuous vs static batching of rollouts."""
     conversations = bench_conversations(batch)
     all_layers = list(range(lm.n_layers))
-    prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
+    prompt_ids = [lm.prompt_ids(c) for c in conversations]
 
     def plain() -> int:
         return generated_tokens(fixed_generate(lm, conversations, new_tokens, batch))
@@ -197,7 +197,7 @@ def batch1_and_peer(lm: LoadedModel, batch: int, new_tokens: int, rounds: int, p
     batch_rate: our one-pass capture rate at `batch` (measured by the caller), for the batch ratio.
     """
     conversations = bench_conversations(batch)
-    prompt_ids = [lm.tokenizer(lm.chat_prompt(c), add_special_tokens=False).input_ids for c in conversations]
+    prompt_ids = [lm.prompt_ids(c) for c in conversations]
     fast = _int8_copy(lm)
     variants: dict[str, Callable[[], int]] = {
         "batch1": lambda: generated_tokens(fixed_generate(lm, conversations[:1], new_tokens, 1, capture=True))}

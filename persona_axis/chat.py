@@ -245,7 +245,7 @@ class ChatSession:
         if self._engine is None:
             self._engine = Engine(self.lm, max_rows=1)
         self.messages.append({"role": "user", "content": text})
-        prompt = self.lm.tokenizer(self.lm.chat_prompt(self.messages), add_special_tokens=False).input_ids
+        prompt = self.lm.prompt_ids(self.messages)
         settings = row_settings(self.interventions, (self.layer, self.axis.unit(self.layer)))
         ends: list[EndEvent] = []
         self._engine.submit(prompt, Sampling(int(self.options["max_new_tokens"]), seed=int(self.options["seed"])),

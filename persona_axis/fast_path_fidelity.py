@@ -41,10 +41,10 @@ def axis_replies(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _axis_from(lm: LoadedModel, records: list[dict[str, Any]], batch_size: int) -> torch.Tensor:
     """Teacher-forced axis [layers, hidden]: default mean minus the mean of per-role means."""
-    tokenize = lm.tokenizer
-    prompts = [tokenize(lm.chat_prompt([{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}]),
-                        add_special_tokens=False).input_ids for r in records]
-    replies = [tokenize(r["response"], add_special_tokens=False).input_ids or [lm.tokenizer.eos_token_id] for r in records]
+    prompts = [lm.prompt_ids([{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}])
+               for r in records]
+    replies = [lm.tokenizer(r["response"], add_special_tokens=False).input_ids or [lm.tokenizer.eos_token_id]
+               for r in records]
     means = response_means_by_forward(lm, prompts, replies, list(range(lm.n_layers)), batch_size=batch_size)
     by_role: dict[str, list[int]] = {}
     for i, record in enumerate(records):

@@ -105,7 +105,7 @@ def stream_replies(lm: LoadedModel, conversations: Sequence[list[Message]], spec
     (batches of similar prompt length, each until its longest reply ends); continuous batching
     also falls back to it for models whose cache has layer kinds other than full attention.
     """
-    prompt_ids = [lm.tokenizer(lm.chat_prompt(list(c)), add_special_tokens=False).input_ids for c in conversations]
+    prompt_ids = [lm.prompt_ids(list(c)) for c in conversations]
     if isinstance(seed, int):
         seeds = [stream_seed(seed, i) for i in range(len(prompt_ids))]
     elif len(seed) == len(prompt_ids):

@@ -103,9 +103,13 @@ class LoadedModel:
         """Tokens of a rendered prompt as generation feeds it (no special tokens added: the template has them)."""
         return len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
 
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """Token ids of the rendered chat prompt (chat_prompt), as generation feeds it."""
+        return list(self.tokenizer(self.chat_prompt(messages), add_special_tokens=False).input_ids)
+
     def prompt_length(self, messages: list[Message]) -> int:
         """Tokens of the rendered chat prompt (chat_prompt)."""
-        return self.token_count(self.chat_prompt(messages))
+        return len(self.prompt_ids(messages))
 
     def check_layer(self, layer: int) -> int:
         """`layer` as a 0-based decoder-layer index (a negative one counts from the end), else a PersonaAxisError."""

@@ -148,7 +148,7 @@ class PersonaServer:
         requested = body.get("max_completion_tokens", body.get("max_tokens"))
         wanted = DEFAULT_MAX_TOKENS if requested is None else _integer(requested, "max_tokens", 1)
         chat, dropped = prompt_window(self.lm, chat, self.context - min(wanted, MIN_REPLY_TOKENS))
-        prompt_ids = self.lm.tokenizer(self.lm.chat_prompt(chat), add_special_tokens=False).input_ids
+        prompt_ids = self.lm.prompt_ids(chat)
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):

@@ -53,8 +53,7 @@ def next_token_kl(lm: LoadedModel, conversations: Sequence[list[Message]], condi
     if not conversations:
         raise PersonaAxisError("the KL check needs at least one default conversation")
     replies = generate(lm, conversations, max_new_tokens=max_new_tokens, capture=False)
-    seqs = [lm.tokenizer(lm.chat_prompt(list(c)), add_special_tokens=False).input_ids + r
-            for c, r in zip(conversations, replies.token_ids)]
+    seqs = [lm.prompt_ids(list(c)) + r for c, r in zip(conversations, replies.token_ids)]
     kl_sums, agree_sums = [0.0] * len(conditions), [0] * len(conditions)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]

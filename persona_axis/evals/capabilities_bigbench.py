@@ -106,8 +106,7 @@ def choice_logliks(lm: LoadedModel, examples: Sequence[MCExample], interventions
     `steer(lm, interventions)` in two forward passes (see `_batch_logliks`): an intervention with
     positions="all" acts on every token; one with positions="last" only on each pass's last column.
     """
-    prompts = [lm.tokenizer(lm.chat_prompt([{"role": "user", "content": e.question}]), add_special_tokens=False
-                            ).input_ids for e in examples]
+    prompts = [lm.prompt_ids([{"role": "user", "content": e.question}]) for e in examples]
     tails = [[lm.tokenizer(c, add_special_tokens=False).input_ids for c in e.choices] for e in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
     out: list[list[float]] = [[] for _ in examples]
