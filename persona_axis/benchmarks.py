@@ -5,7 +5,6 @@ Variants are interleaved round by round and each figure is the median over round
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from persona_axis.capture import response_means_by_forward
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import GenerationResult, generate
 from persona_axis.llamacpp_peer import LlamaCppPeer
-from persona_axis.models import LoadedModel, Message, wrap_model
+from persona_axis.models import LoadedModel, Message, int8_copy
 from persona_axis.sampling import stream_seed
 
 if TYPE_CHECKING:
@@ -175,36 +174,27 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         "memory_bandwidth_bytes_per_s": round(bandwidth),
         "weight_read_limit_tokens_per_s": round(weight_read_limit, 1),
         "fraction_of_weight_read_limit": round(rates["onepass"] / weight_read_limit, 4),
-        **batch1_and_peer(lm, batch, new_tokens, rounds, peer_gguf, rates["onepass"]),
+        **batch1_and_peer(lm, conversations, prompt_ids, new_tokens, rounds, peer_gguf, rates["onepass"]),
         **rollout_batching(lm, batch, new_tokens, rounds),
         **mixed_batching(lm, batch, new_tokens, rounds),
     }
 
 
-def _int8_copy(lm: LoadedModel) -> LoadedModel | None:
-    """The same model on the int8 fast path (a copy), when `lm` is an exact model on CPU; else None."""
-    if lm.fast_path != "exact" or lm.device.type != "cpu":
-        return None
-    return wrap_model(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, source_hash=lm.source_hash,
-                      fast_path="int8")
-
-
-def batch1_and_peer(lm: LoadedModel, batch: int, new_tokens: int, rounds: int, peer_gguf: Path | None,
-                    batch_rate: float) -> dict[str, Any]:
+def batch1_and_peer(lm: LoadedModel, conversations: list[list[Message]], prompt_ids: list[list[int]],
+                    new_tokens: int, rounds: int, peer_gguf: Path | None, batch_rate: float) -> dict[str, Any]:
     """One conversation decoded with all layers captured (the model's path; the int8 path beside an exact
-    model), and llama.cpp on the same GGUF and prompt ids, greedy, at batch 1 and `batch`.
+    model), and llama.cpp on the same GGUF and prompt ids, greedy, at batch 1 and the whole batch.
 
-    batch_rate: our one-pass capture rate at `batch` (measured by the caller), for the batch ratio.
+    conversations, prompt_ids: the caller's batch (its first conversation is the batch-1 one).
+    batch_rate: our one-pass capture rate on that batch (measured by the caller), for the batch ratio.
     """
-    conversations = bench_conversations(batch)
-    prompt_ids = [lm.prompt_ids(c) for c in conversations]
-    fast = _int8_copy(lm)
+    fast = int8_copy(lm) if lm.fast_path == "exact" and lm.device.type == "cpu" else None
     variants: dict[str, Callable[[], int]] = {
         "batch1": lambda: generated_tokens(fixed_generate(lm, conversations[:1], new_tokens, 1, capture=True))}
     if fast is not None:
         variants["batch1_int8"] = lambda: generated_tokens(
             fixed_generate(fast, conversations[:1], new_tokens, 1, capture=True))
-    peer, peer_note = _peer(peer_gguf, batch, max(map(len, prompt_ids)) + new_tokens)
+    peer, peer_note = _peer(peer_gguf, len(prompt_ids), max(map(len, prompt_ids)) + new_tokens)
     if peer is not None:
         variants["llamacpp_batch1"] = lambda: sum(map(len, peer.generate(prompt_ids[:1], new_tokens)))
         variants["llamacpp_batch"] = lambda: sum(map(len, peer.generate(prompt_ids, new_tokens)))

@@ -10,7 +10,6 @@ compares the two axes built from those teacher-forced means, layer by layer.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from persona_axis.axis import compute_axis, cosine_per_layer
 from persona_axis.capture import response_means_by_forward
 from persona_axis.catalog import DEFAULT_ROLE
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import LoadedModel, wrap_model
+from persona_axis.models import LoadedModel, int8_copy
 from persona_axis.store import RunStore, load_tensors, rollout_kind
 
 
@@ -59,7 +58,7 @@ def fast_path_fidelity(lm: LoadedModel, run_dir: str | Path, batch_size: int = 1
     if lm.fast_path != "exact":
         raise PersonaAxisError("load the model on the exact path: the check builds its own int8 copy")
     records = axis_replies(run_dir)
-    fast = wrap_model(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, source_hash=lm.source_hash, fast_path="int8")
+    fast = int8_copy(lm)
     exact_axis, fast_axis = _axis_from(lm, records, batch_size), _axis_from(fast, records, batch_size)
     cosines = cosine_per_layer(exact_axis, fast_axis)
     norms = (fast_axis.norm(dim=-1) / exact_axis.norm(dim=-1))

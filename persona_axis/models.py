@@ -6,6 +6,7 @@ package, converted once to safetensors in the cache directory so later loads tak
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import logging
@@ -376,6 +377,11 @@ def load_model(spec: str = "default", dtype: str | torch.dtype = "auto", device:
     if device_map is None:
         model = model.to(dev)
     return wrap_model(model.eval(), tokenizer, name=name, source_hash=source_hash, fast_path=fast_path)
+
+
+def int8_copy(lm: LoadedModel) -> LoadedModel:
+    """A copy of an exact model on the int8 fast path (its linear layers quantised; `lm` untouched)."""
+    return wrap_model(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, source_hash=lm.source_hash, fast_path="int8")
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", source_hash: str = "",
