@@ -15,17 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from persona_axis.errors import PersonaAxisError
+from persona_axis.errors import PersonaAxisError, import_optional
 
 INSTALL_HINT = "llama-cpp-python is not installed: run scripts/install-bench-extras.sh"
-
-
-def _llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise PersonaAxisError(INSTALL_HINT) from None
-    return llama_cpp
 
 
 def _silence(llama_cpp: Any) -> None:
@@ -43,7 +35,7 @@ class LlamaCppPeer:
     """A llama.cpp model and context sized for `sequences` parallel sequences of up to `length` tokens each."""
 
     def __init__(self, gguf: str | Path, sequences: int, length: int, threads: int) -> None:
-        llama_cpp = _llama_cpp()
+        llama_cpp = import_optional("llama_cpp", INSTALL_HINT)
         _silence(llama_cpp)
         llama_cpp.llama_backend_init()
         self._lib = llama_cpp

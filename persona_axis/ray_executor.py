@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from persona_axis.errors import PersonaAxisError
+from persona_axis.errors import PersonaAxisError, import_optional
 from persona_axis.executors import ChunkReplies, ModelIdentity, Wave, wave_replies
 
 if TYPE_CHECKING:
@@ -25,11 +25,7 @@ MISSING_RAY = "the Ray executor needs the ray extra: pip install -e \".[ray]\" (
 
 def import_ray() -> Any:
     """The `ray` module, else a PersonaAxisError naming the extra to install."""
-    try:
-        import ray
-    except ImportError:
-        raise PersonaAxisError(MISSING_RAY) from None
-    return ray
+    return import_optional("ray", MISSING_RAY)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, attempts: int = 3) -> None:
