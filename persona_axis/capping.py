@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import LoadedModel
+from persona_axis.models import ModelShape
 from persona_axis.steering import Cap
 from persona_axis.store import atomic_write_bytes
 from persona_axis.vectors import unit_vector
@@ -112,7 +112,7 @@ class CappingConfig:
             raise PersonaAxisError(f"unknown capping experiment {id!r}: choose one of {', '.join(self.experiments)}")
         return self.experiments[id]
 
-    def check_model(self, lm: LoadedModel) -> None:
+    def check_model(self, lm: ModelShape) -> None:
         """Refuse a model whose layer count, hidden size or source hash differ from the config's."""
         top = max((c.layer for e in self.experiments.values() for c in e.caps), default=-1)
         fits = (self.n_layers in (0, lm.n_layers) and top < lm.n_layers and self.hidden_size == lm.hidden_size

@@ -24,7 +24,7 @@ from persona_axis.capping import CappingConfig, load_config
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.measurement import check_layer_index, measured_layer
-from persona_axis.models import LoadedModel, Message
+from persona_axis.models import LoadedModel, Message, ModelShape
 from persona_axis.steering import Addition, Cap, Intervention
 from persona_axis.store import load_tensors
 
@@ -96,7 +96,7 @@ def steering_vector(axis: Axis, layer: int, norms: Tensor | None = None) -> Tens
     return float(norms[layer]) * axis.unit(layer)
 
 
-def build_interventions(lm: LoadedModel, axis: Axis, config: CappingConfig | None = None,
+def build_interventions(lm: ModelShape, axis: Axis, config: CappingConfig | None = None,
                         experiment: str | None = None, steer: Sequence[str] = (),
                         norms: Tensor | None = None) -> dict[int, list[Intervention]]:
     """Caps from a config's experiment (tracking engagement) plus axis additions from --steer specs.
@@ -122,7 +122,7 @@ def build_interventions(lm: LoadedModel, axis: Axis, config: CappingConfig | Non
     return interventions
 
 
-def load_interventions(lm: LoadedModel, axis: Axis, axis_path: str | Path, config: str | Path | None = None,
+def load_interventions(lm: ModelShape, axis: Axis, axis_path: str | Path, config: str | Path | None = None,
                        cap: str | None = None, steer: Sequence[str] = ()) -> dict[int, list[Intervention]]:
     """Interventions from the command-line options shared by chat, generate and simulate.
 

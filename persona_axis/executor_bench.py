@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from persona_axis.executors import ChunkReplies, LocalExecutor, Wave
+from persona_axis.executors import ChunkReplies, LocalExecutor, Wave, run_waves
 from persona_axis.models import LoadedModel, load_model
 from persona_axis.ray_executor import ModelSpec, RayExecutor, import_ray, init_ray
 
@@ -48,7 +48,7 @@ def _on_ray(executor: RayExecutor, waves: list[Wave], settings: Any) -> tuple[fl
         start = time.perf_counter()
         executor.model_identity()
         start_s = time.perf_counter() - start
-        run_s, chunks = _timed(lambda: executor.run_waves(waves, settings))
+        run_s, chunks = _timed(lambda: run_waves(executor, waves, settings))
     return start_s, run_s, chunks
 
 
@@ -64,7 +64,7 @@ def bench_executor(model: ModelSpec, threads: int = 2, replies: int | None = Non
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        local_s, local = _timed(lambda: LocalExecutor(lm).run_waves(waves, settings))
+        local_s, local = _timed(lambda: run_waves(LocalExecutor(lm), waves, settings))
     finally:
         torch.set_num_threads(before)
     started_ray = not ray.is_initialized()

@@ -1,18 +1,23 @@
-"""Where a run's rollouts are generated: the executor interface and the local executor (this process, the default).
+"""Where model work runs: the executor interface, jobs, and the local executor (this process, the default).
 
-The pipeline cuts its plan into chunks and its chunks into waves (pipeline.CHUNKS_PER_WAVE); a
-wave is generated as one continuous batch, so the unit an executor hands out is a wave, never a
-lone chunk: every reply then meets the same batch companions wherever it runs, and with one
-random stream per reply (sampling.py) its tokens and means do not depend on the executor.
-An executor only computes: the driver (step_rollouts) records each finished chunk itself, so the
-run directory keeps one writer. The Ray executor lives in ray_executor.py.
+An executor holds a model (here, or on each actor of a cluster) and runs jobs on it. A job is a
+picklable callable (a frozen dataclass of plain values and tensors) that takes the model and
+yields its results piece by piece: locally each piece reaches the caller as soon as it is made,
+from a Ray actor all of a job's pieces arrive when the job returns. An executor only computes:
+the caller (step_rollouts, simulate, the eval steps) records what comes back, so a run directory
+keeps one writer, and a job's result depends only on the job, never on where it ran.
+
+The pipeline's jobs are waves (pipeline.CHUNKS_PER_WAVE chunks generated as one continuous batch),
+never a lone chunk: every reply then meets the same batch companions wherever it runs, and with one
+random stream per reply (sampling.py) its tokens and means do not depend on the executor. The Ray
+executor lives in ray_executor.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from persona_axis.generation import Reply, decode_spec, stream_replies
 from persona_axis.models import LoadedModel
@@ -20,6 +25,9 @@ from persona_axis.sampling import stream_seed
 
 if TYPE_CHECKING:
     from persona_axis.pipeline import PlanItem, Settings
+
+Piece = TypeVar("Piece")
+Piece_co = TypeVar("Piece_co", covariant=True)
 
 # One wave: {chunk index: the chunk's plan items, in order}.
 Wave = dict[int, list["PlanItem"]]
@@ -42,15 +50,24 @@ class ModelIdentity:
         return cls(lm.name, lm.source_hash, tuple(lm.numerics().items()), lm.n_layers, lm.hidden_size)
 
 
+class Job(Protocol[Piece_co]):
+    """Work on one model: picklable (it may travel to a Ray actor), yields its results piece by piece."""
+
+    def __call__(self, lm: LoadedModel) -> Iterator[Piece_co]: ...
+
+
 class Executor(Protocol):
-    """Generates waves of chunks and yields each chunk once its replies are in, in any order, each chunk once."""
+    """Runs jobs on its model and yields (job index, piece) for every piece of every job, each once.
+
+    Jobs may finish in any order; the pieces of one job come in the order the job yields them.
+    """
 
     name: str
 
     def model_identity(self) -> ModelIdentity:
-        """The model (and dtype) every wave is generated with."""
+        """The model (and dtype) every job runs on."""
 
-    def run_waves(self, waves: Sequence[Wave], settings: Settings) -> Iterator[ChunkReplies]: ...
+    def run_jobs(self, jobs: Sequence[Job[Piece]]) -> Iterator[tuple[int, Piece]]: ...
 
 
 def wave_replies(lm: LoadedModel, wave: Wave, settings: Settings) -> Iterator[ChunkReplies]:
@@ -74,8 +91,25 @@ def wave_replies(lm: LoadedModel, wave: Wave, settings: Settings) -> Iterator[Ch
             del waiting[k]
 
 
+@dataclass(frozen=True)
+class WaveJob:
+    """One wave of the pipeline's chunks: yields each chunk with its replies once its last reply ends."""
+
+    wave: Wave
+    settings: Settings
+
+    def __call__(self, lm: LoadedModel) -> Iterator[ChunkReplies]:
+        return wave_replies(lm, self.wave, self.settings)
+
+
+def run_waves(executor: Executor, waves: Sequence[Wave], settings: Settings) -> Iterator[ChunkReplies]:
+    """Every chunk of every wave with its replies, in any order, each chunk once."""
+    for _, chunk in executor.run_jobs([WaveJob(wave, settings) for wave in waves]):
+        yield chunk
+
+
 class LocalExecutor:
-    """Every wave in this process, one after the other, on an already-loaded model."""
+    """Every job in this process, one after the other, on an already-loaded model."""
 
     name = "local"
 
@@ -85,6 +119,7 @@ class LocalExecutor:
     def model_identity(self) -> ModelIdentity:
         return ModelIdentity.of(self.lm)
 
-    def run_waves(self, waves: Sequence[Wave], settings: Settings) -> Iterator[ChunkReplies]:
-        for wave in waves:
-            yield from wave_replies(self.lm, wave, settings)
+    def run_jobs(self, jobs: Sequence[Job[Piece]]) -> Iterator[tuple[int, Piece]]:
+        for index, job in enumerate(jobs):
+            for piece in job(self.lm):
+                yield index, piece

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 import torch
@@ -47,6 +47,20 @@ _LAYER_PATHS = (
 Message = dict[str, str]
 # What reading a truncated or corrupt GGUF file raises, in gguf's reader or in transformers' conversion.
 _GGUF_READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, EOFError, OSError, struct.error)
+
+
+class ModelShape(Protocol):
+    """What checking an axis, a capping config or a layer against a model reads: a LoadedModel, or the
+    executors.ModelIdentity a cluster's workers report (so a driver can check without loading the model)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source_hash(self) -> str: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
 
 
 @dataclass

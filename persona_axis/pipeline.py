@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
 from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
-from persona_axis.executors import Executor, LocalExecutor, ModelIdentity, Wave
+from persona_axis.executors import Executor, LocalExecutor, ModelIdentity, Wave, run_waves
 from persona_axis.generation import Reply
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index
@@ -170,7 +170,7 @@ def step_rollouts(store: RunStore, executor: Executor, plan: list[PlanItem], set
     missing = [wave for wave in waves if not all(complete[k] for k in wave)]
     bar = tqdm(total=len(plan), desc=f"rollouts ({executor.name})", unit="reply", disable=not progress)
     bar.update(sum(len(chunks[k]) for k, is_complete in enumerate(complete) if is_complete))
-    for k, replies in executor.run_waves(missing, settings):
+    for k, replies in run_waves(executor, missing, settings):
         if not complete[k]:
             _save_chunk(store, k, chunks[k], replies, done)
             complete[k] = True

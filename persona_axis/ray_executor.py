@@ -1,10 +1,11 @@
-"""The Ray executor: waves of chunks as Ray tasks on actors that each hold one copy of the model.
+"""The Ray executor: jobs (executors.Job) as Ray tasks on actors that each hold one copy of the model.
 
 Needs the optional `ray` extra (`pip install -e ".[ray]"`). The driver hands each idle actor the
-next wave and records what comes back (executors.py explains why the unit is a wave). When an
-actor dies (its node lost, the process killed, out of memory) the wave it held goes back to the
-front of the queue and runs on another actor; the dead actor returns nothing, so no chunk is
-recorded twice. An error raised inside a task (bad input, a bug) is not retried: it would fail again.
+next job and the caller records what comes back (executors.py: the pipeline's jobs are waves;
+simulate's are batches of conversations; an eval's are chunks of replies and capability checks).
+When an actor dies (its node lost, the process killed, out of memory) the job it held goes back
+to the front of the queue and runs on another actor; the dead actor returns nothing, so nothing
+is recorded twice. An error raised inside a job (bad input, a bug) is not retried: it would fail again.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from persona_axis.errors import PersonaAxisError, import_optional
-from persona_axis.executors import ChunkReplies, ModelIdentity, Wave, wave_replies
-
-if TYPE_CHECKING:
-    from persona_axis.pipeline import Settings
+from persona_axis.executors import Job, ModelIdentity, Piece
 
 MISSING_RAY = "the Ray executor needs the ray extra: pip install -e \".[ray]\" (or pip install \"persona-axis[ray]\")"
 
@@ -61,8 +59,8 @@ class ModelSpec:
     fast_path: str = "exact"
 
 
-class RolloutActor:
-    """One model in one Ray actor process; generates whole waves (run as `ray.remote(RolloutActor)`)."""
+class ModelActor:
+    """One model in one Ray actor process; runs whole jobs (run as `ray.remote(ModelActor)`)."""
 
     def __init__(self, model: ModelSpec, threads: int) -> None:
         import torch
@@ -76,19 +74,19 @@ class RolloutActor:
     def model_identity(self) -> ModelIdentity:
         return ModelIdentity.of(self.lm)
 
-    def wave(self, wave: Wave, settings: Settings) -> list[ChunkReplies]:
-        """Every chunk of the wave with its replies (each reply's means [layers, hidden] on the CPU)."""
-        return list(wave_replies(self.lm, wave, settings))
+    def run(self, job: Job[Piece]) -> list[Piece]:
+        """Every piece the job yields on this actor's model (tensors in them on the CPU)."""
+        return list(job(self.lm))
 
 
 class RayExecutor:
-    """Waves on `actors` Ray actors, each with `threads_per_actor` CPU threads and `gpus_per_actor` GPUs
+    """Jobs on `actors` Ray actors, each with `threads_per_actor` CPU threads and `gpus_per_actor` GPUs
     (None: one where the cluster has GPUs, else none).
 
     address: "auto" (the cluster this machine belongs to), "HOST:PORT", or None (connect to
     $RAY_ADDRESS, else start a local Ray for this process). Use as a context manager, or call
-    start() and close(). `retried_waves` counts waves re-run after their actor died; `waves_by_actor`
-    the waves each actor (by its index in start order) returned.
+    start() and close(). `retried_jobs` counts jobs re-run after their actor died; `jobs_by_actor`
+    the jobs each actor (by its index in start order) returned.
     """
 
     name = "ray"
@@ -101,8 +99,8 @@ class RayExecutor:
         self.model, self.address = model, address
         self.n_actors, self.threads, self.gpus = actors, threads_per_actor, gpus_per_actor
         self.actors: list[Any] = []
-        self.retried_waves = 0
-        self.waves_by_actor: collections.Counter[int] = collections.Counter()
+        self.retried_jobs = 0
+        self.jobs_by_actor: collections.Counter[int] = collections.Counter()
         self._started_ray = False
         self._numbers: dict[int, int] = {}
 
@@ -121,7 +119,7 @@ class RayExecutor:
             self._started_ray = True
         if self.gpus is None:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus)(RolloutActor)
+        remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus)(ModelActor)
         self.actors = [remote.remote(self.model, self.threads) for _ in range(self.n_actors)]
         self._numbers = {id(actor): n for n, actor in enumerate(self.actors)}
 
@@ -150,18 +148,18 @@ class RayExecutor:
                                    "explicit --dtype")
         return found.pop()
 
-    def run_waves(self, waves: Sequence[Wave], settings: Settings) -> Iterator[ChunkReplies]:
-        """Hand each idle actor the next wave; yield a wave's chunks when it returns; re-queue a dead actor's wave."""
+    def run_jobs(self, jobs: Sequence[Job[Piece]]) -> Iterator[tuple[int, Piece]]:
+        """Hand each idle actor the next job; yield a job's pieces when it returns; re-queue a dead actor's job."""
         if not self.actors:
             raise PersonaAxisError("the Ray executor is not started: use it as a context manager or call start()")
         ray = self.ray
-        queue = collections.deque(range(len(waves)))
+        queue = collections.deque(range(len(jobs)))
         idle = list(self.actors)
         running: dict[Any, tuple[Any, int]] = {}
         while queue or running:
             while queue and idle:
                 actor, index = idle.pop(0), queue.popleft()
-                running[actor.wave.remote(waves[index], settings)] = (actor, index)
+                running[actor.run.remote(jobs[index])] = (actor, index)
             ready, _ = ray.wait(list(running), num_returns=1)
             actor, index = running.pop(ready[0])
             try:
@@ -169,11 +167,12 @@ class RayExecutor:
             except ray.exceptions.RayActorError:
                 self._lose(actor)
                 queue.appendleft(index)
-                self.retried_waves += 1
+                self.retried_jobs += 1
                 continue
             idle.append(actor)
-            self.waves_by_actor[self._numbers[id(actor)]] += 1
-            yield from finished
+            self.jobs_by_actor[self._numbers[id(actor)]] += 1
+            for piece in finished:
+                yield index, piece
 
     def _lose(self, actor: Any) -> None:
         self.actors.remove(actor)

@@ -2,11 +2,13 @@
 
 A simulated user (a local model, or any OpenAI-compatible endpoint) plays a persona from
 data/domains.json (coding, writing, therapy, philosophy): who they are, what they want, and their
-opening message. persona_axis.simulate runs the conversations with the target model.
+opening message. persona_axis.simulate runs the conversations with the target model. A UserSpec
+describes a simulator in plain values, so it can be built where the target model lives (a Ray actor).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Protocol
 from persona_axis.chat_api import ChatClient, Unparsed
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
-from persona_axis.models import LoadedModel, Message
+from persona_axis.models import LoadedModel, Message, load_model
 
 DOMAINS_FILE = Path(__file__).parent / "data" / "domains.json"
 SIMULATOR_PROMPT = """\
@@ -117,3 +119,44 @@ def _user_message(reply: str) -> str:
     if not reply.strip():
         raise ValueError("empty reply")
     return reply.strip()
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    """A user simulator in plain values, built by `build(target)` wherever the target model is loaded.
+
+    With `url`: the model `url_model` behind that OpenAI-compatible endpoint (API key in $`key_env`).
+    Else a local chat model: `model` (a models.load_model spec, loaded with `dtype`, `device` and
+    `fast_path`; None: the target model plays the user too) writing up to `max_new_tokens` tokens.
+    """
+
+    url: str | None = None
+    url_model: str | None = None
+    key_env: str = "OPENAI_API_KEY"
+    model: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    fast_path: str = "exact"
+    temperature: float = 0.8
+    max_new_tokens: int = 80
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.url is not None and (self.model is not None or not self.url_model):
+            raise PersonaAxisError("--user-url needs --user-model-name (the endpoint's model) and no --user-model")
+        if self.url is None and self.url_model is not None:
+            raise PersonaAxisError("--user-model-name names a model behind --user-url: give --user-url too")
+
+    def build(self, target: LoadedModel) -> UserSimulator:
+        """The simulator this spec describes; a local user model is loaded once per process."""
+        if self.url is not None:
+            return OpenAIUserSimulator(self.url, self.url_model or "", self.key_env, temperature=self.temperature)
+        lm = target if self.model is None else _user_model(self.model, self.dtype, self.device, self.fast_path)
+        return LocalUserSimulator(lm, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  seed=self.seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _user_model(spec: str, dtype: str, device: str | None, fast_path: str) -> LoadedModel:
+    """A user model other than the target, kept for the life of the process (every batch on a Ray actor reuses it)."""
+    return load_model(spec, dtype=dtype, device=device, fast_path=fast_path, progress=False)

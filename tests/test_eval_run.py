@@ -96,9 +96,9 @@ def full_run(tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet, tmp_path_
 
 
 def test_chunks_batch_similar_prompt_lengths(tiny_lm: LoadedModel, smoke_set: EvalSet) -> None:
-    chunks = chunks_by_length(tiny_lm, smoke_set.items, 4)
-    assert [len(c) for c in chunks] == [4, 4, 4, 1]
     in_file_order = [tiny_lm.prompt_length(list(i.messages)) for i in smoke_set.items]
+    chunks = chunks_by_length(in_file_order, smoke_set.items, 4)
+    assert [len(c) for c in chunks] == [4, 4, 4, 1]
     chunked = [tiny_lm.prompt_length(list(i.messages)) for c in chunks for i in c]
     assert sorted(i.id for c in chunks for i in c) == sorted(i.id for i in smoke_set.items)
     assert chunked == sorted(in_file_order) != in_file_order

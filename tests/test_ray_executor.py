@@ -1,9 +1,11 @@
 """The Ray executor on a local Ray cluster started by the test (loopback only, 2 CPUs): the smoke preset
-on the tiny model gives the local executor's axis bit for bit, also when an actor is killed mid-run. A missing
-ray is tested in test_executors.py."""
+on the tiny model gives the local executor's axis bit for bit, also when an actor is killed mid-run;
+`simulate` and `eval run` on two actors write the local executor's records. A missing ray is tested in
+test_executors.py."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -91,7 +93,7 @@ def test_two_actors_give_the_local_axis_bit_for_bit(local_ray: None, local_run: 
     with _executor(tiny_model_dir) as executor:
         run = run_pipeline(tmp_path / "run", None, load_catalog(), settings, LengthJudge(), progress=False,
                            executor=executor)
-        assert executor.waves_by_actor == {0: 1, 1: 1} and executor.retried_waves == 0  # one wave each
+        assert executor.jobs_by_actor == {0: 1, 1: 1} and executor.retried_jobs == 0  # one wave each
     assert_same_run(run, local_run(2), settings)
 
 
@@ -116,7 +118,7 @@ def test_a_killed_actor_loses_nothing_and_duplicates_nothing(local_ray: None, lo
         ray.kill(victim, no_restart=True)  # the first wave is in: the other actor is mid-wave
         thread.join(timeout=300)
         assert not thread.is_alive() and not failures, failures
-        assert executor.retried_waves >= 1 and len(executor.actors) == 1
+        assert executor.retried_jobs >= 1 and len(executor.actors) == 1
     assert_same_run(out, local_run(1), settings)
 
 
@@ -130,3 +132,67 @@ def test_bench_executor_reports_rates_and_identity(local_ray: None, tiny_model_d
                                                          rel=0.01)
     # One thread everywhere: both Ray configurations reproduce the local chunks bit for bit.
     assert report["ray_identical_to_local"] and report["ray_1_actors_x1_thread_identical_to_local"]
+
+
+def _single_threaded_main(args: list[str]) -> int:
+    """The CLI in this process with one torch thread, like each actor (bit-identity needs equal thread counts)."""
+    from persona_axis.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sorted_records(run: Path, name: str) -> list[dict]:
+    return sorted(RunStore(run).records(name), key=lambda r: json.dumps(r, sort_keys=True))
+
+
+def test_simulate_on_two_actors_writes_the_local_conversations(local_ray: None, local_run: Callable[[int], Path],
+                                                               tiny_model_dir: str, tmp_path: Path) -> None:
+    # Three conversations in batches of two: two jobs, one per actor; the target also plays the user.
+    args = ["simulate", "--model", tiny_model_dir, "--dtype", "float32", "--device", "cpu", "--axis",
+            str(local_run(2)), "--domain", "therapy", "--n", "3", "--turns", "2", "--batch-size", "2",
+            "--max-new-tokens", "6", "--user-max-new-tokens", "6", "--json"]
+    assert _single_threaded_main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert _single_threaded_main([*args, "--out", str(tmp_path / "ray"), "--executor", "ray", "--actors", "2"]) == 0
+    local, on_ray = (_sorted_records(tmp_path / name, "conversations") for name in ("local", "ray"))
+    assert len(local) == 3 and on_ray == local
+    assert all(len(r["messages"]) == 4 and None not in r["projections"] for r in local)
+    # Same run identity: the Ray run resumes from the local one's directory with nothing left to do.
+    assert RunStore(tmp_path / "ray").read_manifest()["identity"] == RunStore(tmp_path / "local").read_manifest()["identity"]
+
+
+def test_a_simulator_holding_a_model_is_refused_before_anything_runs(tiny_model_dir: str) -> None:
+    from persona_axis.axis import Axis
+    from persona_axis.errors import PersonaAxisError
+    from persona_axis.simulate import simulate
+    from persona_axis.user_simulators import LocalUserSimulator
+
+    lm = load_model(tiny_model_dir, dtype="float32", device="cpu", progress=False)
+    executor = _executor(tiny_model_dir)  # not started: the refusal comes first
+    with pytest.raises(PersonaAxisError, match="UserSpec"):
+        simulate(None, Axis(torch.zeros(lm.n_layers, lm.hidden_size)), LocalUserSimulator(lm), "therapy", 1, 1,
+                 executor=executor)
+
+
+def test_eval_on_two_actors_writes_the_local_records(local_ray: None, local_run: Callable[[int], Path],
+                                                     tiny_model_dir: str, tmp_path: Path) -> None:
+    from persona_axis.calibration import calibrate
+    from persona_axis.capping import save_config
+
+    axis_run, cap = local_run(2), "layers_1:3-p0.5"
+    save_config(calibrate(axis_run, range(1, 3), [0.5]), tmp_path / "capping")
+    args = ["eval", "run", "--model", tiny_model_dir, "--dtype", "float32", "--device", "cpu", "--axis", str(axis_run),
+            "--config", str(tmp_path / "capping"), "--cap", cap, "--steer=-1@0", "--preset", "smoke", "--quiet"]
+    assert _single_threaded_main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert _single_threaded_main([*args, "--out", str(tmp_path / "ray"), "--executor", "ray", "--actors", "2"]) == 0
+    for name in ("replies", "capabilities", "verdicts"):
+        local, on_ray = _sorted_records(tmp_path / "local", name), _sorted_records(tmp_path / "ray", name)
+        assert local and on_ray == local, name
+    conditions = {r["condition"] for r in _sorted_records(tmp_path / "ray", "replies")}
+    assert conditions == {"uncapped", f"cap:{cap}", "steer:-1@0"}
+    checks = {(r["condition"], r["check"]) for r in _sorted_records(tmp_path / "ray", "capabilities")}
+    assert checks == {(c, k) for c in conditions for k in ("ifbench", "bigbench", "kl")}

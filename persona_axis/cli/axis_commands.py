@@ -86,8 +86,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                "key_env": args.judge_key_env}
     judge = make_judge(args.judge, **options)
     trait_judge = make_judge(args.judge, traits=catalog.traits, **options)
-    with executor_from(args) as (lm, executor):
-        run_pipeline(args.out, lm, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
+    with executor_from(args, progress=not args.no_progress) as executor:
+        run_pipeline(args.out, None, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
                      progress=not args.no_progress, trait_judge=trait_judge, executor=executor)
     print(headline(analyze_run(args.out)))
     print(f"report: {Path(args.out) / 'report.html'}")

@@ -6,27 +6,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from persona_axis.cli.options import axis_options, intervention_options, load_model_from, print_json
+from persona_axis.cli.options import axis_options, executor_from, executor_options, intervention_options, print_json
 
 
-def _simulator(args: argparse.Namespace, target: Any) -> Any:
-    """The user simulator the options ask for: an OpenAI-compatible endpoint, or a local model."""
-    from persona_axis.errors import PersonaAxisError
-    from persona_axis.models import load_model
-    from persona_axis.user_simulators import LocalUserSimulator, OpenAIUserSimulator
+def _user_spec(args: argparse.Namespace) -> Any:
+    """The simulated user the options describe: an OpenAI-compatible endpoint, or a local model (default: the target)."""
+    from persona_axis.user_simulators import UserSpec
 
-    if args.user_url:
-        if args.user_model or not args.user_model_name:
-            raise PersonaAxisError("--user-url needs --user-model-name (the endpoint's model) and no --user-model")
-        return OpenAIUserSimulator(args.user_url, args.user_model_name, args.user_key_env,
-                                   temperature=args.user_temperature)
-    if args.user_model_name:
-        raise PersonaAxisError("--user-model-name names a model behind --user-url: give --user-url too")
-    same = args.user_model in (None, args.model)
-    lm = target if same else load_model(args.user_model, dtype=args.dtype, device=args.device,
-                                        fast_path=args.fast_path)
-    return LocalUserSimulator(lm, max_new_tokens=args.user_max_new_tokens, temperature=args.user_temperature,
-                              seed=args.seed)
+    target_plays_user = args.user_model == args.model and not args.user_url
+    return UserSpec(url=args.user_url, url_model=args.user_model_name, key_env=args.user_key_env,
+                    model=None if target_plays_user else args.user_model, dtype=args.dtype, device=args.device,
+                    fast_path=args.fast_path, temperature=args.user_temperature,
+                    max_new_tokens=args.user_max_new_tokens, seed=args.seed)
 
 
 def _stats_json(stats: dict[str, dict[bool, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
@@ -50,19 +41,21 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from persona_axis.simulate import simulate
 
     axis = load_axis(args.axis)
-    target = load_model_from(args)
-    interventions = load_interventions(target, axis, args.axis, args.config, args.cap, args.steer)
-    records = simulate(target, axis, _simulator(args, target), args.domain, args.turns, args.n, layer=args.layer,
-                       interventions=interventions, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                       out=args.out, progress=not args.json, temperature=args.temperature,
-                       batch_size=args.batch_size)
+    user = _user_spec(args)
+    with executor_from(args) as executor:
+        model = executor.model_identity()
+        interventions = load_interventions(model, axis, args.axis, args.config, args.cap, args.steer)
+        records = simulate(None, axis, user, args.domain, args.turns, args.n, layer=args.layer,
+                           interventions=interventions, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                           out=args.out, progress=not args.json, temperature=args.temperature,
+                           batch_size=args.batch_size, executor=executor)
     stats = turn_statistics(records)
     if args.plot:
         plot_domains(stats, args.plot)
     if args.json:
         print_json({"out": args.out, "statistics": _stats_json(stats), "conversations": records})
         return
-    print(f"{len(records)} conversations x {args.turns} turns with {target.name}, projection at layer "
+    print(f"{len(records)} conversations x {args.turns} turns with {model.name}, projection at layer "
           f"{records[0]['layer']} (higher = more Assistant-like)"
           + (f", capped by {args.cap}" if args.cap else "")
           + (f", steered {' '.join(args.steer)}" if args.steer else ""))
@@ -127,6 +120,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim.add_argument("--user-temperature", type=float, default=0.8)
     sim.add_argument("--user-max-new-tokens", type=int, default=80, help="longest user message (local simulator)")
     intervention_options(sim)
+    executor_options(sim)
     sim.add_argument("--out", metavar="DIR", help="save conversations here; a re-run resumes")
     sim.add_argument("--plot", metavar="PNG", help="write the per-domain drift plot here")
     sim.add_argument("--json", action="store_true")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from persona_axis.cli.options import judge_options, load_model_from, model_options
+from persona_axis.cli.options import executor_from, executor_options, judge_options, model_options
 
 
 def cmd_eval_build(args: argparse.Namespace) -> None:
@@ -31,13 +31,14 @@ def cmd_eval_run(args: argparse.Namespace) -> None:
     settings = eval_preset(args.preset)
     eval_set = read_eval_set(args.set) if args.set else build_eval_set(preset_settings(args.preset))
     axis = load_axis(args.axis)
-    lm = load_model_from(args)
-    conditions = plan_conditions(lm, axis, args.axis, args.config, args.cap, args.steer, args.direction)
-    pc1 = pc1_axis(args.axis, axis) if args.direction != "axis" else None
-    judge = make_harm_judge(args.judge, Path(args.out) / "judge-cache", args.judge_url, args.judge_model,
-                            args.judge_key_env)
-    run_eval(args.out, lm, axis, conditions, eval_set, settings, judge, pc1=pc1, preset=args.preset,
-             progress=not args.quiet)
+    with executor_from(args, progress=not args.quiet) as executor:
+        conditions = plan_conditions(executor.model_identity(), axis, args.axis, args.config, args.cap, args.steer,
+                                     args.direction)
+        pc1 = pc1_axis(args.axis, axis) if args.direction != "axis" else None
+        judge = make_harm_judge(args.judge, Path(args.out) / "judge-cache", args.judge_url, args.judge_model,
+                                args.judge_key_env)
+        run_eval(args.out, None, axis, conditions, eval_set, settings, judge, pc1=pc1, preset=args.preset,
+                 progress=not args.quiet, executor=executor)
     print(f"eval run: {len(conditions)} conditions x {len(eval_set.items)} items -> {args.out}; "
           f"next: persona-axis eval report {args.out}")
 
@@ -105,6 +106,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     run.add_argument("--preset", default="standard", choices=["smoke", "standard"],
                      help="run sizes, and the eval set when --set is not given")
     judge_options(run)
+    executor_options(run)
     run.add_argument("--out", required=True, help="the eval run directory (rerun the same command to resume)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_eval_run)

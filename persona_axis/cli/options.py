@@ -75,15 +75,17 @@ def executor_options(p: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def executor_from(args: argparse.Namespace) -> Iterator[tuple[LoadedModel | None, Executor | None]]:
-    """(model, executor) for the pipeline: the model loaded here for --executor local, else a started Ray
-    executor whose actors load it (stopped on exit)."""
+def executor_from(args: argparse.Namespace, progress: bool = True) -> Iterator[Executor]:
+    """The executor --executor names: the local one on the model loaded here, or a started Ray executor
+    whose actors load the model (stopped on exit)."""
+    from persona_axis.executors import LocalExecutor
+
     if args.executor == "local":
-        yield load_model_from(args, progress=not args.no_progress), None
+        yield LocalExecutor(load_model_from(args, progress=progress))
         return
     from persona_axis.ray_executor import ModelSpec, RayExecutor
 
     model = ModelSpec(args.model, args.dtype, args.device, args.device_map, args.fast_path)
     with RayExecutor(model, actors=args.actors, threads_per_actor=args.threads_per_actor,
                      gpus_per_actor=args.gpus_per_actor, address=args.ray_address) as executor:
-        yield None, executor
+        yield executor

@@ -23,7 +23,7 @@ from torch import Tensor
 from persona_axis.axis import Axis
 from persona_axis.capping import CapLayer, load_config, parse_experiment_id
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import LoadedModel
+from persona_axis.models import ModelShape
 from persona_axis.steering import Addition, Cap, Intervention
 
 DIRECTIONS = ("axis", "pc1", "both")
@@ -100,7 +100,7 @@ def _pc1_caps(run_dir: Path, axis: Axis, experiment: str, population: str) -> tu
     return tuple(next(iter(config.experiments.values())).caps)
 
 
-def plan_conditions(lm: LoadedModel, axis: Axis, axis_path: str | Path, config: str | Path | None = None,
+def plan_conditions(lm: ModelShape, axis: Axis, axis_path: str | Path, config: str | Path | None = None,
                     caps: Sequence[str] = (), steers: Sequence[str] = (), direction: str = "axis") -> list[Condition]:
     """Every condition of a run, validated against the model before anything is generated or written.
 

@@ -8,7 +8,10 @@ Layout (owned by persona_axis.store.RunStore; one writer at a time):
   verdicts.jsonl     one record per (condition, item, judge): harmful/refused, score, rationale
 
 Steps run in that order and each does only what is missing, so a killed run resumes where it
-stopped; the judge comes last, so an unreachable judge loses no generated work. Items are cut
+stopped; the judge comes last, so an unreachable judge loses no generated work. Replies and
+capability checks are jobs on an executor (executors.py: this process by default, or the actors
+of a Ray cluster); this process alone writes the directory, and the records do not depend on
+where the jobs ran (only the order of lines in the files may differ). Items are cut
 into fixed chunks of `batch_size` after a stable sort by prompt length (chunks_by_length: less
 padding); chunk k is generated with seed + k
 (greedy by default) under every condition, so all conditions answer identical prompts with
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +41,10 @@ from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.conditions import UNCAPPED, Condition
 from persona_axis.evals.harm_judges import HarmItem, HarmJudge, HarmVerdict
 from persona_axis.evals.harm_set import EvalItem, EvalSet, write_eval_set
+from persona_axis.executors import Executor, LocalExecutor, ModelIdentity
 from persona_axis.generation import generate
 from persona_axis.measurement import measured_layer
-from persona_axis.models import LoadedModel
+from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import Cap
 from persona_axis.store import RunStore
 
@@ -89,11 +93,11 @@ def set_digest(items: Sequence[EvalItem]) -> str:
     return hashlib.sha256(json.dumps([asdict(i) for i in items], sort_keys=True).encode()).hexdigest()
 
 
-def run_identity(lm: LoadedModel, axis: Axis, eval_set: EvalSet, settings: EvalSettings,
+def run_identity(model: ModelIdentity, axis: Axis, eval_set: EvalSet, settings: EvalSettings,
                  conditions: Sequence[Condition]) -> dict[str, Any]:
     """What makes two runs the same run: model, axis, eval set, settings, and what every condition does."""
     axis_hash = hashlib.sha256(axis.vectors.float().contiguous().numpy().tobytes()).hexdigest()
-    return {"model": lm.name, "model_hash": lm.source_hash, **lm.numerics(),
+    return {"model": model.name, "model_hash": model.source_hash, **dict(model.numerics),
             "axis": axis_hash, "eval_set": set_digest(eval_set.items), "settings": asdict(settings),
             "conditions": {c.name: c.digest() for c in conditions}}
 
@@ -107,14 +111,23 @@ def check_resumable(out: str | Path, identity: dict[str, Any]) -> None:
                                "or the same settings to resume")
 
 
-def chunks_by_length(lm: LoadedModel, items: Sequence[EvalItem], size: int) -> list[list[EvalItem]]:
-    """Items cut into chunks of `size` after a stable sort by prompt length under lm's chat template.
+@dataclass(frozen=True)
+class PromptLengths:
+    """A job (executors.Job): the token count of each conversation's prompt under the model's chat template."""
+
+    conversations: list[list[Message]]
+
+    def __call__(self, lm: LoadedModel) -> Iterator[list[int]]:
+        yield [lm.prompt_length(messages) for messages in self.conversations]
+
+
+def chunks_by_length(lengths: Sequence[int], items: Sequence[EvalItem], size: int) -> list[list[EvalItem]]:
+    """Items cut into chunks of `size` after a stable sort by their prompt lengths (PromptLengths).
 
     A batch is padded to its longest prompt, and persona templates run from ~50 to ~750 tokens, so
     batching similar lengths together cuts prefill work (2.6x fewer padded prompt tokens on the
     standard set under Qwen2.5's template). Deterministic: the same model and set give the same chunks.
     """
-    lengths = [lm.prompt_length(list(item.messages)) for item in items]
     order = sorted(range(len(items)), key=lambda k: lengths[k])
     ordered = [items[k] for k in order]
     return [ordered[start : start + size] for start in range(0, len(ordered), size)]
@@ -132,64 +145,108 @@ def _projections(means: Any, direction: Axis, skip: Sequence[int]) -> list[list[
     return [[None if k in skip else v for k, v in enumerate(row)] for row in values]
 
 
-def step_replies(store: RunStore, lm: LoadedModel, axis: Axis, conditions: Sequence[Condition],
+@dataclass(frozen=True)
+class ReplyChunk:
+    """A job: one chunk of eval items answered under one condition (seed + chunk index); yields its records.
+
+    pc1: the PC1 direction whose projections the replies also record (given for the uncapped condition).
+    """
+
+    condition: Condition
+    index: int
+    items: list[EvalItem]
+    axis: Axis
+    settings: EvalSettings
+    pc1: Axis | None = None
+
+    def __call__(self, lm: LoadedModel) -> Iterator[list[dict[str, Any]]]:
+        condition, chunk, settings = self.condition, self.items, self.settings
+        layer = measured_layer(self.axis, condition.layers)
+        interventions = condition.interventions()
+        result = generate(lm, [item.messages for item in chunk], max_new_tokens=settings.max_new_tokens,
+                          temperature=settings.temperature, seed=settings.seed + self.index, batch_size=len(chunk),
+                          interventions=interventions)
+        means = result.captured_means()
+        projections = _projections(means, self.axis, condition.layers)
+        extra = ([{"pc1_projections": row} for row in _projections(means, self.pc1, [])]
+                 if self.pc1 is not None else [{} for _ in chunk])
+        counts = _cap_counts(interventions)
+        yield [{"condition": condition.name, "item": item.id, "kind": item.kind, "chunk": self.index, "text": text,
+                "n_tokens": len(ids), "finished": finished, "layer": layer, "projection": row[layer],
+                "projections": row, "cap_counts": counts, **more}
+               for item, text, ids, finished, row, more in zip(chunk, result.texts, result.token_ids, result.finished,
+                                                                projections, extra)]
+
+
+def step_replies(store: RunStore, executor: Executor, axis: Axis, conditions: Sequence[Condition],
                  items: Sequence[EvalItem], settings: EvalSettings, pc1: Axis | None, progress: bool) -> None:
-    """Generate every missing (condition, item) reply, chunk by chunk; one append per chunk."""
+    """Generate every missing (condition, item) reply: one job per (condition, chunk), one append per chunk."""
     done = {(r["condition"], r["item"]) for r in store.records("replies")}
-    chunks = chunks_by_length(lm, items, settings.batch_size)
-    bar = tqdm(total=len(chunks) * len(conditions), desc="replies", unit="batch", disable=not progress)
-    for condition in conditions:
-        layer = measured_layer(axis, condition.layers)
-        for index, chunk in enumerate(chunks):
-            bar.update(1)
-            if all((condition.name, item.id) in done for item in chunk):
-                continue
-            interventions = condition.interventions()
-            result = generate(lm, [item.messages for item in chunk], max_new_tokens=settings.max_new_tokens,
-                              temperature=settings.temperature, seed=settings.seed + index, batch_size=len(chunk),
-                              interventions=interventions)
-            means = result.captured_means()
-            projections = _projections(means, axis, condition.layers)
-            extra = ([{"pc1_projections": row} for row in _projections(means, pc1, [])]
-                     if pc1 is not None and condition.name == UNCAPPED else [{} for _ in chunk])
-            counts = _cap_counts(interventions)
-            store.append("replies", [
-                {"condition": condition.name, "item": item.id, "kind": item.kind, "chunk": index, "text": text,
-                 "n_tokens": len(ids), "finished": finished, "layer": layer, "projection": row[layer],
-                 "projections": row, "cap_counts": counts, **more}
-                for item, text, ids, finished, row, more in zip(chunk, result.texts, result.token_ids,
-                                                                 result.finished, projections, extra)
-                if (condition.name, item.id) not in done])
+    [(_, lengths)] = list(executor.run_jobs([PromptLengths([list(item.messages) for item in items])]))
+    chunks = chunks_by_length(lengths, items, settings.batch_size)
+    jobs = [ReplyChunk(condition, index, chunk, axis, settings, pc1 if condition.name == UNCAPPED else None)
+            for condition in conditions for index, chunk in enumerate(chunks)
+            if not all((condition.name, item.id) in done for item in chunk)]
+    bar = tqdm(total=len(chunks) * len(conditions), initial=len(chunks) * len(conditions) - len(jobs),
+               desc=f"replies ({executor.name})", unit="batch", disable=not progress)
+    for _, records in executor.run_jobs(jobs):
+        store.append("replies", [r for r in records if (r["condition"], r["item"]) not in done])
+        bar.update(1)
     bar.close()
     store.mark_step("replies", {"done": True, "n": len(items) * len(conditions)})
 
 
-def step_capabilities(store: RunStore, lm: LoadedModel, conditions: Sequence[Condition], settings: EvalSettings,
+@dataclass(frozen=True)
+class CapabilityCheck:
+    """A job: one capability check ("ifbench", "bigbench" or "kl") of some conditions; yields one record each.
+
+    ifbench and bigbench score each condition alone; kl compares each condition's next-token
+    distribution with the uncapped model's on the same default-Assistant conversations.
+    """
+
+    check: str
+    conditions: list[Condition]
+    settings: EvalSettings
+
+    def __call__(self, lm: LoadedModel) -> Iterator[dict[str, Any]]:
+        from persona_axis.catalog import default_conversations, load_catalog, short_model_name
+        from persona_axis.evals.capabilities import next_token_kl
+        from persona_axis.evals.capabilities_bigbench import bigbench
+        from persona_axis.evals.capabilities_ifbench import ifbench
+
+        settings = self.settings
+        if self.check == "kl":
+            catalog = load_catalog().for_model(short_model_name(lm.name))
+            results = next_token_kl(lm, default_conversations(catalog, settings.kl_prompts),
+                                    [c.interventions() for c in self.conditions], settings.kl_max_new_tokens)
+            yield from ({"condition": c.name, "check": "kl", **r.to_json()} for c, r in zip(self.conditions, results))
+            return
+        for condition in self.conditions:
+            if self.check == "ifbench":
+                result: Any = ifbench(lm, settings.ifbench_n, interventions=condition.interventions(),
+                                      max_new_tokens=settings.ifbench_max_new_tokens, seed=settings.seed,
+                                      batch_size=settings.batch_size)
+            else:
+                result = bigbench(lm, settings.bigbench_per_task, interventions=condition.interventions(),
+                                  seed=settings.seed, batch_size=settings.batch_size)
+            yield {"condition": condition.name, "check": self.check, **result.to_json()}
+
+
+def step_capabilities(store: RunStore, executor: Executor, conditions: Sequence[Condition], settings: EvalSettings,
                       progress: bool) -> None:
     """IFBench and BIG-bench per condition, then next-token KL vs uncapped for the conditions still missing it."""
-    from persona_axis.catalog import default_conversations, load_catalog, short_model_name
-    from persona_axis.evals.capabilities import next_token_kl
-    from persona_axis.evals.capabilities_bigbench import bigbench
-    from persona_axis.evals.capabilities_ifbench import ifbench
-
     done = {(r["condition"], r["check"]) for r in store.records("capabilities")}
-    for condition in tqdm(conditions, desc="capabilities", unit="condition", disable=not progress):
-        if (condition.name, "ifbench") not in done:
-            result = ifbench(lm, settings.ifbench_n, interventions=condition.interventions(),
-                             max_new_tokens=settings.ifbench_max_new_tokens, seed=settings.seed,
-                             batch_size=settings.batch_size)
-            store.append("capabilities", [{"condition": condition.name, "check": "ifbench", **result.to_json()}])
-        if (condition.name, "bigbench") not in done:
-            mc = bigbench(lm, settings.bigbench_per_task, interventions=condition.interventions(), seed=settings.seed,
-                          batch_size=settings.batch_size)
-            store.append("capabilities", [{"condition": condition.name, "check": "bigbench", **mc.to_json()}])
-    missing = [c for c in conditions if (c.name, "kl") not in done]
-    if missing:
-        catalog = load_catalog().for_model(short_model_name(lm.name))
-        results = next_token_kl(lm, default_conversations(catalog, settings.kl_prompts),
-                                [c.interventions() for c in missing], settings.kl_max_new_tokens)
-        store.append("capabilities", [{"condition": c.name, "check": "kl", **r.to_json()}
-                                      for c, r in zip(missing, results)])
+    jobs = [CapabilityCheck(check, [condition], settings) for condition in conditions
+            for check in ("ifbench", "bigbench") if (condition.name, check) not in done]
+    missing_kl = [c for c in conditions if (c.name, "kl") not in done]
+    if missing_kl:
+        jobs.append(CapabilityCheck("kl", missing_kl, settings))
+    bar = tqdm(total=sum(len(job.conditions) for job in jobs), desc=f"capabilities ({executor.name})", unit="check",
+               disable=not progress)
+    for _, record in executor.run_jobs(jobs):
+        store.append("capabilities", [record])
+        bar.update(1)
+    bar.close()
     store.mark_step("capabilities", {"done": True})
 
 
@@ -206,7 +263,9 @@ def _checked(verdict: Any, judge_id: str) -> HarmVerdict:
 def step_verdicts(store: RunStore, judge: HarmJudge, items: dict[str, EvalItem], progress: bool) -> None:
     """Judge every reply not yet judged: harm kinds by `judge`, benign persona replies by the refusal cue.
 
-    Appended every JUDGE_BATCH replies, so a judge failing midway keeps what it already judged.
+    Judged in batches of JUDGE_BATCH in (condition, item) order, whatever order the replies were
+    written in (a batching judge pads, which moves its scores by ~1e-7): the same batches after
+    any executor and after a resume. Appended batch by batch, so a judge failing midway keeps what it judged.
     """
     from persona_axis.evals.harm_classifier import refusal_cue
 
@@ -216,7 +275,8 @@ def step_verdicts(store: RunStore, judge: HarmJudge, items: dict[str, EvalItem],
               and (r["condition"], r["item"], REFUSAL_JUDGE) not in judged]
     store.append("verdicts", [{"condition": r["condition"], "item": r["item"], "judge": REFUSAL_JUDGE,
                                "refused": refusal_cue(r["text"])} for r in benign])
-    todo = [r for r in replies if r["kind"] in HARM_KINDS and (r["condition"], r["item"], judge.id) not in judged]
+    todo = sorted((r for r in replies if r["kind"] in HARM_KINDS and (r["condition"], r["item"], judge.id) not in judged),
+                  key=lambda r: (r["condition"], r["item"]))
     bar = tqdm(total=len(todo), desc="judging", unit="reply", disable=not progress)
     for start in range(0, len(todo), JUDGE_BATCH):
         part = todo[start : start + JUDGE_BATCH]
@@ -233,15 +293,21 @@ def step_verdicts(store: RunStore, judge: HarmJudge, items: dict[str, EvalItem],
     store.mark_step("verdicts", {"done": True, "judge": judge.id})
 
 
-def run_eval(out: str | Path, lm: LoadedModel, axis: Axis, conditions: Sequence[Condition], eval_set: EvalSet,
+def run_eval(out: str | Path, lm: LoadedModel | None, axis: Axis, conditions: Sequence[Condition], eval_set: EvalSet,
              settings: EvalSettings, judge: HarmJudge, *, pc1: Axis | None = None, preset: str = "custom",
-             progress: bool = True) -> Path:
+             progress: bool = True, executor: Executor | None = None) -> Path:
     """Run (or resume) an eval into `out`: replies, capabilities, verdicts. Refuses a run with other settings.
 
     pc1: the PC1 direction (persona_axis.evals.conditions.pc1_axis) whose projections the uncapped
-    replies also record, for diagnosing PC1 conditions.
+    replies also record, for diagnosing PC1 conditions. `executor` generates replies and runs the
+    capability checks (default: this process, on `lm`; with a RayExecutor `lm` may be None); the
+    judge runs in this process.
     """
-    identity = run_identity(lm, axis, eval_set, settings, conditions)
+    if executor is None:
+        if lm is None:
+            raise PersonaAxisError("run_eval needs a model (lm) or an executor that holds one")
+        executor = LocalExecutor(lm)
+    identity = run_identity(executor.model_identity(), axis, eval_set, settings, conditions)
     check_resumable(out, identity)
     items = {item.id: item for item in eval_set.items}
     with RunStore.open(out) as store:
@@ -249,7 +315,7 @@ def run_eval(out: str | Path, lm: LoadedModel, axis: Axis, conditions: Sequence[
                                "conditions": [c.describe() for c in conditions],
                                "eval_set_manifest": eval_set.manifest})
         write_eval_set(eval_set, store.root / "evalset.jsonl")
-        step_replies(store, lm, axis, conditions, eval_set.items, settings, pc1, progress)
-        step_capabilities(store, lm, conditions, settings, progress)
+        step_replies(store, executor, axis, conditions, eval_set.items, settings, pc1, progress)
+        step_capabilities(store, executor, conditions, settings, progress)
         step_verdicts(store, judge, items, progress)
     return Path(out)
