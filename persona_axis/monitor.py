@@ -116,19 +116,22 @@ def turn_layout(lm: LoadedModel, messages: list[Message], start: int = 0) -> Tur
 
 @torch.inference_mode()
 def _forward_projections(lm: LoadedModel, ids: list[int], units: dict[int, Tensor], cache: Any = None) -> Tensor:
-    """Feed ids (after what `cache` holds, if given); per-token projections [len(units), len(ids)] float32."""
+    """Feed ids (after what `cache` holds, if given); per-token projections [len(units), len(ids)] float32 on the CPU.
+
+    Each layer projects on its own device, so a model sharded over devices (device_map) works too.
+    """
     found: dict[int, Tensor] = {}
 
     def recorder(layer: int) -> LayerOp:
         def record(hidden: Tensor) -> None:
-            found[layer] = hidden[0].float() @ units[layer]
+            found[layer] = (hidden[0].float() @ units[layer].to(hidden.device)).cpu()
 
         return record
 
     with layer_hooks(lm.layers, {layer: [recorder(layer)] for layer in units}):
         lm.model.base_model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache,
                             use_cache=cache is not None)
-    return torch.stack([found[layer] for layer in units]).cpu()
+    return torch.stack([found[layer] for layer in units])
 
 
 class ConversationProjector:

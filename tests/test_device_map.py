@@ -1,6 +1,7 @@
-"""Models split by a device map (accelerate): capture and interventions read and change the same residual stream as
-on the whole model. On this CPU-only machine the split is layers offloaded to disk, whose weights accelerate's own
-hooks load at each forward, next to ours; the CUDA path (device_map="auto" over GPUs) is the same code, untested here."""
+"""Models split by a device map (accelerate): capture, interventions and the turn-by-turn monitor read and change the
+same residual stream as on the whole model. On this CPU-only machine the split is layers offloaded to disk, whose
+weights accelerate's own hooks load at each forward, next to ours; the CUDA path (device_map="auto" over GPUs) is the
+same code, untested here."""
 
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ def test_interventions_on_an_offloaded_layer_act_as_on_the_whole_model(whole: Lo
     split_texts, split_means = _generate(split, interventions=interventions)
     assert not torch.equal(means, plain)  # the interventions change the stream
     assert split_texts == texts and torch.equal(split_means, means)
+
+
+def test_the_monitor_projects_a_split_model_as_the_whole_model(whole: LoadedModel, split: LoadedModel) -> None:
+    from persona_axis.axis import Axis
+    from persona_axis.monitor import ConversationProjector
+
+    axis = Axis(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)))
+    conversation = [*CONVERSATIONS[1], {"role": "assistant", "content": "To the islands."},
+                    {"role": "user", "content": "And then?"}]
+    turns = {}
+    for name, lm in (("whole", whole), ("split", split)):
+        projector = ConversationProjector(lm, axis, layers=[0, 1, 2], layer=2)  # layer 2 lives on disk in the split
+        turns[name] = [t.by_layer for t in projector.add_turns(conversation)]
+    assert len(turns["whole"]) == 4 and turns["split"] == turns["whole"]
 
 
 def test_device_map_auto_loads_through_accelerate(tiny_model_dir: str, whole: LoadedModel) -> None:
