@@ -1,9 +1,10 @@
 """Where model work runs: the executor interface, jobs, and the local executor (this process, the default).
 
 An executor holds a model (here, or on each actor of a cluster) and runs jobs on it. A job is a
-picklable callable (a frozen dataclass of plain values and tensors) that takes the model and
-yields its results piece by piece: locally each piece reaches the caller as soon as it is made,
-from a Ray actor all of a job's pieces arrive when the job returns. An executor only computes:
+picklable callable (a frozen dataclass; nothing in it may hold a model) that takes the model and
+yields its results piece by piece, with any tensors in them on the CPU: locally each piece
+reaches the caller as soon as it is made, from a Ray actor all of a job's pieces arrive when the
+job returns. An executor only computes:
 the caller (step_rollouts, simulate, the eval steps) records what comes back, so a run directory
 keeps one writer, and a job's result depends only on the job, never on where it ran.
 
@@ -51,7 +52,7 @@ class ModelIdentity:
 
 
 class Job(Protocol[Piece_co]):
-    """Work on one model: picklable (it may travel to a Ray actor), yields its results piece by piece."""
+    """Work on one model: picklable (it may travel to a Ray actor), yields its results piece by piece (CPU tensors)."""
 
     def __call__(self, lm: LoadedModel) -> Iterator[Piece_co]: ...
 

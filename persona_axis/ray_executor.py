@@ -11,7 +11,7 @@ is recorded twice. An error raised inside a job (bad input, a bug) is not retrie
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,7 @@ class ModelActor:
         return ModelIdentity.of(self.lm)
 
     def run(self, job: Job[Piece]) -> list[Piece]:
-        """Every piece the job yields on this actor's model (tensors in them on the CPU)."""
+        """Every piece the job yields on this actor's model."""
         return list(job(self.lm))
 
 
@@ -84,7 +84,8 @@ class RayExecutor:
     (None: one where the cluster has GPUs, else none).
 
     address: "auto" (the cluster this machine belongs to), "HOST:PORT", or None (connect to
-    $RAY_ADDRESS, else start a local Ray for this process). Use as a context manager, or call
+    $RAY_ADDRESS, else start a local Ray for this process). `env_vars` are set in every actor's
+    environment (a node started by `ray start` does not see the driver's: API keys a job needs). Use as a context manager, or call
     start() and close(). `retried_jobs` counts jobs re-run after their actor died; `jobs_by_actor`
     the jobs each actor (by its index in start order) returned.
     """
@@ -92,11 +93,12 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, model: ModelSpec, actors: int = 1, threads_per_actor: int = 1,
-                 gpus_per_actor: float | None = None, address: str | None = None) -> None:
+                 gpus_per_actor: float | None = None, address: str | None = None,
+                 env_vars: Mapping[str, str] | None = None) -> None:
         if actors < 1 or threads_per_actor < 1 or (gpus_per_actor or 0) < 0:
             raise PersonaAxisError("the Ray executor needs at least one actor, one thread per actor and gpus >= 0")
         self.ray = import_ray()
-        self.model, self.address = model, address
+        self.model, self.address, self.env_vars = model, address, dict(env_vars or {})
         self.n_actors, self.threads, self.gpus = actors, threads_per_actor, gpus_per_actor
         self.actors: list[Any] = []
         self.retried_jobs = 0
@@ -119,7 +121,8 @@ class RayExecutor:
             self._started_ray = True
         if self.gpus is None:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus)(ModelActor)
+        options: dict[str, Any] = {"runtime_env": {"env_vars": self.env_vars}} if self.env_vars else {}
+        remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, **options)(ModelActor)
         self.actors = [remote.remote(self.model, self.threads) for _ in range(self.n_actors)]
         self._numbers = {id(actor): n for n, actor in enumerate(self.actors)}
 

@@ -183,14 +183,16 @@ def _executor_for(target: LoadedModel | None, executor: Executor | None,
 
 
 def load_simulations(directories: Sequence[str | Path]) -> list[Record]:
-    """Conversation records of one or more simulation run directories, each with its "run"; per directory in
-    conversation-id order (an executor may append batches in any order, and statistics should not depend on it)."""
+    """Conversation records of one or more simulation run directories, each with its "run"; per directory in plan
+    order (catalogue domain, then id), whatever order an executor appended its batches in."""
     records: list[Record] = []
+    domains = list(load_domains())
     for directory in directories:
         store = RunStore(Path(directory))
         if not store.has(f"{CONVERSATIONS}.jsonl"):
             raise PersonaAxisError(f"{directory} holds no {CONVERSATIONS}.jsonl: "
                                    f"run `persona-axis simulate --out {directory}` first")
-        found = sorted(store.records(CONVERSATIONS), key=lambda record: str(record["id"]))
+        found = sorted(store.records(CONVERSATIONS), key=lambda r: (domains.index(r["domain"]) if r["domain"] in domains
+                                                                    else len(domains), str(r["id"])))
         records.extend({**record, "run": str(directory)} for record in found)
     return records

@@ -143,9 +143,11 @@ class UserSpec:
 
     def __post_init__(self) -> None:
         if self.url is not None and (self.model is not None or not self.url_model):
-            raise PersonaAxisError("--user-url needs --user-model-name (the endpoint's model) and no --user-model")
+            raise PersonaAxisError("a user simulator at a URL (--user-url) needs the endpoint's model name "
+                                   "(--user-model-name) and no local user model (--user-model)")
         if self.url is None and self.url_model is not None:
-            raise PersonaAxisError("--user-model-name names a model behind --user-url: give --user-url too")
+            raise PersonaAxisError("the user model name (--user-model-name) names a model behind a URL: give the URL "
+                                   "(--user-url) too")
 
     def build(self, target: LoadedModel) -> UserSimulator:
         """The simulator this spec describes; a local user model is loaded once per process."""

@@ -24,6 +24,7 @@ from persona_axis.evals.capabilities_ifbench import (
     NEEDS_NLTK_DATA,
     IFBenchPrompt,
     ifbench,
+    ifbench_prompts,
     is_supported,
     load_ifbench,
     score_reply,
@@ -95,6 +96,17 @@ def test_bigbench_runs_end_to_end_on_a_tiny_model(tiny_llama: LoadedModel) -> No
 
 def _prompt(key: str) -> IFBenchPrompt:
     return next(p for p in load_ifbench() if p.key == key)
+
+
+def test_prompts_chosen_elsewhere_are_refused_where_their_checkers_cannot_run(
+        tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_axis.evals import capabilities_ifbench
+
+    needs_data = next(p for p in load_ifbench() if NEEDS_NLTK_DATA & set(p.instruction_ids))
+    monkeypatch.setattr(capabilities_ifbench, "_have_nltk_data", lambda: False)  # a machine without the NLTK data
+    with pytest.raises(PersonaAxisError, match=f"IFBench prompts {needs_data.key} need checkers"):
+        ifbench_prompts(tiny_llama, [_prompt("41"), needs_data], max_new_tokens=2)
+    assert ifbench_prompts(tiny_llama, [_prompt("41")], max_new_tokens=2).n_prompts == 1
 
 
 def test_ifbench_checkers_on_hand_written_replies() -> None:

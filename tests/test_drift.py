@@ -243,6 +243,15 @@ def test_conversations_of_two_runs_stay_apart(tmp_path: Path) -> None:
     assert set(turn_statistics(loaded)["d"]) == {False, True}
 
 
+def test_simulations_load_in_plan_order_whatever_order_batches_were_written(tmp_path: Path) -> None:
+    plan = conversation_plan("all", 2)  # coding, writing, therapy, philosophy: not alphabetical
+    records = [{"id": cid, "domain": persona.domain} for cid, persona in plan]
+    with RunStore.open(tmp_path / "run") as store:  # batches appended as a cluster might finish them
+        for batch in (records[6:], records[2:4], records[:2], records[4:6]):
+            store.append("conversations", batch)
+    assert [r["id"] for r in load_simulations([tmp_path / "run"])] == [cid for cid, _ in plan]
+
+
 def test_lowest_turns_carry_their_text() -> None:
     records = synthetic_records(2, 3, lambda text: -float(text.split()[-1]))
     lowest = lowest_turns(records, k=3)

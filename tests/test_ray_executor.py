@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from chat_server import FakeServer, Reply
 
 from persona_axis.catalog import load_catalog
 from persona_axis.judges.base import JudgeItem, Verdict
@@ -163,6 +164,21 @@ def test_simulate_on_two_actors_writes_the_local_conversations(local_ray: None, 
     assert all(len(r["messages"]) == 4 and None not in r["projections"] for r in local)
     # Same run identity: the Ray run resumes from the local one's directory with nothing left to do.
     assert RunStore(tmp_path / "ray").read_manifest()["identity"] == RunStore(tmp_path / "local").read_manifest()["identity"]
+
+
+def test_the_user_endpoints_api_key_reaches_the_actors(local_ray: None, local_run: Callable[[int], Path],
+                                                       tiny_model_dir: str, server: FakeServer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's processes started before this variable was set: only the executor's env_vars can hand it over.
+    monkeypatch.setenv("PERSONA_AXIS_TEST_KEY", "s3cret")
+    server.play(Reply("I keep thinking about it."))
+    args = ["simulate", "--model", tiny_model_dir, "--dtype", "float32", "--device", "cpu", "--axis",
+            str(local_run(2)), "--domain", "therapy", "--n", "2", "--turns", "2", "--batch-size", "1",
+            "--max-new-tokens", "4", "--user-url", server.base_url, "--user-model-name", "user-m",
+            "--user-key-env", "PERSONA_AXIS_TEST_KEY", "--json", "--executor", "ray", "--actors", "2"]
+    assert _single_threaded_main(args) == 0
+    assert len(server.requests) == 2  # one user message per conversation, each written on an actor
+    assert all(headers.get("Authorization") == "Bearer s3cret" for _, headers, _ in server.requests)
 
 
 def test_a_simulator_holding_a_model_is_refused_before_anything_runs(tiny_model_dir: str) -> None:

@@ -42,7 +42,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     axis = load_axis(args.axis)
     user = _user_spec(args)
-    with executor_from(args) as executor:
+    with executor_from(args, pass_env=[args.user_key_env] if args.user_url else []) as executor:
         model = executor.model_identity()
         interventions = load_interventions(model, axis, args.axis, args.config, args.cap, args.steer)
         records = simulate(None, axis, user, args.domain, args.turns, args.n, layer=args.layer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -75,9 +75,11 @@ def executor_options(p: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def executor_from(args: argparse.Namespace, progress: bool = True) -> Iterator[Executor]:
+def executor_from(args: argparse.Namespace, progress: bool = True, pass_env: Sequence[str] = ()) -> Iterator[Executor]:
     """The executor --executor names: the local one on the model loaded here, or a started Ray executor
-    whose actors load the model (stopped on exit)."""
+    whose actors load the model (stopped on exit) and see this process's variables named in `pass_env`."""
+    import os
+
     from persona_axis.executors import LocalExecutor
 
     if args.executor == "local":
@@ -87,5 +89,6 @@ def executor_from(args: argparse.Namespace, progress: bool = True) -> Iterator[E
 
     model = ModelSpec(args.model, args.dtype, args.device, args.device_map, args.fast_path)
     with RayExecutor(model, actors=args.actors, threads_per_actor=args.threads_per_actor,
-                     gpus_per_actor=args.gpus_per_actor, address=args.ray_address) as executor:
+                     gpus_per_actor=args.gpus_per_actor, address=args.ray_address,
+                     env_vars={name: os.environ[name] for name in pass_env if name in os.environ}) as executor:
         yield executor

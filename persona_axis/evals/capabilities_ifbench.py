@@ -23,7 +23,7 @@ import json
 import random
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,7 +178,21 @@ def score_reply(prompt: IFBenchPrompt, reply: str) -> list[InstructionOutcome]:
 def ifbench(lm: LoadedModel, n: int = 48, *, interventions: InterventionMap | None = None,
             max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16, progress: bool = False) -> IFBenchResult:
     """Answer n selected IFBench prompts (greedy, one user turn, no system prompt) and score the replies."""
-    prompts = select_prompts(n, seed)
+    return ifbench_prompts(lm, select_prompts(n, seed), interventions=interventions, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=progress)
+
+
+def ifbench_prompts(lm: LoadedModel, prompts: Sequence[IFBenchPrompt], *, interventions: InterventionMap | None = None,
+                    max_new_tokens: int = 256, batch_size: int = 16, progress: bool = False) -> IFBenchResult:
+    """Answer these IFBench prompts (chosen by select_prompts, here or on another machine) and score the replies.
+
+    Refuses a prompt whose checkers cannot run here (missing NLTK data): its instructions would be
+    scored as failed, and the sample would no longer be the one chosen.
+    """
+    unsupported = [p.key for p in prompts if not is_supported(p)]
+    if unsupported:
+        raise PersonaAxisError(f"IFBench prompts {', '.join(unsupported)} need checkers that cannot run on this machine "
+                               f"(NLTK data {', '.join(_NLTK_RESOURCES)}): install the same data on every machine")
     replies = generate(lm, [[{"role": "user", "content": p.prompt}] for p in prompts], max_new_tokens=max_new_tokens,
                        capture=False, interventions=interventions, batch_size=batch_size, progress=progress)
     items, outcomes = [], []

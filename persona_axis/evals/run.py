@@ -32,7 +32,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -47,6 +47,9 @@ from persona_axis.measurement import measured_layer
 from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import Cap
 from persona_axis.store import RunStore
+
+if TYPE_CHECKING:
+    from persona_axis.evals.capabilities_ifbench import IFBenchPrompt
 
 REFUSAL_JUDGE = "refusal-cue"  # benign persona replies: refused = the project's REFUSAL cue in the first 200 chars
 HARM_KINDS = ("persona_jailbreak", "plain_harmful")
@@ -200,19 +203,22 @@ def step_replies(store: RunStore, executor: Executor, axis: Axis, conditions: Se
 class CapabilityCheck:
     """A job: one capability check ("ifbench", "bigbench" or "kl") of some conditions; yields one record each.
 
-    ifbench and bigbench score each condition alone; kl compares each condition's next-token
-    distribution with the uncapped model's on the same default-Assistant conversations.
+    ifbench answers `ifbench_prompts` (chosen once, by the driver: which prompts have offline
+    checkers depends on the machine) and bigbench its seeded examples, each condition alone; kl
+    compares each condition's next-token distribution with the uncapped model's on the same
+    default-Assistant conversations.
     """
 
     check: str
     conditions: list[Condition]
     settings: EvalSettings
+    ifbench_prompts: tuple[IFBenchPrompt, ...] = ()
 
     def __call__(self, lm: LoadedModel) -> Iterator[dict[str, Any]]:
         from persona_axis.catalog import default_conversations, load_catalog, short_model_name
         from persona_axis.evals.capabilities import next_token_kl
         from persona_axis.evals.capabilities_bigbench import bigbench
-        from persona_axis.evals.capabilities_ifbench import ifbench
+        from persona_axis.evals.capabilities_ifbench import ifbench_prompts
 
         settings = self.settings
         if self.check == "kl":
@@ -223,9 +229,9 @@ class CapabilityCheck:
             return
         for condition in self.conditions:
             if self.check == "ifbench":
-                result: Any = ifbench(lm, settings.ifbench_n, interventions=condition.interventions(),
-                                      max_new_tokens=settings.ifbench_max_new_tokens, seed=settings.seed,
-                                      batch_size=settings.batch_size)
+                result: Any = ifbench_prompts(lm, self.ifbench_prompts, interventions=condition.interventions(),
+                                              max_new_tokens=settings.ifbench_max_new_tokens,
+                                              batch_size=settings.batch_size)
             else:
                 result = bigbench(lm, settings.bigbench_per_task, interventions=condition.interventions(),
                                   seed=settings.seed, batch_size=settings.batch_size)
@@ -235,9 +241,13 @@ class CapabilityCheck:
 def step_capabilities(store: RunStore, executor: Executor, conditions: Sequence[Condition], settings: EvalSettings,
                       progress: bool) -> None:
     """IFBench and BIG-bench per condition, then next-token KL vs uncapped for the conditions still missing it."""
+    from persona_axis.evals.capabilities_ifbench import select_prompts
+
     done = {(r["condition"], r["check"]) for r in store.records("capabilities")}
-    jobs = [CapabilityCheck(check, [condition], settings) for condition in conditions
-            for check in ("ifbench", "bigbench") if (condition.name, check) not in done]
+    needed = any((c.name, "ifbench") not in done for c in conditions)
+    prompts = tuple(select_prompts(settings.ifbench_n, settings.seed)) if needed else ()
+    jobs = [CapabilityCheck(check, [condition], settings, prompts if check == "ifbench" else ())
+            for condition in conditions for check in ("ifbench", "bigbench") if (condition.name, check) not in done]
     missing_kl = [c for c in conditions if (c.name, "kl") not in done]
     if missing_kl:
         jobs.append(CapabilityCheck("kl", missing_kl, settings))
