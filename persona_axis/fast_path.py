@@ -80,5 +80,5 @@ def resolve_fast_path(fast_path: str, device: torch.device) -> str:
     if fast_path not in FAST_PATHS:
         raise PersonaAxisError(f"unknown fast path {fast_path!r}: use auto, {' or '.join(FAST_PATHS)}")
     if fast_path == "int8" and device.type != "cpu":
-        raise PersonaAxisError(f"the int8 fast path runs on CPU only (device is {device.type}): use --exact")
+        raise PersonaAxisError(f"the int8 fast path runs on CPU only (device is {device.type}): use --fast-path exact")
     return fast_path

@@ -32,6 +32,7 @@ from persona_axis.user_simulators import (
     DomainPersona,
     LocalUserSimulator,
     OpenAIUserSimulator,
+    UserSpec,
     load_domains,
 )
 
@@ -259,6 +260,23 @@ def test_lowest_turns_carry_their_text() -> None:
                                                                                   ("d-0", 2, -1.0)]
     assert lowest[0]["user"] == "conversation 0 message 2" and lowest[0]["reply"] == "reply 0.2"
     assert lowest[0]["domain"] == "d"
+
+
+def test_user_spec_builds_each_kind_of_simulator(tiny_llama: LoadedModel, tiny_model_dir: str,
+                                                server: FakeServer) -> None:
+    same = UserSpec(max_new_tokens=3, seed=4).build(tiny_llama)
+    assert isinstance(same, LocalUserSimulator) and same.lm is tiny_llama and same.id.endswith(":m3:s4")
+    other = UserSpec(model=tiny_model_dir, dtype="float32", device="cpu").build(tiny_llama)
+    assert isinstance(other, LocalUserSimulator) and other.lm is not tiny_llama
+    assert UserSpec(model=tiny_model_dir, dtype="float32", device="cpu").build(tiny_llama).lm is other.lm  # loaded once
+    remote = UserSpec(url=server.base_url, url_model="user-m", temperature=0.5).build(tiny_llama)
+    assert isinstance(remote, OpenAIUserSimulator) and remote.id.startswith("openai:user-m@")
+    with pytest.raises(PersonaAxisError, match="needs the endpoint's model name"):
+        UserSpec(url=server.base_url)
+    with pytest.raises(PersonaAxisError, match="no local user model"):
+        UserSpec(url=server.base_url, url_model="user-m", model=tiny_model_dir)
+    with pytest.raises(PersonaAxisError, match="give the URL"):
+        UserSpec(url_model="user-m")
 
 
 def test_openai_simulator_posts_swapped_roles(server: FakeServer) -> None:
