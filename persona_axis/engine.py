@@ -7,9 +7,11 @@ and watched layer (`row_interventions`). Every `step` admits waiting requests in
 pass. Slots grow as requests arrive (up to `max_rows`) and are dropped when half or more have stood
 empty for a few steps.
 
-Tokens are reported as they are fed: a `TokenEvent` carries the token, its text and the watched
-projection at its own position (the activation computed when it is fed), so a reply's projections
-line up one to one with its tokens. The KV layout is batching.py's.
+Tokens are reported as they are fed: a `TokenEvent` carries the token, the text it adds (text that
+may begin a stop text is held back until later tokens settle it, so a stream never shows part of a
+stop text; the `EndEvent` has the whole reply) and the watched projection at its own position (the
+activation computed when it is fed), so a reply's projections line up one to one with its tokens.
+The KV layout is batching.py's.
 
 Thread use: one thread runs `run_forever` (or calls `step`); `submit` and `Request.cancel` may be
 called from any thread. Events are delivered by calling the request's `on_event` in the engine thread.
@@ -317,7 +319,8 @@ class Engine:
         row = self.rows[slot]
         assert row is not None
         text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        delta = text[len(row.text):] if not text.endswith("\ufffd") else ""  # hold back half a character
+        shown = text[: len(text) - stop_prefix_length(text, row.request.sampling.stop_texts)]
+        delta = shown[len(row.text):] if not shown.endswith("\ufffd") else ""  # hold back half a character
         row.text += delta
         row.reported += 1
         watched = row.request.settings.watch is not None
@@ -356,6 +359,15 @@ class Engine:
         for slot, row in enumerate(self.rows):
             if row is not None:
                 self._end(slot, "error", why)
+
+
+def stop_prefix_length(text: str, stop_texts: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins one of `stop_texts`: characters a stream holds back,
+    since the next tokens may complete the stop text (which is never part of a reply)."""
+    for k in range(min(len(text), max((len(t) for t in stop_texts), default=1) - 1), 0, -1):
+        if any(t.startswith(text[-k:]) for t in stop_texts):
+            return k
+    return 0
 
 
 def run_to_end(engine: Engine, jobs: Sequence[tuple[Sequence[int], Sampling, RowSettings]]) -> list[EndEvent]:

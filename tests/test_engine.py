@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.engine import EndEvent, Engine, QueueFull, Sampling, TokenEvent, run_to_end
+from persona_axis.engine import EndEvent, Engine, QueueFull, Sampling, TokenEvent, run_to_end, stop_prefix_length
 from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, wrap_model
 from persona_axis.row_interventions import RowSettings
@@ -116,3 +116,37 @@ def test_tokens_stream_with_their_projections_and_cancel_frees_the_row(lm: Loade
     assert len(tokens) == 2 and all(t.projection is not None for t in tokens)
     assert [e.reason for e in ends] == ["cancelled"] and ends[0].token_ids == [t.token_id for t in tokens]
     assert engine.busy == 1 and [type(e) for e in later] == [TokenEvent]
+
+
+def _spanning_stop(lm: LoadedModel, ids: list[int], text: str) -> str:
+    """Two characters of `text` around a token boundary (the last of one token, the first of the next) that occur
+    first there: the token that begins this stop text is fed before the one that completes it."""
+    ends = [len(lm.tokenizer.decode(ids[:j], skip_special_tokens=True)) for j in range(len(ids) + 1)]
+    for j in range(1, len(ids) - 1):
+        at = ends[j] - 1
+        stop = text[at : at + 2]
+        if ends[j] > ends[j - 1] and ends[j + 1] > ends[j] and len(stop) == 2 and text.find(stop) == at and at > 0:
+            return stop
+    raise AssertionError("no stop text spans a token boundary in this reply")
+
+
+def test_a_stream_never_shows_part_of_a_stop_text(lm: LoadedModel) -> None:
+    prompt = _ids(lm, PROMPTS[0])
+    [free] = run_to_end(Engine(lm), [(prompt, Sampling(24, ignore_eos=True), RowSettings({}, {}, None))])
+    stop = _spanning_stop(lm, free.token_ids, free.text)
+    events: list[Any] = []
+    engine = Engine(lm)
+    engine.submit(prompt, Sampling(24, stop_texts=(stop,), ignore_eos=True), RowSettings({}, {}, None), events.append)
+    while not events or not isinstance(events[-1], EndEvent):
+        engine.step()
+    *tokens, end = events
+    streamed = "".join(e.text for e in tokens)
+    assert end.reason == "stop" and end.text == free.text[: free.text.find(stop)]
+    assert end.text.startswith(streamed)  # nothing of the stop text streamed; the server sends the rest at the end
+
+
+def test_stop_prefix_length() -> None:
+    assert stop_prefix_length("the end is ne", ("near", "END")) == 2
+    assert stop_prefix_length("the end is n", ("near",)) == 1
+    assert stop_prefix_length("the end", ("near",)) == 0 and stop_prefix_length("abc", ()) == 0
+    assert stop_prefix_length("xx</s", ("</stop>", "</s>")) == 3
