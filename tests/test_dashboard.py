@@ -1,8 +1,10 @@
 """The dashboard in a real headless browser (Debian's chromium + chromium-driver under selenium): send a message,
-wait for the streamed reply, one chart point per generated token, toggle the cap; saves docs/dashboard.png."""
+wait for the streamed reply, one chart point per generated token, toggle the cap; takes a screenshot (into
+docs/dashboard.png, the README's, when PERSONA_AXIS_SCREENSHOT=docs is set; else into the test's tmp_path)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from serving import EXPERIMENT, running_server
 
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
 MESSAGE = "Tell me about yourself."
 
 
@@ -46,7 +48,7 @@ def _send(browser: Any, text: str, replies: int) -> None:
                                      == str(replies))
 
 
-def test_the_page_charts_every_token_and_toggles_the_cap(tokenizer: Any, browser: Any) -> None:
+def test_the_page_charts_every_token_and_toggles_the_cap(tokenizer: Any, browser: Any, tmp_path: Path) -> None:
     with running_server(tokenizer) as (url, _server):
         browser.get(url + "/")
         WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
@@ -71,9 +73,9 @@ def test_the_page_charts_every_token_and_toggles_the_cap(tokenizer: Any, browser
         _send(browser, "And what do you like?", 3)
         assert browser.find_elements(By.CSS_SELECTOR, "#token-chart circle.point.plain")
         assert len(browser.find_elements(By.CSS_SELECTOR, ".pair .turn.assistant")) == 2
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOT))
-    assert SCREENSHOT.stat().st_size > 10_000
+        screenshot = DOCS_SCREENSHOT if os.environ.get("PERSONA_AXIS_SCREENSHOT") == "docs" else tmp_path / "dashboard.png"
+        browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
 
 
 def _reply_tokens_after(url: str, browser: Any) -> int:
