@@ -4,7 +4,9 @@ Unlike `batching.ContinuousBatch` (a fixed list of prompts with one set of inter
 engine takes requests at any time (`submit`), each with its own sampling settings, caps, steering
 and watched layer (`row_interventions`). Every `step` admits waiting requests into free slots
 (one prefill pass for all of them), then feeds every running row its pending token in one decode
-pass. Slots grow as requests arrive (up to `max_rows`) and are dropped when half or more have stood
+pass. A prompt longer than `prefill_chunk` tokens is prefilled alone, one chunk per step, into a
+reserved slot, so the running rows go on decoding between its chunks instead of waiting for the
+whole prompt. Slots grow as requests arrive (up to `max_rows`) and are dropped when half or more have stood
 empty for a few steps.
 
 Tokens are reported as they are fed: a `TokenEvent` carries the token, the text it adds (text that
@@ -23,6 +25,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,6 +79,7 @@ class EndEvent:
 
 Event = TokenEvent | EndEvent
 SHRINK_AFTER_STEPS = 8  # empty slots are dropped after this many sparse steps (not at once: a client may be back)
+PREFILL_CHUNK = 256  # prompt tokens prefilled per step for a long prompt (the others wait at most this much per step)
 
 
 class QueueFull(PersonaAxisError):
@@ -110,18 +114,30 @@ class _Row:
     raised: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Prefill:
+    """A long prompt being prefilled chunk by chunk into its own cache, for the reserved `slot`."""
+
+    request: Request
+    slot: int
+    cache: Any
+    done: int = 0  # prompt tokens fed so far
+
+
 class Engine:
     """Continuous batching over requests that arrive at any time (see the module doc).
 
     max_rows: most requests decoded together; max_waiting: most requests queued for a row
-    (`submit` raises QueueFull beyond it).
+    (`submit` raises QueueFull beyond it); prefill_chunk: prompts longer than this are prefilled
+    this many tokens per step.
     """
 
-    def __init__(self, lm: LoadedModel, max_rows: int = 16, max_waiting: int = 64) -> None:
+    def __init__(self, lm: LoadedModel, max_rows: int = 16, max_waiting: int = 64,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         if not supports_slots(lm.model):
             raise PersonaAxisError(f"{lm.name} has cache layers other than full attention (e.g. sliding windows): "
                                    "serving needs a model whose every layer attends to the whole context")
-        self.lm, self.max_rows, self.max_waiting = lm, max_rows, max_waiting
+        self.lm, self.max_rows, self.max_waiting, self.prefill_chunk = lm, max_rows, max_waiting, prefill_chunk
         self.stops = frozenset(stop_token_ids(lm))
         self.pad = int(lm.tokenizer.pad_token_id)
         device = lm.device
@@ -135,6 +151,7 @@ class Engine:
         self.closed = False
         self.ended: Counter[str] = Counter()  # requests ended so far, by reason
         self.entering: list[Request] = []  # taken from the queue, not yet in a row
+        self.prefilling: _Prefill | None = None  # the long prompt being prefilled, if any
         self.sparse_steps = 0  # consecutive steps with half the slots or more empty and nobody waiting
 
     # -- requests -------------------------------------------------------------------------------
@@ -160,7 +177,7 @@ class Engine:
         """Step until `close()`; sleeps while there is nothing to do."""
         while True:
             with self.wake:
-                while not self.closed and not self.waiting and not self.busy:
+                while not self.closed and not self.waiting and not self.busy and self.prefilling is None:
                     self.wake.wait()
                 if self.closed:
                     return
@@ -179,13 +196,16 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting requests into free slots, then one decode step for every running row."""
+        """Admit waiting requests into free slots, one chunk of a long prompt, then one decode step for every running row."""
         try:
             self._drop_cancelled()
             self._admit()
+            if self.prefilling is not None:
+                self._prefill_chunk()
             if self.busy:
                 self._decode()
-            self.sparse_steps = self.sparse_steps + 1 if 2 * self.busy <= len(self.rows) and not self.waiting else 0
+            sparse = 2 * self.busy <= len(self.rows) and not self.waiting and self.prefilling is None
+            self.sparse_steps = self.sparse_steps + 1 if sparse else 0
             if self.rows and self.sparse_steps >= SHRINK_AFTER_STEPS:
                 self._shrink()
         except Exception as exc:  # a failed step must not leave clients waiting forever
@@ -200,29 +220,78 @@ class Engine:
         for slot, row in enumerate(self.rows):
             if row is not None and row.request.cancelled:
                 self._end(slot, "cancelled")
+        if self.prefilling is not None and self.prefilling.request.cancelled:
+            request, slot = self.prefilling.request, self.prefilling.slot
+            self.prefilling = None
+            self.entering.remove(request)
+            self.interventions.clear_row(slot)
+            request.on_event(EndEvent("cancelled", "", [], [], {}, len(request.prompt_ids)))
 
     def _admit(self) -> None:
+        """Take waiting requests in order while rows are free: short prompts are prefilled together now; the
+        first long one (if none is being prefilled) gets a reserved slot and is prefilled chunk by chunk."""
+        reserved = self.prefilling.slot if self.prefilling is not None else -1
         with self.wake:
-            free = [s for s, row in enumerate(self.rows) if row is None]
+            free = [s for s, row in enumerate(self.rows) if row is None and s != reserved]
             room = len(free) + self.max_rows - len(self.rows)
-            entering = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        self.entering = list(entering)
+            entering: list[Request] = []
+            long: Request | None = None
+            while self.waiting and len(entering) + (long is not None) < room:
+                if len(self.waiting[0].prompt_ids) <= self.prefill_chunk:
+                    entering.append(self.waiting.popleft())
+                elif long is None and self.prefilling is None:
+                    long = self.waiting.popleft()
+                else:
+                    break
+        self.entering += entering + ([long] if long is not None else [])
+        needed = len(entering) + (long is not None)
+        if not needed:
+            return
+        if len(free) < needed:
+            free += self._grow_slots(needed - len(free))
+        self._ensure_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens + 1
+                                  for r in entering + ([long] if long is not None else [])))
+        if long is not None:
+            slot = free.pop()
+            self.interventions.set_row(slot, long.settings)
+            self.prefilling = _Prefill(long, slot, preallocated_cache(self.lm.model, len(long.prompt_ids)))
         if not entering:
             return
-        if len(free) < len(entering):
-            free += self._grow_slots(len(entering) - len(free))
         slots = free[: len(entering)]
-        self._ensure_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens + 1 for r in entering))
         for slot, request in zip(slots, entering):
             self.interventions.set_row(slot, request.settings)
         logits = self._prefill(slots, entering)
         for k, (slot, request) in enumerate(zip(slots, entering)):
-            seed = stream_seed(request.sampling.seed, 0)
-            generator = reply_generator(seed, self.lm.device) if request.sampling.temperature > 0 else None
-            self.rows[slot] = _Row(request, [], generator)
-            self.entering.remove(request)
-            self.lengths[slot] = len(request.prompt_ids)
-            self._take(slot, self._pick(logits[k : k + 1], [slot])[0])
+            self._enter(slot, request, logits[k : k + 1])
+
+    def _enter(self, slot: int, request: Request, logits: Tensor) -> None:
+        """A prefilled request takes its row and picks its first token from `logits` [1, vocab]."""
+        seed = stream_seed(request.sampling.seed, 0)
+        generator = reply_generator(seed, self.lm.device) if request.sampling.temperature > 0 else None
+        self.rows[slot] = _Row(request, [], generator)
+        self.entering.remove(request)
+        self.lengths[slot] = len(request.prompt_ids)
+        self._take(slot, self._pick(logits, [slot])[0])
+
+    def _prefill_chunk(self) -> None:
+        """Feed the long prompt's next `prefill_chunk` tokens (its own interventions on); at its end, copy its
+        keys/values into the reserved slot and let it enter its row."""
+        assert self.prefilling is not None
+        job, device = self.prefilling, self.lm.device
+        prompt = job.request.prompt_ids
+        end = min(job.done + self.prefill_chunk, len(prompt))
+        ops = self.interventions.for_rows(torch.tensor([job.slot], device=device), counting=False)
+        with layer_hooks(self.lm.layers, ops):
+            out = self.lm.model(input_ids=torch.tensor([prompt[job.done:end]], device=device),
+                                position_ids=torch.arange(job.done, end, device=device)[None, :],
+                                past_key_values=job.cache, use_cache=True, logits_to_keep=1)
+        job.done = end
+        if end < len(prompt):
+            return
+        for layer, source in zip(self.layers, job.cache.layers):
+            layer.load(job.slot, source.keys[0], source.values[0])
+        self.prefilling = None
+        self._enter(job.slot, job.request, out.logits[:, -1])
 
     def _grow_slots(self, extra: int) -> list[int]:
         start = len(self.rows)
@@ -356,6 +425,9 @@ class Engine:
         for request in self.entering:
             request.on_event(EndEvent("error", "", [], [], {}, len(request.prompt_ids), why))
         self.entering = []
+        if self.prefilling is not None:
+            self.interventions.clear_row(self.prefilling.slot)
+            self.prefilling = None
         for slot, row in enumerate(self.rows):
             if row is not None:
                 self._end(slot, "error", why)

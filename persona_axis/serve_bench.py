@@ -4,6 +4,8 @@ For 1, 4 and 16 concurrent clients (each sends a fixed number of streamed reques
 aggregate generated tokens/s, time to first token and the gap between tokens (p50/p95). Then two ratios:
 16 clients' aggregate throughput over offline batch-16 `generate` of the same prompts and lengths, and a
 batch whose 16 requests carry different caps and steering over one whose requests all carry the same cap.
+Last, on the engine itself: how long a decoding reply stalls while a long prompt (LONG_PROMPT_TOKENS)
+enters, prefilled in one pass vs in chunks (engine.PREFILL_CHUNK), and that prompt's time to first token.
 Every request runs to exactly `new_tokens` tokens (ignore_eos), so all variants do the same work.
 """
 
@@ -20,8 +22,13 @@ import torch
 from persona_axis.axis import Axis
 from persona_axis.benchmarks import bench_conversations, fixed_generate
 from persona_axis.capping import CapLayer, CappingConfig, Experiment, default_layer_block, experiment_id
+from persona_axis.engine import PREFILL_CHUNK, Engine, Sampling, TokenEvent
 from persona_axis.models import LoadedModel
+from persona_axis.row_interventions import RowSettings
 from persona_axis.server import BackgroundServer, PersonaServer, ServerLimits, build_app
+
+LONG_PROMPT_TOKENS = 1500  # cut to the model's context
+LONG_PROMPT_LINE = "The keeper climbed the spiral stairs at dusk, trimmed the wick and wrote the weather in his log. "
 
 
 def synthetic_axis_and_config(lm: LoadedModel) -> tuple[Axis, CappingConfig]:
@@ -110,4 +117,37 @@ def bench_serve(lm: LoadedModel, axis: Axis | None = None, config: CappingConfig
     report.update({"offline_batch16_tokens_per_s": offline, "serve16_plain_tokens_per_s": served16,
                    "serve_vs_offline_ratio": served16 / offline, "mixed_vs_uniform_ratio": mixed / uniform,
                    "mixed_tokens_per_s": mixed, "uniform_tokens_per_s": uniform})
+    report.update(long_prompt_stall(lm, prompts[0]))
     return report
+
+
+def _stall(lm: LoadedModel, short: list[int], long: list[int], chunk: int) -> tuple[float, float]:
+    """(longest gap between a decoding reply's tokens while `long` enters, `long`'s time to first token) in s."""
+    engine, plain = Engine(lm, max_rows=2, prefill_chunk=chunk), RowSettings({}, {}, None)
+    times: list[float] = []
+    first: list[float] = []
+    engine.submit(short, Sampling(64, ignore_eos=True), plain,
+                  lambda event: times.append(time.perf_counter()) if isinstance(event, TokenEvent) else None)
+    for _ in range(8):
+        engine.step()
+    start = time.perf_counter()
+    engine.submit(long, Sampling(4, ignore_eos=True), plain,
+                  lambda event: first.append(time.perf_counter()) if isinstance(event, TokenEvent) else None)
+    while not first or len(times) < 16:
+        engine.step()
+    return max(b - a for a, b in zip(times[7:], times[8:])), first[0] - start
+
+
+def long_prompt_stall(lm: LoadedModel, conversation: list[dict[str, str]]) -> dict[str, Any]:
+    """The stall a long prompt causes the running replies, prefilled at once vs in chunks of PREFILL_CHUNK."""
+    context = int(getattr(lm.model.config, "max_position_embeddings", 2048))
+    tokens = min(LONG_PROMPT_TOKENS, context - 16)
+    long = lm.prompt_ids([{"role": "user", "content": LONG_PROMPT_LINE * (tokens // 8)}])[-tokens:]
+    short = lm.prompt_ids(conversation)
+    _stall(lm, short, long, PREFILL_CHUNK)  # warm-up
+    whole_stall, whole_ttft = _stall(lm, short, long, len(long))
+    chunked_stall, chunked_ttft = _stall(lm, short, long, PREFILL_CHUNK)
+    return {"long_prompt_tokens": len(long), "prefill_chunk": PREFILL_CHUNK,
+            "long_prompt_stall_s": {"whole": whole_stall, "chunked": chunked_stall},
+            "long_prompt_ttft_s": {"whole": whole_ttft, "chunked": chunked_ttft},
+            "chunked_vs_whole_stall": chunked_stall / whole_stall}

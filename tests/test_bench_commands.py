@@ -55,3 +55,5 @@ def test_bench_serve_runs_at_tiny_size(tiny_model_dir: str, capsys: pytest.Captu
         assert set(report[key]) == {"1", "2"}
     assert report["aggregate_tokens_per_s"]["2"] > 0 and report["ttft_p95_s"]["2"] >= report["ttft_p50_s"]["2"] > 0
     assert report["serve_vs_offline_ratio"] > 0 and report["mixed_vs_uniform_ratio"] > 0
+    assert report["long_prompt_tokens"] == 496 > report["prefill_chunk"]  # the tiny model's 512 positions less 16
+    assert report["long_prompt_stall_s"]["chunked"] > 0 and report["chunked_vs_whole_stall"] > 0

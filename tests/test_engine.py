@@ -150,3 +150,45 @@ def test_stop_prefix_length() -> None:
     assert stop_prefix_length("the end is n", ("near",)) == 1
     assert stop_prefix_length("the end", ("near",)) == 0 and stop_prefix_length("abc", ()) == 0
     assert stop_prefix_length("xx</s", ("</stop>", "</s>")) == 3
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(lm: LoadedModel) -> None:
+    long_prompt = _ids(lm, [{"role": "user", "content": PROMPTS[0][0]["content"] * 3}])
+    short_prompt = _ids(lm, PROMPTS[1])
+    chunk = len(short_prompt)  # the short prompt fits one chunk, the long one needs several
+    steps_needed = -(-len(long_prompt) // chunk)
+    assert steps_needed >= 3
+    long = (long_prompt, Sampling(TOKENS + steps_needed), _settings(lm, "cap"))  # prefilled under its own caps
+    short = (short_prompt, Sampling(TOKENS + steps_needed), _settings(lm, "plain"))
+    engine = Engine(lm, max_rows=2, prefill_chunk=chunk)
+    short_events: list[Any] = []
+    long_events: list[Any] = []
+    engine.submit(*short, on_event=short_events.append)
+    engine.step()
+    engine.submit(*long, on_event=long_events.append)
+    for step in range(1, steps_needed + 1):
+        engine.step()
+        assert len(short_events) == 1 + step  # the short reply gets a token at every step of the long prefill
+        assert len(long_events) == (1 if step == steps_needed else 0)  # its first token once the last chunk is in
+    while not (short_events and isinstance(short_events[-1], EndEvent) and isinstance(long_events[-1], EndEvent)):
+        engine.step()
+    [long_alone] = run_to_end(Engine(lm), [long])  # one prefill pass for the whole prompt
+    [short_alone] = run_to_end(Engine(lm), [short])
+    for ended, alone in ((long_events[-1], long_alone), (short_events[-1], short_alone)):
+        assert ended.token_ids == alone.token_ids and ended.engaged == alone.engaged
+        torch.testing.assert_close(torch.tensor(ended.projections), torch.tensor(alone.projections),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_cancelling_a_prompt_mid_prefill_frees_its_slot(lm: LoadedModel) -> None:
+    long = _job(lm, 0, "plain")
+    engine = Engine(lm, max_rows=1, prefill_chunk=8)
+    events: list[Any] = []
+    request = engine.submit(*long, on_event=events.append)
+    engine.step()
+    assert engine.prefilling is not None and not events
+    request.cancel()
+    engine.step()
+    assert engine.prefilling is None and [e.reason for e in events] == ["cancelled"]
+    [after] = run_to_end(engine, [_job(lm, 1, "plain")])  # the only slot is free again
+    assert after.reason in ("stop", "length")
