@@ -22,6 +22,7 @@ import torch
 from persona_axis.axis import Axis
 from persona_axis.benchmarks import bench_conversations, fixed_generate
 from persona_axis.capping import CapLayer, CappingConfig, Experiment, default_layer_block, experiment_id
+from persona_axis.context_window import context_length
 from persona_axis.engine import PREFILL_CHUNK, Engine, Sampling, TokenEvent
 from persona_axis.models import LoadedModel
 from persona_axis.row_interventions import RowSettings
@@ -140,8 +141,7 @@ def _stall(lm: LoadedModel, short: list[int], long: list[int], chunk: int) -> tu
 
 def long_prompt_stall(lm: LoadedModel, conversation: list[dict[str, str]]) -> dict[str, Any]:
     """The stall a long prompt causes the running replies, prefilled at once vs in chunks of PREFILL_CHUNK."""
-    context = int(getattr(lm.model.config, "max_position_embeddings", 2048))
-    tokens = min(LONG_PROMPT_TOKENS, context - 16)
+    tokens = min(LONG_PROMPT_TOKENS, context_length(lm) - 16)
     long = lm.prompt_ids([{"role": "user", "content": LONG_PROMPT_LINE * (tokens // 8)}])[-tokens:]
     short = lm.prompt_ids(conversation)
     _stall(lm, short, long, PREFILL_CHUNK)  # warm-up
