@@ -137,6 +137,9 @@ class Engine:
         if not supports_slots(lm.model):
             raise PersonaAxisError(f"{lm.name} has cache layers other than full attention (e.g. sliding windows): "
                                    "serving needs a model whose every layer attends to the whole context")
+        if max_rows < 1 or prefill_chunk < 1:
+            raise PersonaAxisError(f"the engine needs at least one row and a prefill chunk of at least one token, got "
+                                   f"{max_rows} rows and {prefill_chunk} tokens")
         self.lm, self.max_rows, self.max_waiting, self.prefill_chunk = lm, max_rows, max_waiting, prefill_chunk
         self.stops = frozenset(stop_token_ids(lm))
         self.pad = int(lm.tokenizer.pad_token_id)

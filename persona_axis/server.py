@@ -41,7 +41,7 @@ from typing import Any
 from persona_axis.axis import Axis
 from persona_axis.capping import CappingConfig
 from persona_axis.context_window import context_length, prompt_window
-from persona_axis.engine import EndEvent, Engine, Event, QueueFull, Sampling, TokenEvent
+from persona_axis.engine import PREFILL_CHUNK, EndEvent, Engine, Event, QueueFull, Sampling, TokenEvent
 from persona_axis.errors import PersonaAxisError
 from persona_axis.measurement import check_layer_index, measured_layer
 from persona_axis.models import LoadedModel, Message
@@ -55,11 +55,13 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """max_rows: requests decoded together; max_waiting: queue length before 429; timeout_s: per request."""
+    """max_rows: requests decoded together; max_waiting: queue length before 429; timeout_s: per request;
+    prefill_chunk: prompt tokens a long prompt is prefilled per engine step (engine.PREFILL_CHUNK)."""
 
     max_rows: int = 16
     max_waiting: int = 64
     timeout_s: float = 300.0
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 @dataclass
@@ -119,7 +121,7 @@ class PersonaServer:
         self.lm, self.axis, self.config, self.model_id = lm, axis, config, model_id
         self.limits = limits or ServerLimits()
         self.context = context_length(lm)
-        self.engine = Engine(lm, self.limits.max_rows, self.limits.max_waiting)
+        self.engine = Engine(lm, self.limits.max_rows, self.limits.max_waiting, self.limits.prefill_chunk)
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_model
 
 from persona_axis.engine import EndEvent, Engine, QueueFull, Sampling, TokenEvent, run_to_end, stop_prefix_length
+from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, wrap_model
 from persona_axis.row_interventions import RowSettings
@@ -192,3 +193,5 @@ def test_cancelling_a_prompt_mid_prefill_frees_its_slot(lm: LoadedModel) -> None
     assert engine.prefilling is None and [e.reason for e in events] == ["cancelled"]
     [after] = run_to_end(engine, [_job(lm, 1, "plain")])  # the only slot is free again
     assert after.reason in ("stop", "length")
+    with pytest.raises(PersonaAxisError, match="prefill chunk of at least one token"):
+        Engine(lm, prefill_chunk=0)

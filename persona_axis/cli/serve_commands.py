@@ -19,7 +19,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config_path = args.config or (default_config if default_config.exists() else None)
     config = load_config(config_path) if config_path is not None else None
     lm = load_model_from(args)
-    limits = ServerLimits(max_rows=args.max_batch, max_waiting=args.max_queue, timeout_s=args.timeout)
+    limits = ServerLimits(max_rows=args.max_batch, max_waiting=args.max_queue, timeout_s=args.timeout,
+                          prefill_chunk=args.prefill_chunk)
     server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name)
     experiments = ", ".join(config.experiments) if config is not None else "none (no capping config)"
 
@@ -40,5 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before HTTP 429")
     serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before HTTP 504")
+    serve.add_argument("--prefill-chunk", type=int, default=256, metavar="TOKENS",
+                       help="a longer prompt is prefilled this many tokens per step, so streaming replies keep going")
     serve.add_argument("--served-model-name", default="persona-axis", help="the model id /v1/models lists")
     serve.set_defaults(func=cmd_serve)
