@@ -4,9 +4,10 @@ Unlike `batching.ContinuousBatch` (a fixed list of prompts with one set of inter
 engine takes requests at any time (`submit`), each with its own sampling settings, caps, steering
 and watched layer (`row_interventions`). Every `step` admits waiting requests into free slots
 (one prefill pass for all of them), then feeds every running row its pending token in one decode
-pass. A prompt longer than `prefill_chunk` tokens is prefilled alone, one chunk per step, into a
-reserved slot, so the running rows go on decoding between its chunks instead of waiting for the
-whole prompt. Slots grow as requests arrive (up to `max_rows`) and are dropped when half or more have stood
+pass. A prompt longer than `prefill_chunk` tokens that arrives while replies are decoding is
+prefilled alone, one chunk per step, into a reserved slot, so the running rows go on decoding
+between its chunks instead of waiting for the whole prompt (with nothing decoding, every prompt is
+prefilled whole, together). Slots grow as requests arrive (up to `max_rows`) and are dropped when half or more have stood
 empty for a few steps.
 
 Tokens are reported as they are fed: a `TokenEvent` carries the token, the text it adds (text that
@@ -177,17 +178,25 @@ class Engine:
         return sum(row is not None for row in self.rows)
 
     def run_forever(self) -> None:
-        """Step until `close()`; sleeps while there is nothing to do."""
+        """Step until `close()`, then end what is running or being prefilled as cancelled; sleeps while there
+        is nothing to do."""
         while True:
             with self.wake:
                 while not self.closed and not self.waiting and not self.busy and self.prefilling is None:
                     self.wake.wait()
                 if self.closed:
-                    return
+                    break
             self.step()
+        if self.prefilling is not None:
+            self.prefilling.request.cancel()
+        for row in self.rows:
+            if row is not None:
+                row.request.cancel()
+        with torch.inference_mode():  # the row tables were made in inference mode
+            self._drop_cancelled()
 
     def close(self) -> None:
-        """Stop `run_forever`; every running or waiting request ends as cancelled."""
+        """Stop `run_forever`; waiting requests end as cancelled here, running ones in the engine thread."""
         with self.wake:
             self.closed = True
             self.wake.notify_all()
@@ -231,21 +240,27 @@ class Engine:
             request.on_event(EndEvent("cancelled", "", [], [], {}, len(request.prompt_ids)))
 
     def _admit(self) -> None:
-        """Take waiting requests in order while rows are free: short prompts are prefilled together now; the
-        first long one (if none is being prefilled) gets a reserved slot and is prefilled chunk by chunk."""
+        """Take waiting requests in order while rows are free, into one prefill pass now. While replies are
+        decoding (or a long prompt is being prefilled), a long prompt would stall them: the first one waiting
+        gets a reserved slot and is prefilled chunk by chunk instead, the other long ones wait, and short
+        ones behind them go ahead."""
         reserved = self.prefilling.slot if self.prefilling is not None else -1
+        chunking = self.busy > 0 or self.prefilling is not None
         with self.wake:
             free = [s for s, row in enumerate(self.rows) if row is None and s != reserved]
             room = len(free) + self.max_rows - len(self.rows)
             entering: list[Request] = []
             long: Request | None = None
+            waiting: deque[Request] = deque()
             while self.waiting and len(entering) + (long is not None) < room:
-                if len(self.waiting[0].prompt_ids) <= self.prefill_chunk:
-                    entering.append(self.waiting.popleft())
+                request = self.waiting.popleft()
+                if not chunking or len(request.prompt_ids) <= self.prefill_chunk:
+                    entering.append(request)
                 elif long is None and self.prefilling is None:
-                    long = self.waiting.popleft()
+                    long = request
                 else:
-                    break
+                    waiting.append(request)
+            self.waiting = waiting + self.waiting
         self.entering += entering + ([long] if long is not None else [])
         needed = len(entering) + (long is not None)
         if not needed:

@@ -261,6 +261,7 @@ def build_app(server: PersonaServer) -> Any:
 
     async def health(_request: Request) -> Any:
         return JSONResponse({"status": "ok", "running": server.engine.busy, "waiting": len(server.engine.waiting),
+                             "prefilling": int(server.engine.prefilling is not None),
                              "ended": dict(server.engine.ended)})
 
     async def models(_request: Request) -> Any:

@@ -9,7 +9,16 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.engine import EndEvent, Engine, QueueFull, Sampling, TokenEvent, run_to_end, stop_prefix_length
+from persona_axis.engine import (
+    SHRINK_AFTER_STEPS,
+    EndEvent,
+    Engine,
+    QueueFull,
+    Sampling,
+    TokenEvent,
+    run_to_end,
+    stop_prefix_length,
+)
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, wrap_model
@@ -181,17 +190,78 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(lm: Loaded
                                    atol=1e-4, rtol=1e-4)
 
 
+def _long_prompt(lm: LoadedModel, repeats: int) -> list[int]:
+    return _ids(lm, [{"role": "user", "content": PROMPTS[0][0]["content"] * repeats}])
+
+
+def _until_ended(engine: Engine, *events: list[Any]) -> None:
+    while not all(e and isinstance(e[-1], EndEvent) for e in events):
+        engine.step()
+
+
+def test_with_nothing_decoding_long_prompts_are_prefilled_whole_and_together(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_rows=3, prefill_chunk=8)
+    events: list[list[Any]] = [[], [], []]
+    for prompt, got in zip([_long_prompt(lm, 2), _long_prompt(lm, 3), _ids(lm, PROMPTS[1])], events):
+        engine.submit(prompt, Sampling(TOKENS), _settings(lm, "plain"), got.append)
+    engine.step()
+    assert engine.prefilling is None and all(len(got) == 1 for got in events)  # one pass, everyone's first token
+
+
+def test_requests_arriving_mid_prefill_neither_take_its_slot_nor_shrink_it_away(lm: LoadedModel) -> None:
+    long = (_long_prompt(lm, 16), Sampling(TOKENS), _settings(lm, "cap"))
+    chunks = -(-len(long[0]) // 40)
+    assert chunks > SHRINK_AFTER_STEPS + 2  # a sparse batch would be shrunk during this prefill
+    short = (_ids(lm, PROMPTS[1]), Sampling(chunks + TOKENS), _settings(lm, "plain"))
+    later = (_ids(lm, PROMPTS[3]), Sampling(TOKENS), _settings(lm, "steer"))
+    engine = Engine(lm, max_rows=3, prefill_chunk=40)  # the short prompts fit one chunk
+    got: list[list[Any]] = [[], [], []]
+    engine.submit(*short, on_event=got[0].append)
+    engine.step()
+    engine.submit(*long, on_event=got[1].append)
+    for _ in range(SHRINK_AFTER_STEPS + 1):  # one row decoding, one reserved: a sparse batch, left as it is
+        engine.step()
+    assert engine.prefilling is not None
+    assert max(len(short[0]), len(later[0])) <= 40 < len(long[0])
+    engine.submit(*later, on_event=got[2].append)  # takes a new row, not the reserved one
+    _until_ended(engine, *got)
+    for job, events in zip((short, long, later), got):
+        [alone] = run_to_end(Engine(lm), [job])
+        assert events[-1].reason == alone.reason and events[-1].token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(events[-1].projections), torch.tensor(alone.projections),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_cancelling_a_prompt_mid_prefill_frees_its_slot(lm: LoadedModel) -> None:
-    long = _job(lm, 0, "plain")
-    engine = Engine(lm, max_rows=1, prefill_chunk=8)
+    engine = Engine(lm, max_rows=2, prefill_chunk=8)
+    short: list[Any] = []
     events: list[Any] = []
-    request = engine.submit(*long, on_event=events.append)
+    engine.submit(_ids(lm, PROMPTS[1]), Sampling(3 * TOKENS), _settings(lm, "plain"), short.append)
+    engine.step()
+    request = engine.submit(*_job(lm, 0, "plain"), on_event=events.append)
     engine.step()
     assert engine.prefilling is not None and not events
     request.cancel()
     engine.step()
     assert engine.prefilling is None and [e.reason for e in events] == ["cancelled"]
-    [after] = run_to_end(engine, [_job(lm, 1, "plain")])  # the only slot is free again
-    assert after.reason in ("stop", "length")
+    again: list[Any] = []
+    engine.submit(*_job(lm, 2, "plain"), on_event=again.append)  # takes the freed slot
+    _until_ended(engine, short, again)
+    assert again[-1].reason in ("stop", "length")
     with pytest.raises(PersonaAxisError, match="prefill chunk of at least one token"):
         Engine(lm, prefill_chunk=0)
+
+
+def test_closing_ends_running_and_half_prefilled_requests_as_cancelled(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_rows=2, prefill_chunk=8)
+    running: list[Any] = []
+    prefilling: list[Any] = []
+    engine.submit(_ids(lm, PROMPTS[1]), Sampling(50), _settings(lm, "plain"), running.append)
+    engine.step()
+    engine.submit(*_job(lm, 0, "plain"), on_event=prefilling.append)
+    engine.step()
+    assert engine.prefilling is not None and engine.busy == 1
+    engine.close()
+    engine.run_forever()  # sees the close at once and ends what it holds, in its own thread
+    assert running[-1].reason == "cancelled" and prefilling[-1].reason == "cancelled"
+    assert engine.busy == 0 and engine.prefilling is None
