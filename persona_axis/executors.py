@@ -4,9 +4,9 @@ An executor holds a model (here, or on each actor of a cluster) and runs jobs on
 picklable callable (a frozen dataclass; nothing in it may hold a model) that takes the model and
 yields its results piece by piece, with any tensors in them on the CPU: locally each piece
 reaches the caller as soon as it is made, from a Ray actor all of a job's pieces arrive when the
-job returns. An executor only computes:
-the caller (step_rollouts, simulate, the eval steps) records what comes back, so a run directory
-keeps one writer, and a job's result depends only on the job, never on where it ran.
+job returns. An executor only computes: the caller (step_rollouts, simulate, the eval steps)
+records what comes back, so a run directory keeps one writer, and a job's result depends only on
+the job, never on where it ran.
 
 The pipeline's jobs are waves (pipeline.CHUNKS_PER_WAVE chunks generated as one continuous batch),
 never a lone chunk: every reply then meets the same batch companions wherever it runs, and with one
