@@ -164,9 +164,9 @@ def step_rollouts(store: RunStore, executor: Executor, plan: list[PlanItem], set
     each once.
     """
     done = {r["id"] for r in store.records("rollouts")}
-    chunks = [plan[start : start + settings.batch_size] for start in range(0, len(plan), settings.batch_size)]
-    complete = [store.has(store.chunk_file(k)) and all(item.id in done for item in chunk) for k, chunk in enumerate(chunks)]
     waves = rollout_waves(plan, settings)
+    chunks = [chunk for wave in waves for chunk in wave.values()]  # chunk k is the plan's k-th slice
+    complete = [store.has(store.chunk_file(k)) and all(item.id in done for item in chunk) for k, chunk in enumerate(chunks)]
     missing = [wave for wave in waves if not all(complete[k] for k in wave)]
     bar = tqdm(total=len(plan), desc=f"rollouts ({executor.name})", unit="reply", disable=not progress)
     bar.update(sum(len(chunks[k]) for k, is_complete in enumerate(complete) if is_complete))
