@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from persona_axis.executors import ChunkReplies, LocalExecutor, Wave, run_waves
-from persona_axis.models import LoadedModel, load_model
+from persona_axis.models import LoadedModel
 from persona_axis.ray_executor import ModelSpec, RayExecutor, import_ray, init_ray
 
 
@@ -57,8 +57,7 @@ def bench_executor(model: ModelSpec, threads: int = 2, replies: int | None = Non
     """Rollouts/s of the quick plan: local with `threads` threads, Ray with one `threads`-thread actor, and
     Ray with `threads` one-thread actors; plus whether each Ray configuration produced the local chunks bit for bit."""
     ray = import_ray()
-    lm = load_model(model.spec, dtype=model.dtype, device=model.device, device_map=model.device_map,
-                    fast_path=model.fast_path, progress=False)
+    lm = model.load()
     waves, settings = quick_waves(lm, replies)
     n = sum(len(chunk) for wave in waves for chunk in wave.values())
     before = torch.get_num_threads()

@@ -13,10 +13,13 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persona_axis.errors import PersonaAxisError, import_optional
 from persona_axis.executors import Job, ModelIdentity, Piece
+
+if TYPE_CHECKING:
+    from persona_axis.models import LoadedModel
 
 MISSING_RAY = "the Ray executor needs the ray extra: pip install -e \".[ray]\" (or pip install \"persona-axis[ray]\")"
 
@@ -58,6 +61,13 @@ class ModelSpec:
     device_map: str | None = None
     fast_path: str = "exact"
 
+    def load(self, progress: bool = False) -> LoadedModel:
+        """The LoadedModel this spec names (models.load_model)."""
+        from persona_axis.models import load_model
+
+        return load_model(self.spec, dtype=self.dtype, device=self.device, device_map=self.device_map,
+                          fast_path=self.fast_path, progress=progress)
+
 
 class ModelActor:
     """One model in one Ray actor process; runs whole jobs (run as `ray.remote(ModelActor)`)."""
@@ -65,11 +75,8 @@ class ModelActor:
     def __init__(self, model: ModelSpec, threads: int) -> None:
         import torch
 
-        from persona_axis.models import load_model
-
         torch.set_num_threads(threads)
-        self.lm = load_model(model.spec, dtype=model.dtype, device=model.device, device_map=model.device_map,
-                             fast_path=model.fast_path, progress=False)
+        self.lm = model.load()
 
     def model_identity(self) -> ModelIdentity:
         return ModelIdentity.of(self.lm)
@@ -85,9 +92,9 @@ class RayExecutor:
 
     address: "auto" (the cluster this machine belongs to), "HOST:PORT", or None (connect to
     $RAY_ADDRESS, else start a local Ray for this process). `env_vars` are set in every actor's
-    environment (a node started by `ray start` does not see the driver's: API keys a job needs). Use as a context manager, or call
-    start() and close(). `retried_jobs` counts jobs re-run after their actor died; `jobs_by_actor`
-    the jobs each actor (by its index in start order) returned.
+    environment (a node started by `ray start` does not see the driver's: API keys a job needs).
+    Use as a context manager, or call start() and close(). `retried_jobs` counts jobs re-run after
+    their actor died; `jobs_by_actor` the jobs each actor (by its index in start order) returned.
     """
 
     name = "ray"
