@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import Reply, decode_spec, stream_replies
 from persona_axis.models import LoadedModel
 from persona_axis.sampling import stream_seed
@@ -107,6 +108,15 @@ def run_waves(executor: Executor, waves: Sequence[Wave], settings: Settings) -> 
     """Every chunk of every wave with its replies, in any order, each chunk once."""
     for _, chunk in executor.run_jobs([WaveJob(wave, settings) for wave in waves]):
         yield chunk
+
+
+def executor_or_local(executor: Executor | None, lm: LoadedModel | None, caller: str) -> Executor:
+    """`executor`, else the local executor on `lm`; a PersonaAxisError naming `caller` when neither is given."""
+    if executor is not None:
+        return executor
+    if lm is None:
+        raise PersonaAxisError(f"{caller} needs a model or an executor that holds one")
+    return LocalExecutor(lm)
 
 
 class LocalExecutor:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
 from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
-from persona_axis.executors import Executor, LocalExecutor, ModelIdentity, Wave, run_waves
+from persona_axis.executors import Executor, ModelIdentity, Wave, executor_or_local, run_waves
 from persona_axis.generation import Reply
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index
@@ -352,10 +352,7 @@ def run_pipeline(
     so `lm` may then be None); the result does not depend on it, so a run started on one executor
     resumes on another.
     """
-    if executor is None:
-        if lm is None:
-            raise PersonaAxisError("run_pipeline needs a model (lm) or an executor that holds one")
-        executor = LocalExecutor(lm)
+    executor = executor_or_local(executor, lm, "run_pipeline")
     model = executor.model_identity()
     catalog = catalog.for_model(short_model_name(model.name))
     roles, traits = select_roles(catalog, settings, role_names), select_traits(catalog, settings)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from persona_axis.axis import Axis
 from persona_axis.errors import PersonaAxisError
-from persona_axis.executors import Executor, LocalExecutor
+from persona_axis.executors import Executor, LocalExecutor, executor_or_local
 from persona_axis.generation import generate
 from persona_axis.measurement import measured_layer
 from persona_axis.models import LoadedModel, Message
@@ -172,10 +172,7 @@ def simulate(target: LoadedModel | None, axis: Axis, simulator: UserSimulator | 
 def _executor_for(target: LoadedModel | None, executor: Executor | None,
                   simulator: UserSimulator | UserSpec) -> Executor:
     """`executor`, or the local one on `target`; refuses a simulator that would ship its model to other processes."""
-    if executor is None:
-        if target is None:
-            raise PersonaAxisError("simulate needs a target model or an executor that holds one")
-        return LocalExecutor(target)
+    executor = executor_or_local(executor, target, "simulate")
     if isinstance(simulator, LocalUserSimulator) and not isinstance(executor, LocalExecutor):
         raise PersonaAxisError(f"a LocalUserSimulator holds its model and cannot travel to the {executor.name} "
                                "executor's workers: describe the user with a UserSpec")

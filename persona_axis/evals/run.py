@@ -41,7 +41,7 @@ from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.conditions import UNCAPPED, Condition
 from persona_axis.evals.harm_judges import HarmItem, HarmJudge, HarmVerdict
 from persona_axis.evals.harm_set import EvalItem, EvalSet, write_eval_set
-from persona_axis.executors import Executor, LocalExecutor, ModelIdentity
+from persona_axis.executors import Executor, ModelIdentity, executor_or_local
 from persona_axis.generation import generate
 from persona_axis.measurement import measured_layer
 from persona_axis.models import LoadedModel, Message
@@ -313,10 +313,7 @@ def run_eval(out: str | Path, lm: LoadedModel | None, axis: Axis, conditions: Se
     capability checks (default: this process, on `lm`; with a RayExecutor `lm` may be None); the
     judge runs in this process.
     """
-    if executor is None:
-        if lm is None:
-            raise PersonaAxisError("run_eval needs a model (lm) or an executor that holds one")
-        executor = LocalExecutor(lm)
+    executor = executor_or_local(executor, lm, "run_eval")
     identity = run_identity(executor.model_identity(), axis, eval_set, settings, conditions)
     check_resumable(out, identity)
     items = {item.id: item for item in eval_set.items}
