@@ -100,6 +100,10 @@ class Request:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def end_before_reply(self, reason: str, error: str = "") -> None:
+        """Deliver the end of a request that never got a row (no text, no tokens)."""
+        self.on_event(EndEvent(reason, "", [], [], {}, len(self.prompt_ids), error))
+
 
 @dataclass
 class _Row:
@@ -202,7 +206,7 @@ class Engine:
             self.wake.notify_all()
             waiting, self.waiting = list(self.waiting), deque()
         for request in waiting:
-            request.on_event(EndEvent("cancelled", "", [], [], {}, len(request.prompt_ids)))
+            request.end_before_reply("cancelled")
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -228,16 +232,22 @@ class Engine:
             cancelled = [r for r in self.waiting if r.cancelled]
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
         for request in cancelled:
-            request.on_event(EndEvent("cancelled", "", [], [], {}, len(request.prompt_ids)))
+            request.end_before_reply("cancelled")
         for slot, row in enumerate(self.rows):
             if row is not None and row.request.cancelled:
                 self._end(slot, "cancelled")
         if self.prefilling is not None and self.prefilling.request.cancelled:
-            request, slot = self.prefilling.request, self.prefilling.slot
-            self.prefilling = None
+            request = self._drop_prefill()
             self.entering.remove(request)
-            self.interventions.clear_row(slot)
-            request.on_event(EndEvent("cancelled", "", [], [], {}, len(request.prompt_ids)))
+            request.end_before_reply("cancelled")
+
+    def _drop_prefill(self) -> Request:
+        """Give up the long prompt being prefilled (its reserved slot is free again); returns its request."""
+        assert self.prefilling is not None
+        request, slot = self.prefilling.request, self.prefilling.slot
+        self.prefilling = None
+        self.interventions.clear_row(slot)
+        return request
 
     def _admit(self) -> None:
         """Take waiting requests in order while rows are free, into one prefill pass now. While replies are
@@ -261,14 +271,13 @@ class Engine:
                 else:
                     waiting.append(request)
             self.waiting = waiting + self.waiting
-        self.entering += entering + ([long] if long is not None else [])
-        needed = len(entering) + (long is not None)
-        if not needed:
+        taken = entering + ([long] if long is not None else [])
+        self.entering += taken
+        if not taken:
             return
-        if len(free) < needed:
-            free += self._grow_slots(needed - len(free))
-        self._ensure_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens + 1
-                                  for r in entering + ([long] if long is not None else [])))
+        if len(free) < len(taken):
+            free += self._grow_slots(len(taken) - len(free))
+        self._ensure_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens + 1 for r in taken))
         if long is not None:
             slot = free.pop()
             self.interventions.set_row(slot, long.settings)
@@ -440,12 +449,11 @@ class Engine:
         self.columns.rows = torch.arange(len(keep), device=self.lm.device)
 
     def _fail_all(self, why: str) -> None:
-        for request in self.entering:
-            request.on_event(EndEvent("error", "", [], [], {}, len(request.prompt_ids), why))
+        for request in self.entering:  # the long prompt being prefilled among them
+            request.end_before_reply("error", why)
         self.entering = []
         if self.prefilling is not None:
-            self.interventions.clear_row(self.prefilling.slot)
-            self.prefilling = None
+            self._drop_prefill()
         for slot, row in enumerate(self.rows):
             if row is not None:
                 self._end(slot, "error", why)
