@@ -238,14 +238,12 @@ class ChatSession:
     def stream(self, text: str, on_token: Callable[[TokenEvent], None]) -> Reply:
         """Like `say` (greedy), on the server's streaming engine: `on_token` gets each token as it is generated,
         with its projection at `self.layer` and the layers whose cap raised it."""
-        from persona_axis.context_window import context_length
         from persona_axis.engine import EndEvent, Engine, Sampling
 
         if not text.strip():
             raise PersonaAxisError("empty message: type something to say")
         if self._engine is None:
-            # One conversation, nobody else decoding: a prompt is always prefilled in one pass (chunks only cost here).
-            self._engine = Engine(self.lm, max_rows=1, prefill_chunk=context_length(self.lm))
+            self._engine = Engine(self.lm, max_rows=1)  # one request at a time: always prefilled whole (idle engine)
         self.messages.append({"role": "user", "content": text})
         prompt = self.lm.prompt_ids(self.messages)
         settings = row_settings(self.interventions, (self.layer, self.axis.unit(self.layer)))
