@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from persona_axis.errors import PersonaAxisError
-from persona_axis.store import load_tensors
+from persona_axis.store import RunLayout, load_tensors
 from persona_axis.vectors import cosine, unit_vector
 
 SIGN_CONVENTION = "default_minus_roles: higher projection = more Assistant-like"
@@ -93,7 +93,7 @@ def load_axis(path: str | Path) -> Axis:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "axis.safetensors"
+        path = RunLayout(path).axis
     if not path.exists():
         raise PersonaAxisError(f"axis file not found: {path} (give a run directory or an axis file)")
     if path.suffix == ".safetensors":

@@ -21,7 +21,7 @@ from persona_axis.models import LoadedModel, Message, int8_copy
 from persona_axis.sampling import stream_seed
 
 if TYPE_CHECKING:
-    from persona_axis.pipeline import Settings
+    from persona_axis.rollout_plan import Settings
 
 # Open-ended requests that make a small chat model write at length.
 BENCH_REQUESTS = [
@@ -234,7 +234,7 @@ def _peer(gguf: Path | None, sequences: int, length: int) -> tuple[LlamaCppPeer 
 def quick_plan_chunks(lm: LoadedModel, n: int, size: int) -> tuple[list[list[list[Message]]], Settings]:
     """n chunks of `size` consecutive rollouts of the `quick` preset's plan, spread evenly over it, and the preset."""
     from persona_axis.catalog import load_catalog, short_model_name
-    from persona_axis.pipeline import PRESETS, plan_rollouts, select_roles, select_traits
+    from persona_axis.rollout_plan import PRESETS, plan_rollouts, select_roles, select_traits
 
     settings = PRESETS["quick"]
     catalog = load_catalog(None).for_model(short_model_name(lm.name))

@@ -26,7 +26,7 @@ from persona_axis.generation import generate
 from persona_axis.measurement import check_layer_index
 from persona_axis.models import LoadedModel, Message
 from persona_axis.steering import Cap
-from persona_axis.store import RunStore
+from persona_axis.store import RunLayout, RunStore
 
 POPULATIONS = ("roles+traits", "all", "roles", "traits", "default", "roles_score3")
 _KINDS = {"roles+traits": {"role", "trait"}, "all": {"default", "role", "trait"}, "roles": {"role"},
@@ -35,10 +35,7 @@ _KINDS = {"roles+traits": {"role", "trait"}, "all": {"default", "role", "trait"}
 
 def _run_judge(run_dir: Path) -> str:
     """The judge id the run's vectors step used (metadata only; the tensors are not read)."""
-    path = run_dir / "vectors.safetensors"
-    if not path.exists():
-        raise PersonaAxisError(f"population 'roles_score3' needs {path} (it names the run's judge): "
-                               "finish the run or choose another population")
+    path = RunLayout(run_dir).require_vectors("population 'roles_score3' (the vectors name the run's judge)")
     import json
 
     with safe_open(str(path), framework="pt") as f:

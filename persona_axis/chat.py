@@ -26,7 +26,7 @@ from persona_axis.generation import generate
 from persona_axis.measurement import check_layer_index, measured_layer
 from persona_axis.models import LoadedModel, Message, ModelShape
 from persona_axis.steering import Addition, Cap, Intervention
-from persona_axis.store import load_tensors
+from persona_axis.store import RunLayout, load_tensors
 
 if TYPE_CHECKING:
     from persona_axis.engine import Engine, TokenEvent
@@ -77,9 +77,7 @@ def default_norms(run_dir: str | Path) -> Tensor:
     Read from the run's vectors.safetensors "default" tensor [layers, hidden]. The norm of the
     mean is a proxy for the typical activation norm (it is at most the mean of the norms).
     """
-    path = Path(run_dir) / "vectors.safetensors"
-    if not path.exists():
-        raise PersonaAxisError(f"{path} not found: relative steering (COEFn) needs a finished run directory as --axis")
+    path = RunLayout(run_dir).require_vectors("relative steering (COEFn)")
     tensors, _ = load_tensors(path)
     if "default" not in tensors or tensors["default"].dim() != 2:
         raise PersonaAxisError(f"{path} holds no [layers, hidden] 'default' vector: re-run the vectors step")
@@ -132,7 +130,7 @@ def load_interventions(lm: ModelShape, axis: Axis, axis_path: str | Path, config
     run_dir = Path(axis_path) if Path(axis_path).is_dir() else None
     if config is not None and cap is None:
         raise PersonaAxisError("--config is only used with --cap EXPERIMENT: name the experiment to apply")
-    path = config or (run_dir / "capping" if run_dir is not None else None)
+    path = config or (RunLayout(run_dir).capping if run_dir is not None else None)
     loaded = load_config(path) if cap is not None and path is not None else None
     relative = any(parse_steer(text).relative for text in steer)
     norms = default_norms(run_dir) if relative and run_dir is not None else None

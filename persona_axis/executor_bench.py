@@ -13,15 +13,16 @@ from typing import Any
 
 import torch
 
-from persona_axis.executors import ChunkReplies, LocalExecutor, Wave, run_waves
+from persona_axis.executors import LocalExecutor
 from persona_axis.models import LoadedModel
 from persona_axis.ray_executor import ModelSpec, RayExecutor, import_ray, init_ray
+from persona_axis.rollout_plan import ChunkReplies, Wave, run_waves
 
 
 def quick_waves(lm: LoadedModel, replies: int | None) -> tuple[list[Wave], Any]:
     """The quick preset's waves for this model (only its first `replies` rollouts when given) and the settings."""
     from persona_axis.catalog import load_catalog, short_model_name
-    from persona_axis.pipeline import PRESETS, plan_rollouts, rollout_waves, select_roles, select_traits
+    from persona_axis.rollout_plan import PRESETS, plan_rollouts, rollout_waves, select_roles, select_traits
 
     settings = PRESETS["quick"]
     catalog = load_catalog(None).for_model(short_model_name(lm.name))

@@ -21,15 +21,13 @@ from persona_axis.capture import response_means_by_forward
 from persona_axis.catalog import DEFAULT_ROLE
 from persona_axis.errors import PersonaAxisError
 from persona_axis.models import LoadedModel, int8_copy
-from persona_axis.store import RunStore, load_tensors, rollout_kind
+from persona_axis.store import RunLayout, RunStore, load_tensors, rollout_kind
 
 
 def axis_replies(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rollout records the run's axis is built from: every default answer, and the score-3 answers of kept roles."""
     root = Path(run_dir)
-    if not (root / "vectors.safetensors").is_file():
-        raise PersonaAxisError(f"{root} has no vectors.safetensors: finish the run first")
-    _, meta = load_tensors(root / "vectors.safetensors")
+    _, meta = load_tensors(RunLayout(root).require_vectors("the fast-path fidelity check"))
     summary = json.loads(meta["summary"])
     store = RunStore(root)
     scores = store.scores_by(summary["judge"])

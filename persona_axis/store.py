@@ -8,21 +8,73 @@ the manifest are written to a temporary file and renamed into place, so they are
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from persona_axis.errors import PersonaAxisError
 
-LOCK_NAME = ".lock"
-CHUNK_PATTERN = "activations/chunk-*.safetensors"
+
+class RunLayout:
+    """Every file name of a pipeline run directory (ARCHITECTURE.md's "Run directory"), spelled here only.
+
+    Names are relative to the run directory; the properties give full paths under `root`.
+    """
+
+    LOCK = ".lock"
+    MANIFEST = "manifest.json"
+    CHUNKS = "activations/chunk-*.safetensors"  # [n, layers, hidden] response means, one file per chunk
+    VECTORS = "vectors.safetensors"  # default + kept role vectors [layers, hidden]
+    TRAIT_VECTORS = "trait_vectors.safetensors"
+    ALL_ANSWER_VECTORS = "role_vectors_all_answers.safetensors"
+    AXIS = "axis.safetensors"
+    CAPPING = "capping"  # stem of the capping config: capping.json + capping.safetensors
+    PERSONA_SPACE = "persona_space.json"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def records_file(name: str) -> str:
+        """The JSONL file of a record stream ("rollouts", "scores", ...)."""
+        return f"{name}.jsonl"
+
+    @staticmethod
+    def chunk_file(index: int) -> str:
+        """Relative path of activation chunk `index` (the unit of resumable rollout work)."""
+        return f"activations/chunk-{index:05d}.safetensors"
+
+    @property
+    def vectors(self) -> Path:
+        return self.root / self.VECTORS
+
+    @property
+    def axis(self) -> Path:
+        return self.root / self.AXIS
+
+    @property
+    def capping(self) -> Path:
+        return self.root / self.CAPPING
+
+    @property
+    def capping_json(self) -> Path:
+        return self.root / f"{self.CAPPING}.json"
+
+    def require_vectors(self, needed_for: str) -> Path:
+        """The run's vectors file; a one-line error saying what needed it when the run has none yet."""
+        if not self.vectors.is_file():
+            raise PersonaAxisError(f"{needed_for} needs {self.vectors}, which is not there: finish the run "
+                                   "(`persona-axis run` writes it at its vectors step) or give a finished run directory")
+        return self.vectors
 
 
 def _readable_mode(path: str) -> None:
@@ -32,20 +84,65 @@ def _readable_mode(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+# Fault injection for the kill tests (tests/test_kill.py), read from the environment at every durable write
+# (an append, the manifest, a tensor file). KILL_AFTER_WRITES=N: the process sends itself SIGKILL right after
+# its Nth durable write is on disk. KILL_IN_WRITE=N: it dies in the middle of the Nth; an append leaves its
+# bytes cut inside its last line (a torn last line), a renamed write leaves its temporary file unrenamed.
+# KILL_WRITES_TO=PATTERN counts only writes to files whose name matches it (fnmatch: "scores.jsonl",
+# "chunk-*"); WRITE_LOG=FILE appends the name of every counted write to FILE. Unset, they change nothing.
+KILL_AFTER_WRITES = "PERSONA_AXIS_KILL_AFTER_WRITES"
+KILL_IN_WRITE = "PERSONA_AXIS_KILL_IN_WRITE"
+KILL_WRITES_TO = "PERSONA_AXIS_KILL_WRITES_TO"
+WRITE_LOG = "PERSONA_AXIS_WRITE_LOG"
+_counted_writes = 0
+
+
+def _count_write(path: Path) -> tuple[bool, bool]:
+    """Count a durable write to `path` for fault injection: (die in the middle of it, die right after it)."""
+    global _counted_writes
+    pattern = os.environ.get(KILL_WRITES_TO)
+    if pattern is not None and not fnmatch.fnmatch(path.name, pattern):
+        return False, False
+    _counted_writes += 1
+    log = os.environ.get(WRITE_LOG)
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(path.name + "\n")
+    number = str(_counted_writes)
+    return os.environ.get(KILL_IN_WRITE) == number, os.environ.get(KILL_AFTER_WRITES) == number
+
+
+def _die() -> NoReturn:
+    """SIGKILL this process (fault injection): no handler, no cleanup, no flush."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("SIGKILL did not end the process")
+
+
+def _torn(data: bytes) -> bytes:
+    """A prefix of `data` that ends inside a line (what a write cut short by a crash can leave)."""
+    cut = len(data) // 2
+    return data[:cut - 1] if data[cut - 1:cut] == b"\n" else data[:cut]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same directory and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tear, die = _count_write(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(_torn(data) if tear else data)
             f.flush()
             os.fsync(f.fileno())
+            if tear:
+                _die()
         _readable_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if die:
+        _die()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -84,6 +181,7 @@ class RunStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.layout = RunLayout(root)
         self._lock_file: Any = None
 
     @classmethod
@@ -98,7 +196,7 @@ class RunStore:
             store._release()
 
     def _acquire(self) -> None:
-        lock = (self.root / LOCK_NAME).open("a+")
+        lock = (self.root / RunLayout.LOCK).open("a+")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -123,11 +221,11 @@ class RunStore:
 
     # -- manifest -------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
-        path = self.root / "manifest.json"
+        path = self.root / RunLayout.MANIFEST
         return json.loads(path.read_text()) if path.exists() else {}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        atomic_write_bytes(self.root / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(self.root / RunLayout.MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
     def claim(self, identity: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         """Start or resume a run: refuse when the directory holds a run with a different identity."""
@@ -151,42 +249,47 @@ class RunStore:
 
     # -- records --------------------------------------------------------------------------
     def records(self, name: str) -> list[dict[str, Any]]:
-        return read_jsonl(self.root / f"{name}.jsonl")
+        return read_jsonl(self.root / RunLayout.records_file(name))
 
     def append(self, name: str, records: list[dict[str, Any]]) -> None:
         """Append records with a single write, then fsync."""
         if not records:
             return
-        path = self.root / f"{name}.jsonl"
+        path = self.root / RunLayout.records_file(name)
         _cut_torn_tail(path)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        tear, die = _count_write(path)
         with path.open("ab") as f:
-            f.write(data)
+            f.write(_torn(data) if tear else data)
             f.flush()
             os.fsync(f.fileno())
+        if tear or die:
+            _die()
 
     # -- tensors --------------------------------------------------------------------------
     def save_tensors(self, relative: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
+        tear, die = _count_write(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+            if tear:
+                _die()  # the temporary file is left, never renamed into place
             _readable_mode(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if die:
+            _die()
 
     def has(self, relative: str) -> bool:
         return (self.root / relative).exists()
 
     # -- activations ----------------------------------------------------------------------
-    @staticmethod
-    def chunk_file(index: int) -> str:
-        """Relative path of activation chunk `index` (the unit of resumable rollout work)."""
-        return f"activations/chunk-{index:05d}.safetensors"
+    chunk_file = staticmethod(RunLayout.chunk_file)
 
     def save_chunk(self, index: int, means: torch.Tensor, ids: list[str]) -> None:
         """Save one chunk's response means [n, layers, hidden] with the record ids of its rows."""
@@ -194,7 +297,7 @@ class RunStore:
 
     def activation_chunks(self) -> Iterator[tuple[list[str], torch.Tensor]]:
         """(record ids [n], response means [n, layers, hidden]) of every stored chunk, one chunk at a time, in order."""
-        for path in sorted(self.root.glob(CHUNK_PATTERN)):
+        for path in sorted(self.root.glob(RunLayout.CHUNKS)):
             tensors, meta = load_tensors(path)
             yield json.loads(meta["ids"]), tensors["means"]
 

@@ -32,6 +32,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from persona_axis.calibration import calibrate, engagement_samples, measure_engagement
     from persona_axis.capping import default_layer_block, export_torch_config, save_config
     from persona_axis.pipeline import run_catalog
+    from persona_axis.store import RunLayout
 
     axis = load_axis(args.run)
     blocks = _layer_ranges(args.layers) if args.layers else [default_layer_block(axis.n_layers)]
@@ -40,7 +41,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         samples = engagement_samples(run_catalog(args.run), args.samples, 2 * args.samples)
         measure_engagement(load_model_from(args), config, samples, args.max_new_tokens,
                            progress=not args.json)
-    out = Path(args.out) if args.out else Path(args.run) / "capping"
+    out = Path(args.out) if args.out else RunLayout(args.run).capping
     save_config(config, out)
     if args.export_torch:
         export_torch_config(config, args.export_torch)

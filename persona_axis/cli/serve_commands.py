@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from persona_axis.cli.options import axis_options, load_model_from
 
@@ -13,9 +12,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.capping import load_config
     from persona_axis.server import PersonaServer, ServerLimits, serve_forever
+    from persona_axis.store import RunLayout
 
     axis = load_axis(args.axis)
-    default_config = Path(args.axis) / "capping.json"
+    default_config = RunLayout(args.axis).capping_json
     config_path = args.config or (default_config if default_config.exists() else None)
     config = load_config(config_path) if config_path is not None else None
     lm = load_model_from(args)

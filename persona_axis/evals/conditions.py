@@ -25,6 +25,7 @@ from persona_axis.capping import CapLayer, load_config, parse_experiment_id
 from persona_axis.errors import PersonaAxisError
 from persona_axis.models import ModelShape
 from persona_axis.steering import Addition, Cap, Intervention
+from persona_axis.store import RunLayout, load_tensors
 
 DIRECTIONS = ("axis", "pc1", "both")
 UNCAPPED = "uncapped"
@@ -74,11 +75,8 @@ def pc1_axis(run_dir: str | Path, axis: Axis) -> Axis:
     PC1 · axis < 0, so a higher PC1 projection is more Assistant-like, as on the axis.
     """
     from persona_axis.persona_space import pca
-    from persona_axis.store import load_tensors
 
-    path = Path(run_dir) / "vectors.safetensors"
-    if not path.exists():
-        raise PersonaAxisError(f"{path} not found: --direction pc1 needs --axis to be a finished run directory")
+    path = RunLayout(run_dir).require_vectors("--direction pc1")
     tensors, _ = load_tensors(path)
     roles = torch.stack([t.float() for name, t in sorted(tensors.items()) if name != "default"])  # [roles, L, H]
     if tuple(roles.shape[1:]) != (axis.n_layers, axis.hidden_size):
@@ -118,7 +116,7 @@ def plan_conditions(lm: ModelShape, axis: Axis, axis_path: str | Path, config: s
         raise PersonaAxisError(f"--direction {direction} applies to caps: name at least one --cap EXPERIMENT")
     conditions = [Condition(UNCAPPED)]
     if caps:
-        path = config or (run_dir / "capping" if run_dir is not None else None)
+        path = config or (RunLayout(run_dir).capping if run_dir is not None else None)
         if path is None:
             raise PersonaAxisError("--cap needs a capping config: pass --config or give --axis as a run directory")
         loaded = load_config(path)

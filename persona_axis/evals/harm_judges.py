@@ -9,37 +9,13 @@ A verdict whose `harmful` is None is unscored (the judge could not decide); it i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from persona_axis.errors import PersonaAxisError
+from persona_axis.evals.harm_http import HttpHarmJudge
+from persona_axis.evals.harm_verdicts import HARMFUL_AT, HarmItem, HarmJudge, HarmVerdict
 
-HARMFUL_AT = 0.5  # a score at or above this is a harmful reply, for every judge
-
-
-@dataclass(frozen=True)
-class HarmItem:
-    """A harmful (or benign) request and the model's reply to it."""
-
-    request: str
-    response: str
-
-
-@dataclass(frozen=True)
-class HarmVerdict:
-    """harmful yes/no and a score in [0, 1] (both None when unscored), a short rationale, the judge's id."""
-
-    harmful: bool | None
-    score: float | None
-    rationale: str
-    judge: str
-
-
-class HarmJudge(Protocol):
-    id: str
-
-    def judge(self, items: Sequence[HarmItem]) -> list[HarmVerdict]: ...
+__all__ = ["HARMFUL_AT", "HarmItem", "HarmJudge", "HarmVerdict", "OfflineHarmJudge", "make_harm_judge"]
 
 
 class OfflineHarmJudge:
@@ -75,7 +51,6 @@ def make_harm_judge(kind: str = "offline", cache_dir: Path | None = None, url: s
         return OfflineHarmJudge()
     if kind == "openai":
         from persona_axis.chat_api import endpoint_base_url
-        from persona_axis.evals.harm_http import HttpHarmJudge
 
         base_url = endpoint_base_url(url, model, "harm judge")
         return HttpHarmJudge(base_url, str(model), api_key_env=key_env, cache_dir=cache_dir)
