@@ -1,10 +1,15 @@
 """The dashboard in a real headless browser (Debian's chromium + chromium-driver under selenium): send a message,
 wait for the streamed reply, one chart point per generated token, toggle the cap; takes a screenshot (into
-docs/dashboard.png, the README's, when PERSONA_AXIS_SCREENSHOT=docs is set; else into the test's tmp_path)."""
+docs/dashboard.png, the README's, when PERSONA_AXIS_SCREENSHOT=docs is set; else into the test's tmp_path).
+
+The browser is looked up on PATH (chromium or chromium-browser, and chromedriver) unless PERSONA_AXIS_CHROMIUM and
+PERSONA_AXIS_CHROMEDRIVER name it, as scripts/install-browser.sh does. Without it the test is skipped with one line
+saying what it needs, and fails instead in CI (CI=true)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +24,29 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
 MESSAGE = "Tell me about yourself."
 
 
+NEEDS_BROWSER = ("the dashboard test needs chromium + chromedriver (on PATH, or named by PERSONA_AXIS_CHROMIUM and"
+                 " PERSONA_AXIS_CHROMEDRIVER): bash scripts/install-browser.sh installs them with apt-get")
+
+
+def browser_paths() -> tuple[str, str]:
+    """chromium's and chromedriver's paths; without them a skip saying what is needed, or in CI (CI=true) a failure."""
+    chromium = os.environ.get("PERSONA_AXIS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = os.environ.get("PERSONA_AXIS_CHROMEDRIVER") or shutil.which("chromedriver")
+    if chromium and driver and os.access(chromium, os.X_OK) and os.access(driver, os.X_OK):
+        return chromium, driver
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(NEEDS_BROWSER + " (CI=true: a missing browser fails here)", pytrace=False)
+    pytest.skip(NEEDS_BROWSER)
+
+
 @pytest.fixture()
 def browser() -> Any:
+    chromium, chromedriver = browser_paths()
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
     try:
         yield driver
     finally:
@@ -48,7 +69,7 @@ def _send(browser: Any, text: str, replies: int) -> None:
                                      == str(replies))
 
 
-def test_the_page_charts_every_token_and_toggles_the_cap(tokenizer: Any, browser: Any, tmp_path: Path) -> None:
+def test_the_page_charts_every_token_and_toggles_the_cap(browser: Any, tokenizer: Any, tmp_path: Path) -> None:
     with running_server(tokenizer) as (url, _server):
         browser.get(url + "/")
         WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
