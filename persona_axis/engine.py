@@ -307,7 +307,8 @@ class Engine:
         job, device = self.prefilling, self.lm.device
         prompt = job.request.prompt_ids
         end = min(job.done + self.prefill_chunk, len(prompt))
-        ops = self.interventions.for_rows(torch.tensor([job.slot], device=device), counting=False)
+        ops = self.interventions.for_rows(torch.tensor([job.slot], device=device), counting=False,
+                                          prompt_ends=end == len(prompt))
         with layer_hooks(self.lm.layers, ops):
             out = self.lm.model(input_ids=torch.tensor([prompt[job.done:end]], device=device),
                                 position_ids=torch.arange(job.done, end, device=device)[None, :],
@@ -422,7 +423,7 @@ class Engine:
         watched = row.request.settings.watch is not None
         if watched:
             row.projections.append(projection)
-        for layer in row.request.settings.caps:
+        for layer in row.request.settings.engaged_layers:
             row.raised[layer] = row.raised.get(layer, 0) + (layer in capped_layers)
         row.request.on_event(TokenEvent(row.tokens[-1], delta, projection if watched else None, tuple(capped_layers)))
 
@@ -434,7 +435,7 @@ class Engine:
         self.interventions.clear_row(slot)
         fed = row.tokens[: row.reported]
         text = row.cut_text if row.cut_text is not None else self.lm.tokenizer.decode(fed, skip_special_tokens=True)
-        engaged = {layer: row.raised.get(layer, 0) / max(1, row.reported) for layer in row.request.settings.caps}
+        engaged = {layer: row.raised.get(layer, 0) / max(1, row.reported) for layer in row.request.settings.engaged_layers}
         self.ended[reason] += 1
         row.request.on_event(EndEvent(reason, text, fed, row.projections, engaged,
                                       len(row.request.prompt_ids), error))

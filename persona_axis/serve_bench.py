@@ -124,7 +124,7 @@ def bench_serve(lm: LoadedModel, axis: Axis | None = None, config: CappingConfig
 
 def _stall(lm: LoadedModel, short: list[int], long: list[int], chunk: int) -> tuple[float, float]:
     """(longest gap between a decoding reply's tokens while `long` enters, `long`'s time to first token) in s."""
-    engine, plain = Engine(lm, max_rows=2, prefill_chunk=chunk), RowSettings({}, {}, None)
+    engine, plain = Engine(lm, max_rows=2, prefill_chunk=chunk), RowSettings()
     times: list[float] = []
     first: list[float] = []
     engine.submit(short, Sampling(64, ignore_eos=True), plain,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import socket
 import threading
 import time
@@ -38,18 +37,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from persona_axis.axis import Axis
 from persona_axis.capping import CappingConfig
 from persona_axis.context_window import context_length, prompt_window
 from persona_axis.engine import PREFILL_CHUNK, EndEvent, Engine, Event, QueueFull, Sampling, TokenEvent
 from persona_axis.errors import PersonaAxisError
+from persona_axis.intervention_spec import SpecContext, ablate_item, build_interventions, cap_item, steer_item
 from persona_axis.measurement import check_layer_index, measured_layer
 from persona_axis.models import LoadedModel, Message
 from persona_axis.row_interventions import RowSettings
+from persona_axis.steering import Cap
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_TOKENS = 256  # a reply's length when the request sets no max_tokens (cut to what the context leaves)
 MIN_REPLY_TOKENS = 16  # room for the reply that the sliding window keeps (max_tokens, if smaller)
+EXTENSION_FIELDS = ("cap", "steer", "ablate", "interventions", "projections", "layer", "ignore_eos")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -114,11 +118,15 @@ class PersonaServer:
     """The model, its axis and capping config behind the HTTP routes, with one engine thread."""
 
     def __init__(self, lm: LoadedModel, axis: Axis, config: CappingConfig | None = None,
-                 limits: ServerLimits | None = None, model_id: str = "persona-axis") -> None:
+                 limits: ServerLimits | None = None, model_id: str = "persona-axis",
+                 defaults: Tensor | None = None) -> None:
+        """defaults [layers, hidden]: the run's mean default-Assistant activation (norm-relative steering and
+        'default' values need it; intervention_spec.run_defaults reads it from a run directory)."""
         axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
         if config is not None:
             config.check_model(lm)
         self.lm, self.axis, self.config, self.model_id = lm, axis, config, model_id
+        self.spec = SpecContext(lm, axis, config=config, defaults=defaults)
         self.limits = limits or ServerLimits()
         self.context = context_length(lm)
         self.engine = Engine(lm, self.limits.max_rows, self.limits.max_waiting, self.limits.prefill_chunk)
@@ -171,30 +179,28 @@ class PersonaServer:
                            floor, dropped)
 
     def _extension(self, ext: dict[str, Any]) -> tuple[RowSettings, str | None, float | None, int | None, str | None]:
-        unknown = set(ext) - {"cap", "steer", "projections", "layer", "ignore_eos"}
+        """The persona_axis object: interventions (intervention_spec items, or the shorthands "cap": an
+        experiment id, "steer" and "ablate": lists of items of that kind or of CLI strings) and what to report."""
+        unknown = set(ext) - set(EXTENSION_FIELDS)
         if unknown:
-            raise BadRequest(f"unknown persona_axis field(s) {sorted(unknown)}: use cap, steer, projections, layer, "
-                             "ignore_eos")
-        caps: dict[int, tuple[Any, float]] = {}
+            raise BadRequest(f"unknown persona_axis field(s) {sorted(unknown)}: use {', '.join(EXTENSION_FIELDS)}")
+        items: list[Any] = []
         cap = ext.get("cap")
         if cap is not None:
             if self.config is None:
                 raise BadRequest("this server has no capping config: start it with --config (or an --axis run "
                                  "directory that has one)")
-            for c in self.config.experiment(str(cap)).caps:
-                caps[c.layer] = (c.axis, c.floor)
-        additions: dict[int, Any] = {}
-        steer = ext.get("steer") or []
-        if not isinstance(steer, list):
-            raise BadRequest("persona_axis.steer must be a list of {\"layer\": L, \"coef\": C}")
-        for item in steer:
-            if not isinstance(item, dict) or not isinstance(item.get("coef"), int | float) or isinstance(
-                    item.get("coef"), bool) or not math.isfinite(item["coef"]):
-                raise BadRequest("each persona_axis.steer item needs an integer 'layer' and a finite number 'coef'")
-            layer = check_layer_index(_integer(item.get("layer"), "persona_axis.steer.layer", 0), self.lm.n_layers,
-                                      "persona_axis.steer layer")
-            vector = float(item["coef"]) * self.axis.vectors[layer].float()
-            additions[layer] = additions[layer] + vector if layer in additions else vector
+            items.append(cap_item(str(cap)))
+        for key, from_text in (("steer", steer_item), ("ablate", ablate_item)):
+            listed = ext.get(key) or []
+            if not isinstance(listed, list):
+                raise BadRequest(f"persona_axis.{key} must be a list of objects (e.g. {{\"layer\": 2, ...}}) or strings")
+            items += [from_text(e) if isinstance(e, str) else {**e, "kind": key} if isinstance(e, dict) else e
+                      for e in listed]
+        generic = ext.get("interventions") or []
+        if not isinstance(generic, list):
+            raise BadRequest("persona_axis.interventions must be a list of {\"kind\": ..., ...} objects")
+        interventions = build_interventions(self.spec, items + generic)
         projections = ext.get("projections", "token")
         if projections not in ("token", "turn", None):
             raise BadRequest(f"persona_axis.projections must be \"token\", \"turn\" or null, not {projections!r}")
@@ -202,10 +208,11 @@ class PersonaServer:
         if asked is not None:
             layer = check_layer_index(_integer(asked, "persona_axis.layer", 0), self.lm.n_layers, "persona_axis.layer")
         else:
-            layer = measured_layer(self.axis, set(caps) | set(additions))
+            layer = measured_layer(self.axis, interventions)
         watch = (layer, self.axis.unit(layer)) if projections else None
-        floor = caps[layer][1] if layer in caps else None
-        return RowSettings(caps, additions, watch), cap, floor, (layer if projections else None), projections
+        floor = next((item.floor for item in interventions.get(layer, []) if isinstance(item, Cap)), None)
+        cap_name = None if cap is None else str(cap)
+        return RowSettings(interventions, watch), cap_name, floor, (layer if projections else None), projections
 
     # -- responses --------------------------------------------------------------------------------
 

@@ -1,17 +1,32 @@
-"""Interventions on the residual stream: addition, directional ablation, mean ablation, capping.
+"""Interventions on the residual stream: each kind, its arithmetic (written once), and the hook form.
 
-Every intervention is a callable on a decoder layer's output [batch, seq, hidden] that returns
-the modified tensor. Projections are computed in float32 whatever the model dtype. `positions`
-is "all" (every position of every forward pass: prompt and generated tokens) or "last" (the last
-position of each forward pass: the prompt's last token, then every generated token).
+A kind is a small dataclass. `row_params()` gives its settings as tensors, and the class's
+`apply_rows(hidden, params)` computes the intervened hidden states [batch, seq, hidden] for a batch
+whose rows each carry their own settings (params of shape [batch, ...]) or share one ([1, ...]).
+That one function serves both forms of an intervention:
+- the hook form: calling the object on a decoder layer's output, one setting for the whole batch
+  (`steer`, `generate(..., interventions=...)`);
+- the per-row form: the serving engine's tables (row_interventions.py), where every request in a
+  batch has its own interventions.
+Projections are computed in float32 whatever the model dtype.
+
+Positions: "all" (every position of every forward pass: prompt and generated tokens), "last" (the
+prompt's last token, then every generated token) or "reply" (generated tokens only). A pass that
+feeds one token per row is a generated token's; a longer pass is the prompt's.
+
+Inside one layer, interventions act in the order of their kind's `rank` (ablations, then caps, then
+additions), the same in both forms. Adding a kind: subclass `Intervention` with a `name`, its
+fields, `row_params` and `apply_rows` (and `from_request` to build it from a request item, see
+intervention_spec.py); nothing else needs to change.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -21,7 +36,9 @@ from persona_axis.hooks import LayerOp, layer_hooks
 from persona_axis.models import LoadedModel
 from persona_axis.vectors import unit_vector
 
-Positions = Literal["all", "last"]
+Positions = Literal["all", "last", "reply"]
+POSITIONS: tuple[Positions, ...] = ("all", "last", "reply")
+KINDS: dict[str, type[Intervention]] = {}  # name -> kind, filled as kinds are defined (request items name them)
 
 
 def check_vector(vector: Tensor, hidden_size: int, what: str = "vector") -> Tensor:
@@ -37,64 +54,202 @@ def check_vector(vector: Tensor, hidden_size: int, what: str = "vector") -> Tens
     return vector.float().cpu()
 
 
+def position_mask(positions: Tensor, seq: int, prompt_ends: bool = True) -> Tensor:
+    """Which positions each row's intervention acts on in one pass -> [rows, seq] bool.
+
+    positions [rows] long: indices into POSITIONS. A pass of seq == 1 feeds generated tokens; a
+    longer one feeds prompt tokens, whose last column is the prompt's last token when
+    `prompt_ends` (a chunked prefill's earlier chunks end mid-prompt).
+    """
+    codes = positions[:, None]
+    if seq == 1:
+        return torch.ones_like(codes, dtype=torch.bool)
+    column = torch.arange(seq, device=positions.device)[None, :]
+    last = (column == seq - 1) & prompt_ends
+    return (codes == 0) | ((codes == 1) & last)
+
+
+def project(hidden: Tensor, unit: Tensor) -> Tensor:
+    """Float32 projection of hidden [b, s, h] on each row's unit direction unit [b or 1, h] -> [b, s]."""
+    if unit.shape[0] == 1:
+        return hidden.float() @ unit[0]
+    return torch.einsum("bsh,bh->bs", hidden.float(), unit)
+
+
+class RequestContext(Protocol):
+    """What building interventions from request items needs (intervention_spec.SpecContext is one)."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    def axis_vector(self, layer: int) -> Tensor:
+        """The axis row at `layer` [hidden]."""
+
+    def steering_vector(self, layer: int, relative: bool) -> Tensor:
+        """What coef = 1 adds at `layer` [hidden]: the axis row, or (relative) the norm of the run's mean
+        default-Assistant activation at `layer` × the unit axis."""
+
+    def default_projection(self, layer: int) -> float:
+        """Projection of the run's mean default-Assistant activation on the unit axis at `layer`."""
+
+    def cap_floors(self, experiment: str) -> list[tuple[int, Tensor, float]]:
+        """(layer, axis [hidden], floor) of each cap of a capping-config experiment."""
+
+
+Item = Mapping[str, Any]  # one request item: {"kind": name, ...fields of that kind} (intervention_spec.py)
+
+
+def item_layer(item: Item, ctx: RequestContext) -> int:
+    """The item's "layer": an integer in range, else a one-line error."""
+    layer = item.get("layer")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise PersonaAxisError(f"{item.get('kind')} needs an integer 'layer', not {layer!r}")
+    if not 0 <= layer < ctx.n_layers:
+        raise PersonaAxisError(f"{item.get('kind')} layer {layer} is out of range: the model has {ctx.n_layers} "
+                               f"layers, choose one of 0..{ctx.n_layers - 1}")
+    return layer
+
+
+def item_number(item: Item, key: str, default: float | None = None) -> float:
+    """The item's finite number `key` (or `default` when absent), else a one-line error."""
+    value = item.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PersonaAxisError(f"{item.get('kind')} needs a finite number '{key}', not {value!r}")
+    return float(value)
+
+
+def item_positions(item: Item) -> Positions:
+    positions = item.get("positions", "all")
+    if positions not in POSITIONS:
+        raise PersonaAxisError(f"{item.get('kind')} positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    return positions
+
+
 @dataclass
-class _Intervention:
+class Intervention:
+    """The base of every kind (see the module doc). `positions`: "all", "last" or "reply"."""
+
     positions: Positions = field(default="all", kw_only=True)
+    name: ClassVar[str] = ""
+    rank: ClassVar[int] = 3
+    label: ClassVar[str] = "intervened"  # what replies generated with this kind are called ("capped", ...)
+    counts_engagement: ClassVar[bool] = False  # whether apply_rows reports which positions it changed
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            KINDS[cls.name] = cls
 
     def __post_init__(self) -> None:
-        if self.positions not in ("all", "last"):
-            raise PersonaAxisError(f"positions must be 'all' or 'last', not {self.positions!r}")
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        if self.positions == "all":
-            return self.apply(hidden)
-        out = hidden.clone()
-        out[:, -1:] = self.apply(hidden[:, -1:])
-        return out
-
-    def apply(self, hidden: Tensor) -> Tensor:
-        raise NotImplementedError
+        if self.positions not in POSITIONS:
+            raise PersonaAxisError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        self._params: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
 
     def vectors(self) -> list[Tensor]:
+        """The [hidden] vectors the intervention holds (checked against the model's hidden size)."""
         raise NotImplementedError
+
+    def row_params(self) -> dict[str, Tensor]:
+        """The settings as float32 tensors, one batch row's worth: {name: [...]} (no batch dimension)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def apply_rows(hidden: Tensor, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(intervened hidden [b, s, h], which positions it changed [b, s] bool or None) for params [b or 1, ...]."""
+        raise NotImplementedError
+
+    def _params_for(self, hidden: Tensor) -> dict[str, Tensor]:
+        """`row_params` as a batch of one, on the hidden state's device (cached per device and dtype)."""
+        key = (hidden.device, hidden.dtype)
+        if key not in self._params:
+            self._params[key] = {k: v.to(hidden.device)[None] for k, v in self.row_params().items()}
+        return self._params[key]
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """The hook form: the intervention applied to a layer's output [b, s, h] at its positions."""
+        out, changed = type(self).apply_rows(hidden, self._params_for(hidden))
+        if self.positions != "all":
+            code = torch.full((hidden.shape[0],), POSITIONS.index(self.positions), device=hidden.device)
+            mask = position_mask(code, hidden.shape[1])
+            out = torch.where(mask[..., None], out, hidden)
+            changed = changed & mask if changed is not None else None
+        if changed is not None and hidden.shape[1] == 1:
+            self.observe(changed[:, 0])
+        return out
+
+    def observe(self, changed: Tensor) -> None:
+        """Called by the hook form after each generated-token pass with the rows it changed [b] bool."""
+
+    @classmethod
+    def from_request(cls, item: Item, ctx: RequestContext) -> list[tuple[int, Intervention]]:
+        """(layer, intervention) pairs a request item of this kind asks for; a one-line error if malformed."""
+        raise PersonaAxisError(f"interventions of kind {cls.name!r} cannot be built from a request")
 
 
 @dataclass
-class Addition(_Intervention):
+class Addition(Intervention):
     """x ← x + coef · vector."""
 
     vector: Tensor
     coef: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._scaled = self.coef * torch.as_tensor(self.vector).float()
-
-    def apply(self, hidden: Tensor) -> Tensor:
-        return hidden + self._scaled.to(hidden.device, hidden.dtype)
+    name: ClassVar[str] = "steer"
+    rank: ClassVar[int] = 2
+    label: ClassVar[str] = "steered"
 
     def vectors(self) -> list[Tensor]:
         return [self.vector]
 
+    def row_params(self) -> dict[str, Tensor]:
+        return {"added": self.coef * torch.as_tensor(self.vector).float()}
+
+    @staticmethod
+    def apply_rows(hidden: Tensor, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        return hidden + params["added"].to(hidden.dtype)[:, None, :], None
+
+    @classmethod
+    def from_request(cls, item: Item, ctx: RequestContext) -> list[tuple[int, Intervention]]:
+        """{"layer", "coef", "units": "axis" (coef × the axis row) or "norm" (coef × the default-Assistant
+        activation norm × the unit axis)}."""
+        layer, coef, units = item_layer(item, ctx), item_number(item, "coef"), item.get("units", "axis")
+        if units not in ("axis", "norm"):
+            raise PersonaAxisError(f"steer units must be 'axis' or 'norm', not {units!r}")
+        vector = ctx.steering_vector(layer, relative=units == "norm")
+        return [(layer, cls(vector, coef, positions=item_positions(item)))]
+
 
 @dataclass
-class Ablation(_Intervention):
+class Ablation(Intervention):
     """x ← x − (x·d̂) d̂ + coef · d̂: remove the component along a direction, then set it to `coef`."""
 
     direction: Tensor
     coef: float = 0.0
+    name: ClassVar[str] = "ablate"
+    rank: ClassVar[int] = 0
+    label: ClassVar[str] = "ablated"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._unit = unit_vector(torch.as_tensor(self.direction).float(), "ablation direction")
 
-    def apply(self, hidden: Tensor) -> Tensor:
-        d = self._unit.to(hidden.device)
-        proj = hidden.float() @ d
-        return hidden + ((self.coef - proj)[..., None] * d).to(hidden.dtype)
-
     def vectors(self) -> list[Tensor]:
         return [self.direction]
+
+    def row_params(self) -> dict[str, Tensor]:
+        return {"unit": self._unit, "value": torch.tensor(float(self.coef))}
+
+    @staticmethod
+    def apply_rows(hidden: Tensor, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        unit = params["unit"]
+        shift = params["value"][:, None] - project(hidden, unit)  # [b, s]
+        return hidden + (shift[..., None] * unit[:, None, :]).to(hidden.dtype), None
+
+    @classmethod
+    def from_request(cls, item: Item, ctx: RequestContext) -> list[tuple[int, Intervention]]:
+        """{"layer", "value": a number (default 0) or "default" (the default-Assistant mean's projection)}:
+        the component along the axis at that layer is set to the value."""
+        layer = item_layer(item, ctx)
+        value = ctx.default_projection(layer) if item.get("value") == "default" else item_number(item, "value", 0.0)
+        return [(layer, cls(ctx.axis_vector(layer), value, positions=item_positions(item)))]
 
 
 def mean_ablation(direction: Tensor, mean: Tensor, positions: Positions = "all") -> Ablation:
@@ -104,50 +259,64 @@ def mean_ablation(direction: Tensor, mean: Tensor, positions: Positions = "all")
 
 
 @dataclass
-class Cap(_Intervention):
+class Cap(Intervention):
     """Floor on the projection along a unit axis: x ← x + max(0, τ − x·â) â.
 
-    After it, x·â ≥ τ at every position; positions already at or above τ are unchanged. With
-    track=True it counts, over generated tokens (forward passes of one position), how many it
-    raised: `engaged()` is that fraction. A decode loop names the rows that hold a response
-    token with `count_rows` (rows of finished replies and empty batch slots are then not counted).
+    After it, x·â ≥ τ at every position it acts on; positions already at or above τ are unchanged.
+    With track=True the hook form counts, over generated tokens, how many it raised: `engaged()` is
+    that fraction. A decode loop names the rows that hold a response token with `count_rows` (rows of
+    finished replies and empty batch slots are then not counted).
     """
 
     axis: Tensor
     floor: float
     track: bool = False
+    name: ClassVar[str] = "cap"
+    rank: ClassVar[int] = 1
+    label: ClassVar[str] = "capped"
+    counts_engagement: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._unit = unit_vector(torch.as_tensor(self.axis).float(), "cap axis")
-        self._cast: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.raised = torch.zeros(())
         self.seen = torch.zeros(())
         self._counted_rows: Tensor | None = None
 
-    def _units(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """The unit axis in float32 and in the hidden dtype, on the hidden device (cached)."""
-        key = (hidden.device, hidden.dtype)
-        if key not in self._cast:
-            a = self._unit.to(hidden.device)
-            self._cast[key] = (a, a.to(hidden.dtype))
-        return self._cast[key]
+    def vectors(self) -> list[Tensor]:
+        return [self.axis]
 
-    def apply(self, hidden: Tensor) -> Tensor:
-        a, a_model = self._units(hidden)
-        raise_by = (self.floor - hidden.float() @ a).clamp_min_(0.0)  # projection in float32: [batch, seq]
-        if self.track and hidden.shape[1] == 1:
-            self._count(raise_by[:, 0] > 0)
-        return torch.addcmul(hidden, raise_by.to(hidden.dtype).unsqueeze(-1), a_model)
+    def row_params(self) -> dict[str, Tensor]:
+        return {"unit": self._unit, "floor": torch.tensor(float(self.floor))}
 
-    def _count(self, raised: Tensor) -> None:
-        """Add one generated position per counted row [batch] bool, and those of them this cap raised."""
+    @staticmethod
+    def apply_rows(hidden: Tensor, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        unit = params["unit"]
+        raise_by = (params["floor"][:, None] - project(hidden, unit)).clamp_min_(0.0)  # [b, s] float32
+        out = torch.addcmul(hidden, raise_by.to(hidden.dtype).unsqueeze(-1), unit.to(hidden.dtype)[:, None, :])
+        return out, raise_by > 0
+
+    @classmethod
+    def from_request(cls, item: Item, ctx: RequestContext) -> list[tuple[int, Intervention]]:
+        """{"experiment": a capping-config experiment id} (its caps, tracking engagement), or {"layer", "floor":
+        a number or "default" (the default-Assistant mean's projection)} for one cap on the axis."""
+        positions = item_positions(item)
+        if "experiment" in item:
+            return [(layer, cls(axis, floor, track=True, positions=positions))
+                    for layer, axis, floor in ctx.cap_floors(str(item["experiment"]))]
+        layer = item_layer(item, ctx)
+        floor = ctx.default_projection(layer) if item.get("floor") == "default" else item_number(item, "floor")
+        return [(layer, cls(ctx.axis_vector(layer), floor, track=True, positions=positions))]
+
+    def observe(self, changed: Tensor) -> None:
+        if not self.track:
+            return
         rows = self._counted_rows
         if rows is None:
-            self.raised = self.raised + raised.sum().cpu()
-            self.seen = self.seen + raised.numel()
+            self.raised = self.raised + changed.sum().cpu()
+            self.seen = self.seen + changed.numel()
         else:
-            self.raised = self.raised + (raised & rows).sum().cpu()
+            self.raised = self.raised + (changed & rows).sum().cpu()
             self.seen = self.seen + rows.sum().cpu()
 
     def count_rows(self, rows: Tensor | None) -> None:
@@ -161,20 +330,28 @@ class Cap(_Intervention):
     def reset(self) -> None:
         self.raised, self.seen = torch.zeros(()), torch.zeros(())
 
-    def vectors(self) -> list[Tensor]:
-        return [self.axis]
 
-
-Intervention = Addition | Ablation | Cap
 InterventionMap = Mapping[int, Intervention | Sequence[Intervention]]
+
+
+def layer_lists(interventions: InterventionMap) -> dict[int, list[Intervention]]:
+    """{layer: its interventions in the order they act} (by kind rank; stable within a kind)."""
+    out: dict[int, list[Intervention]] = {}
+    for layer, items in interventions.items():
+        listed = [items] if isinstance(items, Intervention) else list(items)
+        for item in listed:
+            if not isinstance(item, Intervention):
+                raise PersonaAxisError(f"layer {layer}: {item!r} is not an intervention (Addition, Ablation, Cap, ...)")
+        out[layer] = sorted(listed, key=lambda item: type(item).rank)
+    return out
 
 
 def intervention_ops(lm: LoadedModel, interventions: InterventionMap) -> dict[int, list[LayerOp]]:
     """Validate {layer: intervention(s)} against the model and return them as hook operations."""
     ops: dict[int, list[LayerOp]] = {}
-    for layer, items in interventions.items():
+    for layer, items in layer_lists(interventions).items():
         index = lm.check_layer(layer)
-        for item in [items] if isinstance(items, _Intervention) else list(items):
+        for item in items:
             for vector in item.vectors():
                 check_vector(vector, lm.hidden_size, f"{type(item).__name__} vector at layer {layer}")
             ops.setdefault(index, []).append(item)

@@ -72,7 +72,7 @@ class RunLayout:
     def require_vectors(self, needed_for: str) -> Path:
         """The run's vectors file; a one-line error saying what needed it when the run has none yet."""
         if not self.vectors.is_file():
-            raise PersonaAxisError(f"{needed_for} needs {self.vectors}, which is not there: finish the run "
+            raise PersonaAxisError(f"{needed_for} needs {self.vectors}, which is not there: finish the run first "
                                    "(`persona-axis run` writes it at its vectors step) or give a finished run directory")
         return self.vectors
 

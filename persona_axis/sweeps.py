@@ -21,10 +21,10 @@ from persona_axis.axis import Axis
 from persona_axis.calibration import calibrate
 from persona_axis.capping import Experiment, default_layer_block, experiment_id
 from persona_axis.catalog import Catalog, role_play_conversations
-from persona_axis.chat import steering_vector
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.capabilities import next_token_kl
 from persona_axis.generation import generate
+from persona_axis.intervention_spec import steering_vector
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index, layer_after_block, measured_layer
 from persona_axis.models import LoadedModel, Message
@@ -141,7 +141,7 @@ def steer_sweep(lm: LoadedModel, axis: Axis, catalog: Catalog, judge: Judge, lay
                 *, norms: Tensor | None = None, measure_at: int | None = None) -> SteerSweep:
     """For each coef, add coef × v at `layer` while role-play prompts are answered; judge and project the replies.
 
-    v is axis[layer], or with norms [layers] (see `chat.default_norms`) norms[layer] × the unit
+    v is axis[layer], or with norms [layers] (see `intervention_spec.default_norms`) norms[layer] × the unit
     axis, so coefs are relative to the default activation norm. Projections are read at
     `measured_layer` (default: `measurement.measured_layer`'s choice, outside the steered layer).
     Each row holds the judge's score counts, the mean score, and the mean projection of the replies'

@@ -12,8 +12,8 @@ from chat_server import FakeServer, Reply
 
 from persona_axis.capping import load_config
 from persona_axis.catalog import load_catalog
-from persona_axis.chat import default_norms
 from persona_axis.cli import main
+from persona_axis.intervention_spec import default_norms
 from persona_axis.judges.base import JudgeItem, Verdict
 from persona_axis.models import load_model
 from persona_axis.pipeline import preset_settings, run_pipeline

@@ -23,7 +23,7 @@ from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, wrap_model
 from persona_axis.row_interventions import RowSettings
-from persona_axis.steering import Addition, Cap
+from persona_axis.steering import Addition, Cap, Intervention
 
 TOKENS = 8
 PROMPTS = [
@@ -52,9 +52,13 @@ def _directions(lm: LoadedModel) -> torch.Tensor:
 def _settings(lm: LoadedModel, kind: str) -> RowSettings:
     """Per-row settings: 'cap' floors layers 1-2 high (the cap acts), 'steer' adds at layer 1, 'both', 'plain'."""
     units = _directions(lm)
-    caps = {layer: (units[layer], 0.5) for layer in (1, 2)} if kind in ("cap", "both") else {}
-    additions = {1: -3.0 * units[1]} if kind in ("steer", "both") else {}
-    return RowSettings(caps=caps, additions=additions, watch=(0, units[0]))
+    interventions: dict[int, list[Intervention]] = {}
+    if kind in ("cap", "both"):
+        for layer in (1, 2):
+            interventions.setdefault(layer, []).append(Cap(units[layer], 0.5))
+    if kind in ("steer", "both"):
+        interventions.setdefault(1, []).append(Addition(units[1], -3.0))
+    return RowSettings(interventions, watch=(0, units[0]))
 
 
 def _job(lm: LoadedModel, i: int, kind: str, temperature: float = 0.0) -> tuple[list[int], Sampling, RowSettings]:
@@ -83,7 +87,7 @@ def test_interventions_act_on_their_own_row_only(lm: LoadedModel) -> None:
     job = _job(lm, 3, "plain")
     rows = [(job[0], job[1], _settings(lm, kind)) for kind in ("cap", "plain", "steer")]
     capped, plain, steered = run_to_end(Engine(lm, max_rows=3), rows)
-    [bare] = run_to_end(Engine(lm, max_rows=1), [(job[0], job[1], RowSettings({}, {}, _settings(lm, "x").watch))])
+    [bare] = run_to_end(Engine(lm, max_rows=1), [(job[0], job[1], RowSettings(watch=_settings(lm, "x").watch))])
     assert plain.token_ids == bare.token_ids
     torch.testing.assert_close(torch.tensor(plain.projections), torch.tensor(bare.projections), atol=1e-5, rtol=1e-5)
     assert capped.engaged[1] > 0 and plain.engaged == {} and steered.engaged == {}
@@ -96,11 +100,7 @@ def test_alone_it_matches_offline_generate_with_the_same_interventions(lm: Loade
     for i, kind in enumerate(["cap", "steer", "plain"]):
         prompt, sampling, settings = _job(lm, i, kind, temperature=0.9)
         [served] = run_to_end(Engine(lm), [(prompt, sampling, settings)])
-        interventions: dict[int, list[Any]] = {}
-        for layer, (unit, floor) in settings.caps.items():
-            interventions.setdefault(layer, []).append(Cap(unit, floor))
-        for layer, vector in settings.additions.items():
-            interventions.setdefault(layer, []).append(Addition(vector, 1.0))
+        interventions = {layer: list(items) for layer, items in settings.interventions.items()}
         offline = generate(lm, [PROMPTS[i]], max_new_tokens=sampling.max_new_tokens, temperature=0.9,
                            seed=sampling.seed, capture=False, interventions=interventions, watch=(0, units[0]))
         assert served.token_ids == offline.token_ids[0] and served.text == offline.texts[0]
@@ -142,11 +142,11 @@ def _spanning_stop(lm: LoadedModel, ids: list[int], text: str) -> str:
 
 def test_a_stream_never_shows_part_of_a_stop_text(lm: LoadedModel) -> None:
     prompt = _ids(lm, PROMPTS[0])
-    [free] = run_to_end(Engine(lm), [(prompt, Sampling(24, ignore_eos=True), RowSettings({}, {}, None))])
+    [free] = run_to_end(Engine(lm), [(prompt, Sampling(24, ignore_eos=True), RowSettings())])
     stop = _spanning_stop(lm, free.token_ids, free.text)
     events: list[Any] = []
     engine = Engine(lm)
-    engine.submit(prompt, Sampling(24, stop_texts=(stop,), ignore_eos=True), RowSettings({}, {}, None), events.append)
+    engine.submit(prompt, Sampling(24, stop_texts=(stop,), ignore_eos=True), RowSettings(), events.append)
     while not events or not isinstance(events[-1], EndEvent):
         engine.step()
     *tokens, end = events

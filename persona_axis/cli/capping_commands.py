@@ -62,11 +62,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def _session_parts(args: argparse.Namespace) -> tuple[Any, Any, dict[int, list[Any]]]:
     from persona_axis.axis import load_axis
-    from persona_axis.chat import load_interventions
+    from persona_axis.intervention_spec import load_interventions
 
     axis = load_axis(args.axis)
     lm = load_model_from(args)
-    return lm, axis, load_interventions(lm, axis, args.axis, args.config, args.cap, args.steer)
+    return lm, axis, load_interventions(lm, axis, args.axis, args.config, args.cap, args.steer, args.ablate)
 
 
 def _describe(reply: Any) -> str:
@@ -92,8 +92,9 @@ def _live_readout(tty: bool) -> Any:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from persona_axis.chat import ChatSession, describe_interventions
+    from persona_axis.chat import ChatSession
     from persona_axis.errors import PersonaAxisError
+    from persona_axis.intervention_spec import describe_interventions
 
     lm, axis, interventions = _session_parts(args)
     session = ChatSession(lm, axis, interventions, system=args.system or "", max_new_tokens=args.max_new_tokens,
@@ -164,8 +165,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_steer_sweep(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.catalog import load_catalog
-    from persona_axis.chat import default_norms
     from persona_axis.errors import PersonaAxisError
+    from persona_axis.intervention_spec import default_norms
     from persona_axis.judges import make_judge
     from persona_axis.sweeps import steer_sweep
 

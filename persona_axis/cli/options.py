@@ -41,12 +41,18 @@ def axis_options(p: argparse.ArgumentParser) -> None:
 def intervention_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="capping config for --cap (default: <run>/capping.json when --axis is a run "
                                     "directory); an error without --cap")
-    p.add_argument("--cap", metavar="EXPERIMENT", help="apply this capping experiment, e.g. layers_21:25-p0.25")
+    p.add_argument("--cap", metavar="EXPERIMENT", help="apply this capping experiment, e.g. layers_21:26-p0.25 "
+                                                      "(floors on the axis projection; append /last or /reply to "
+                                                      "cap only those positions)")
     p.add_argument("--steer", action="append", default=[], metavar="COEF@LAYER",
                    help="add COEF x axis at LAYER (repeatable; COEF in units of the axis length), or with "
                         "COEFn@LAYER (e.g. -0.5n@15) COEF x the norm of the run's mean default-Assistant activation "
                         "at LAYER x the unit axis (needs --axis to be a run directory); write a negative COEF "
-                        "as --steer=-0.5n@15")
+                        "as --steer=-0.5n@15; append /last (the prompt's last token and the reply) or /reply "
+                        "(the reply's tokens only)")
+    p.add_argument("--ablate", action="append", default=[], metavar="LAYER[=VALUE]",
+                   help="set the axis component at LAYER to VALUE (default 0; 'default': the run's mean "
+                        "default-Assistant projection, a mean ablation); repeatable; /last or /reply as for --steer")
 
 
 def judge_options(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from persona_axis.cli.options import axis_options, load_model_from
 def cmd_serve(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.capping import load_config
+    from persona_axis.intervention_spec import run_defaults
     from persona_axis.server import PersonaServer, ServerLimits, serve_forever
     from persona_axis.store import RunLayout
 
@@ -21,7 +22,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     lm = load_model_from(args)
     limits = ServerLimits(max_rows=args.max_batch, max_waiting=args.max_queue, timeout_s=args.timeout,
                           prefill_chunk=args.prefill_chunk)
-    server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name)
+    layout = RunLayout(args.axis)
+    defaults = run_defaults(layout.root) if layout.vectors.is_file() else None
+    server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name, defaults=defaults)
     experiments = ", ".join(config.experiments) if config is not None else "none (no capping config)"
 
     def announce(url: str) -> None:

@@ -3,7 +3,7 @@
   uncapped          nothing (the baseline every other condition is paired with)
   cap:<experiment>  the caps of a capping-config experiment (floors on the axis projection)
   pc1:<experiment>  the same block and percentile, calibrated along the roles' PC1 instead of the axis
-  steer:<COEF@L>    an addition of the axis at one layer (persona_axis.chat.parse_steer units)
+  steer:<COEF@L>    an addition of the axis at one layer (persona_axis.intervention_spec's --steer units)
 
 A Condition holds plain values; `interventions()` builds fresh intervention objects each call, so
 cap engagement counts start from zero for every batch.
@@ -24,7 +24,7 @@ from persona_axis.axis import Axis
 from persona_axis.capping import CapLayer, load_config, parse_experiment_id
 from persona_axis.errors import PersonaAxisError
 from persona_axis.models import ModelShape
-from persona_axis.steering import Addition, Cap, Intervention
+from persona_axis.steering import Addition, Cap, Intervention, Positions
 from persona_axis.store import RunLayout, load_tensors
 
 DIRECTIONS = ("axis", "pc1", "both")
@@ -41,6 +41,7 @@ class Condition:
     steer_coef: float = 0.0
     steer_layer: int = -1
     direction: str = "axis"
+    steer_positions: Positions = "all"
 
     @property
     def layers(self) -> list[int]:
@@ -51,7 +52,8 @@ class Condition:
         """Fresh {layer: [intervention]}: caps track their engagement (share of generated tokens raised)."""
         out: dict[int, list[Intervention]] = {c.layer: [Cap(c.axis, c.floor, track=True)] for c in self.caps}
         if self.steer_vector is not None:
-            out.setdefault(self.steer_layer, []).append(Addition(self.steer_vector, self.steer_coef))
+            out.setdefault(self.steer_layer, []).append(Addition(self.steer_vector, self.steer_coef,
+                                                                 positions=self.steer_positions))
         return out
 
     def digest(self) -> str:
@@ -106,7 +108,7 @@ def plan_conditions(lm: ModelShape, axis: Axis, axis_path: str | Path, config: s
     "pc1" (their PC1 counterparts instead) or "both". Unknown experiments, a config made for
     another model, malformed steering specs and duplicates are one-line errors.
     """
-    from persona_axis.chat import build_interventions, default_norms, parse_steer
+    from persona_axis.intervention_spec import SpecContext, build_interventions, steer_item
 
     axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
     if direction not in DIRECTIONS:
@@ -130,12 +132,12 @@ def plan_conditions(lm: ModelShape, axis: Axis, axis_path: str | Path, config: s
                     raise PersonaAxisError("--direction pc1 needs --axis to be a run directory (its role vectors)")
                 conditions.append(Condition(f"pc1:{name}", _pc1_caps(run_dir, axis, name, loaded.population),
                                             direction="pc1"))
+    spec = SpecContext(lm, axis, run_dir)
     for text in steers:
-        spec = parse_steer(text)
-        norms = default_norms(run_dir) if spec.relative and run_dir is not None else None
-        [[addition]] = build_interventions(lm, axis, steer=[text], norms=norms).values()
-        conditions.append(Condition(f"steer:{text.strip()}", steer_vector=addition.vectors()[0], steer_coef=spec.coef,
-                                    steer_layer=spec.layer))
+        [(layer, [addition])] = build_interventions(spec, [steer_item(text)]).items()
+        assert isinstance(addition, Addition)
+        conditions.append(Condition(f"steer:{text.strip()}", steer_vector=addition.vector, steer_coef=addition.coef,
+                                    steer_layer=layer, steer_positions=addition.positions))
     names = [c.name for c in conditions]
     if len(set(names)) != len(names):
         raise PersonaAxisError(f"conditions repeat ({', '.join(names)}): give each --cap and --steer once")
