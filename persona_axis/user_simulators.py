@@ -19,6 +19,7 @@ from persona_axis.chat_api import ChatClient, Unparsed
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, Message, load_model
+from persona_axis.sampling import stream_seed
 
 DOMAINS_FILE = Path(__file__).parent / "data" / "domains.json"
 SIMULATOR_PROMPT = """\
@@ -60,11 +61,15 @@ class UserSimulator(Protocol):
     """Writes the simulated user's next message for a batch of conversations.
 
     histories are from the target's point of view: "user" = the simulated user, "assistant" = the target.
+    seeds: one random-stream seed per conversation (simulate names it by conversation and turn, so a
+    resumed conversation draws what an uninterrupted one drew); a simulator that samples uses it, one
+    that cannot be seeded (an endpoint) may ignore it; None: the simulator's own seeding.
     """
 
     id: str
 
-    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]]) -> list[str]: ...
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]],
+                      seeds: Sequence[int] | None = None) -> list[str]: ...
 
 
 def simulator_messages(persona: DomainPersona, history: Sequence[Message]) -> list[Message]:
@@ -84,10 +89,14 @@ class LocalUserSimulator:
         self.lm, self.max_new_tokens, self.temperature, self.seed = lm, max_new_tokens, temperature, seed
         self.id = f"local:{lm.name}:{lm.source_hash[:16]}:t{temperature:g}:m{max_new_tokens}:s{seed}"
 
-    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]]) -> list[str]:
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]],
+                      seeds: Sequence[int] | None = None) -> list[str]:
+        """The next user message of each conversation; conversation i samples from the stream of
+        stream_seed(self.seed, seeds[i]) (default: stream i of self.seed)."""
         prompts = [simulator_messages(p, h) for p, h in zip(personas, histories)]
+        streams = self.seed if seeds is None else [stream_seed(self.seed, s) for s in seeds]
         result = generate(self.lm, prompts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                          seed=self.seed, capture=False)
+                          seed=streams, capture=False)
         return [text.strip() for text in result.texts]
 
 
@@ -105,7 +114,9 @@ class OpenAIUserSimulator:
                                  backoff_s=backoff_s)
         self.id = f"openai:{model}@{self.client.url}:t{temperature:g}"
 
-    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]]) -> list[str]:
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]],
+                      seeds: Sequence[int] | None = None) -> list[str]:
+        """The next user message of each conversation, asked of the endpoint (which takes no seed: `seeds` is unused)."""
         answers = self.client.ask_all([simulator_messages(p, h) for p, h in zip(personas, histories)], _user_message)
         for answer in answers:
             if isinstance(answer, Unparsed):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +61,27 @@ class ScriptedUser:
     def __init__(self, stop_at: int | None = None) -> None:
         self.calls, self.stop_at = 0, stop_at
 
-    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]]) -> list[str]:
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]],
+                      seeds: Sequence[int] | None = None) -> list[str]:
         self.calls += 1
         if self.calls == self.stop_at:
             raise KeyboardInterrupt
         return [f"user message {len(h) // 2 + 1} for {p.id}" for p, h in zip(personas, histories)]
+
+
+class StoppingUser:
+    """A LocalUserSimulator (sampling) that raises KeyboardInterrupt on its call number `stop_at`."""
+
+    def __init__(self, lm: LoadedModel, stop_at: int | None = None) -> None:
+        self.inner = LocalUserSimulator(lm, max_new_tokens=TOKENS, temperature=0.9, seed=3)
+        self.id, self.calls, self.stop_at = self.inner.id, 0, stop_at
+
+    def next_messages(self, personas: list[DomainPersona], histories: list[list[Message]],
+                      seeds: Sequence[int] | None = None) -> list[str]:
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return self.inner.next_messages(personas, histories, seeds=seeds)
 
 
 class FakeEmbedder:
@@ -141,22 +157,74 @@ def test_simulate_projections_match_a_separate_capture(tiny_llama: LoadedModel, 
             assert projection == pytest.approx(axis.project(forward[0, 0], 1).item(), abs=1e-4)
 
 
-def test_resume_skips_finished_conversations(tiny_llama: LoadedModel, axis: Axis, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    options: dict[str, Any] = {"domain": "coding", "turns": 2, "n": 3, "max_new_tokens": TOKENS, "out": tmp_path,
-                               "batch_size": 2}
-    with pytest.raises(KeyboardInterrupt):  # interrupted during the second batch
-        simulate(tiny_llama, axis, ScriptedUser(stop_at=2), **options)
-    saved = tmp_path / "conversations.jsonl"
-    assert [json.loads(line)["id"] for line in saved.read_text().splitlines()] == ["coding-c0000", "coding-c0001"]
+def _ids(path: Path) -> list[tuple[str, int | None]]:
+    return [(r["id"], r.get("turn")) for r in map(json.loads, path.read_text().splitlines())] if path.exists() else []
+
+
+@pytest.mark.parametrize("stop_at, left", [
+    (2, [2, 5]),  # stopped at the first batch's third turn: its third turn, then the whole second batch
+    (3, [4]),  # stopped at the second batch's second turn: the first batch is done, the second has turn 1
+])
+def test_resume_continues_conversations_mid_way(tiny_llama: LoadedModel, axis: Axis, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, stop_at: int,
+                                                left: list[int]) -> None:
+    """Both sides sample; interrupted inside a batch, then resumed: equal to an uninterrupted run."""
+    options: dict[str, Any] = {"domain": "coding", "turns": 3, "n": 3, "max_new_tokens": TOKENS, "batch_size": 2,
+                               "temperature": 0.9, "seed": 5}
+    whole = simulate(tiny_llama, axis, StoppingUser(tiny_llama), **options)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        simulate(tiny_llama, axis, StoppingUser(tiny_llama, stop_at=stop_at), out=out, **options)
+    finished, turns = out / "conversations.jsonl", out / "turns.jsonl"
+    if stop_at == 2:
+        assert _ids(finished) == [] and _ids(turns) == [("coding-c0000", 1), ("coding-c0001", 1),
+                                                        ("coding-c0000", 2), ("coding-c0001", 2)]
+        with pytest.raises(PersonaAxisError, match="no finished conversation yet .2 half-way"):
+            load_simulations([out])
+    else:
+        assert _ids(finished) == [("coding-c0000", None), ("coding-c0001", None)]
+        assert _ids(turns)[-1] == ("coding-c0002", 1)
+    [half] = [r for r in load_simulations([out], unfinished=True) if not r["finished"]][-1:]
+    assert len(half["projections"]) == len(half["messages"]) // 2 == 3 - stop_at + 1
     calls = counting_generate(monkeypatch)
-    records = simulate(tiny_llama, axis, ScriptedUser(), **options)
-    assert len(calls) == 2  # only the missing conversation: two turns
-    ids = [json.loads(line)["id"] for line in saved.read_text().splitlines()]
-    assert ids == [r["id"] for r in records] == ["coding-c0000", "coding-c0001", "coding-c0002"]
-    before = saved.read_bytes()
-    assert simulate(tiny_llama, axis, ScriptedUser(), **options) == records
-    assert len(calls) == 2 and saved.read_bytes() == before
+    resumed = simulate(tiny_llama, axis, StoppingUser(tiny_llama), out=out, **options)
+    assert len(calls) == sum(left)  # one call per side and turn, for the turns left only
+    assert resumed == whole
+    assert [r["id"] for r in load_simulations([out])] == [r["id"] for r in whole]
+    assert all(r["finished"] for r in load_simulations([out], unfinished=True))
+    before = finished.read_bytes(), turns.read_bytes()
+    assert simulate(tiny_llama, axis, StoppingUser(tiny_llama), out=out, **options) == whole
+    assert len(calls) == sum(left) and (finished.read_bytes(), turns.read_bytes()) == before
+
+
+def test_a_batch_torn_mid_turn_regenerates_that_turn_whole(tiny_llama: LoadedModel, axis: Axis,
+                                                           tmp_path: Path) -> None:
+    """A crash inside the append of a turn leaves some conversations of the batch with it and some without:
+    the batch redoes that turn for all (same companions as uninterrupted) and appends only the missing."""
+    options: dict[str, Any] = {"domain": "therapy", "turns": 3, "n": 3, "max_new_tokens": TOKENS,
+                               "batch_size": 3, "temperature": 0.9}
+    out = tmp_path / "run"
+    whole = simulate(tiny_llama, axis, StoppingUser(tiny_llama), out=out, **options)
+    turns, finished = out / "turns.jsonl", out / "conversations.jsonl"
+    assert [turn for _, turn in _ids(turns)] == [1, 1, 1, 2, 2, 2]
+    lines = finished.read_text().splitlines()
+    finished.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # torn inside the second record
+    turns.write_text("".join(line + "\n" for line in turns.read_text().splitlines()[:5]))  # c2 lacks turn 2
+    # Now c0 has 3 turns, c1 2 and c2 1: the batch goes on at turn 2, for all three.
+    assert simulate(tiny_llama, axis, StoppingUser(tiny_llama), out=out, **options) == whole
+    assert _ids(turns)[5:] == [("therapy-c0002", 2)]
+    assert [r["id"] for r in RunStore(out).records("conversations")] == [r["id"] for r in whole]
+
+
+def test_a_directory_of_the_earlier_format_is_read_but_not_resumed(tiny_llama: LoadedModel, axis: Axis,
+                                                                   tmp_path: Path) -> None:
+    records = synthetic_records(2, 2, lambda text: 1.0)
+    with RunStore.open(tmp_path) as store:
+        store.claim({"kind": "drift-simulation", "domain": "d", "turns": 2}, {})
+        store.append("conversations", records)
+    assert [r["id"] for r in load_simulations([tmp_path])] == ["d-0", "d-1"]
+    with pytest.raises(PersonaAxisError, match="earlier persona-axis .format 1, this one writes 2"):
+        simulate(tiny_llama, axis, ScriptedUser(), "writing", 2, 1, max_new_tokens=TOKENS, out=tmp_path)
 
 
 def test_other_settings_on_the_same_directory_are_refused(tiny_llama: LoadedModel, axis: Axis,
@@ -349,3 +417,25 @@ def test_cli_simulate_steered_records_its_measured_layer(tiny_model_dir: str, ax
     assert "--layer 1 is intervened on" in capsys.readouterr().err
     assert main([*args, "--config", str(tmp_path / "capping")]) == 2
     assert "--config is only used with --cap" in capsys.readouterr().err
+
+
+def test_drift_report_leaves_unfinished_conversations_out_unless_asked(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    records = synthetic_records(4, 2, lambda text: float(len(text)))
+    half = {k: records[3][k] for k in ("id", "domain", "persona_id", "capped", "layer")}
+    with RunStore.open(tmp_path) as store:
+        store.append("conversations", records[:3])
+        store.append("turns", [{**half, "turn": 1, "user": "u", "reply": "r", "projection": 0.5},
+                               {**half, "turn": 3, "user": "u", "reply": "r", "projection": 0.5}])  # turn 2 missing
+    [unfinished] = [r for r in load_simulations([tmp_path], unfinished=True) if not r["finished"]]
+    assert unfinished["projections"] == [0.5] and [m["role"] for m in unfinished["messages"]] == ["user", "assistant"]
+    monkeypatch.setattr(drift_predictor, "load_embedder", FakeEmbedder)
+    assert main(["drift-report", str(tmp_path), "--folds", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["predictor"]["n_conversations"] == 3 and report["unfinished_left_out"] == 1
+    assert main(["drift-report", str(tmp_path), "--folds", "2", "--include-unfinished", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["predictor"]["n_conversations"] == 4 and report["unfinished_left_out"] == 0
+    assert main(["drift-report", str(tmp_path), "--folds", "2"]) == 0
+    assert "1 unfinished conversations left out" in capsys.readouterr().out

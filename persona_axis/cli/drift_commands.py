@@ -36,15 +36,15 @@ def _print_stats(stats: dict[str, dict[bool, list[dict[str, Any]]]]) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
-    from persona_axis.chat import load_interventions
     from persona_axis.drift_stats import plot_domains, turn_statistics
+    from persona_axis.intervention_spec import load_interventions
     from persona_axis.simulate import simulate
 
     axis = load_axis(args.axis)
     user = _user_spec(args)
     with executor_from(args, pass_env=[args.user_key_env] if args.user_url else []) as executor:
         model = executor.model_identity()
-        interventions = load_interventions(model, axis, args.axis, args.config, args.cap, args.steer)
+        interventions = load_interventions(model, axis, args.axis, args.config, args.cap, args.steer, args.ablate)
         records = simulate(None, axis, user, args.domain, args.turns, args.n, layer=args.layer,
                            interventions=interventions, max_new_tokens=args.max_new_tokens, seed=args.seed,
                            out=args.out, progress=not args.json, temperature=args.temperature,
@@ -73,17 +73,22 @@ def _one_line(text: str) -> str:
 def cmd_drift_report(args: argparse.Namespace) -> None:
     from persona_axis.drift_predictor import fit_drift_predictor
     from persona_axis.drift_stats import lowest_turns, plot_domains, turn_statistics
-    from persona_axis.simulate import load_simulations
+    from persona_axis.simulate import load_simulations, unfinished_conversations
 
-    records = load_simulations(args.dirs)
+    records = load_simulations(args.dirs, unfinished=args.include_unfinished)
+    left_out = 0 if args.include_unfinished else sum(unfinished_conversations(d) for d in args.dirs)
     predictor = fit_drift_predictor(records, folds=args.folds, alpha=args.alpha)
     stats = turn_statistics(records)
     lowest = lowest_turns(records, args.lowest)
     if args.plot:
         plot_domains(stats, args.plot)
     if args.json:
-        print_json({"predictor": predictor, "statistics": _stats_json(stats), "lowest": lowest})
+        print_json({"predictor": predictor, "statistics": _stats_json(stats), "lowest": lowest,
+                    "unfinished_left_out": left_out})
         return
+    if left_out:
+        print(f"{left_out} unfinished conversations left out (run the same simulate again to finish them, or pass "
+              "--include-unfinished to use their finished turns)")
     delta = "n/a (no turn with a previous reply)" if predictor["r2_delta"] is None else f"{predictor['r2_delta']:.3f}"
     print(f"drift predictor: {predictor['method']}")
     print(f"  R² of the next reply's projection: {predictor['r2_absolute']:.3f};  R² of its change: {delta}  "
@@ -112,7 +117,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim.add_argument("--max-new-tokens", type=int, default=96, help="longest target reply in tokens")
     sim.add_argument("--temperature", type=float, default=0.0, help="target sampling temperature (0: greedy)")
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--batch-size", type=int, default=32, help="conversations simulated together (and saved together)")
+    sim.add_argument("--batch-size", type=int, default=32,
+                     help="conversations simulated together (each finished turn is saved at once)")
     sim.add_argument("--user-model", metavar="SPEC", help="local model playing the user (default: the --model)")
     sim.add_argument("--user-url", metavar="URL", help="OpenAI-compatible API playing the user instead")
     sim.add_argument("--user-model-name", metavar="NAME", help="model name at --user-url")
@@ -121,7 +127,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim.add_argument("--user-max-new-tokens", type=int, default=80, help="longest user message (local simulator)")
     intervention_options(sim)
     executor_options(sim)
-    sim.add_argument("--out", metavar="DIR", help="save conversations here; a re-run resumes")
+    sim.add_argument("--out", metavar="DIR", help="save conversations here, turn by turn; a re-run resumes "
+                                                  "mid-conversation")
     sim.add_argument("--plot", metavar="PNG", help="write the per-domain drift plot here")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=cmd_simulate)
@@ -132,5 +139,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report.add_argument("--alpha", type=float, default=1.0, help="ridge regularisation strength")
     report.add_argument("--lowest", type=int, default=5, metavar="K", help="show the K least Assistant-like turns")
     report.add_argument("--plot", metavar="PNG", help="write the per-domain drift plot here")
+    report.add_argument("--include-unfinished", action="store_true",
+                        help="also use the finished turns of conversations a stopped simulate left half-way")
     report.add_argument("--json", action="store_true")
     report.set_defaults(func=cmd_drift_report)
