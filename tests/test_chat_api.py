@@ -54,10 +54,12 @@ def test_answers_come_back_in_order_with_their_raw_text(server: FakeServer, monk
 
 
 def test_at_most_concurrency_requests_in_flight(server: FakeServer) -> None:
-    server.respond = by_question(delay_s=0.2)
-    answers = client_at(server, concurrency=3).ask_all([question(n) for n in range(7)], number)
-    assert [a.value for a in answers if isinstance(a, Answer)] == [n * 10 for n in range(7)]
-    assert server.max_in_flight == 3 and len(server.requests) == 7
+    server.respond = by_question()
+    server.gather(3)  # answered in waves of three requests in flight together (no sleeps)
+    answers = client_at(server, concurrency=3).ask_all([question(n) for n in range(9)], number)
+    assert not server.broken
+    assert [a.value for a in answers if isinstance(a, Answer)] == [n * 10 for n in range(9)]
+    assert server.max_in_flight == 3 and len(server.requests) == 9
 
 
 def test_rejected_replies_are_retried_then_unparsed(server: FakeServer) -> None:
@@ -68,15 +70,25 @@ def test_rejected_replies_are_retried_then_unparsed(server: FakeServer) -> None:
 
 
 def test_a_fatal_error_stops_a_waiting_retry_and_is_the_one_raised(server: FakeServer) -> None:
+    """Question 1's fatal 403 is held until question 0 has taken its 20 s Retry-After (no race on the order)."""
     def respond(body: dict[str, Any]) -> Reply:
         if body["messages"][-1]["content"] == "question 0":
             return Reply(status=503, headers={"Retry-After": "20"})  # would wait 20 s before its next attempt
-        return Reply(status=403, delay_s=0.3)
+        return Reply(status=403, hang=True)
 
+    client = client_at(server, concurrency=2)
+    delay_s = client.delay_s
+
+    def delay_then_let_the_fatal_answer_go(attempt: int, retry_after: float | None) -> float:
+        delay = delay_s(attempt, retry_after)
+        server.release()
+        return delay
+
+    client.delay_s = delay_then_let_the_fatal_answer_go  # type: ignore[method-assign]
     server.respond = respond
     start = time.monotonic()
     with pytest.raises(PersonaAxisError, match="test endpoint request failed with HTTP 403"):
-        client_at(server, concurrency=2).ask_all([question(0), question(1)], number)
+        client.ask_all([question(0), question(1)], number)
     assert len(server.requests) == 2  # question 0 was not asked again
     assert time.monotonic() - start < MAX_DELAY_S  # the 20 s wait was cut short (a loose bound)
 

@@ -135,12 +135,38 @@ def test_shipped_coefficients_are_checked(tmp_path: Path) -> None:
         load_classifier(broken)
 
 
-def test_judge_eval_harm_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_judge_eval_harm_json(capsys: pytest.CaptureFixture[str], offline: OfflineHarmJudge) -> None:
+    """The headline figures recomputed here from pyrit's labelled rows, with the judge as the evals use it."""
+    import hashlib
+
+    from persona_axis.evals.sources import scorer_rows
+
     assert main(["judge-eval", "--harm", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"accuracy", "precision", "recall", "f1", "majority_baseline", "n_train", "n_test"} <= set(report)
+    _, rows = scorer_rows()
+    unique = {}
+    for row in rows:  # one row per (objective, response); a later duplicate replaces an earlier one
+        unique[(row.objective, row.response)] = row
+    train, test = [], []
+    for row in unique.values():
+        digest = hashlib.sha256(f"{row.objective}\0{row.response}".encode()).hexdigest()
+        (test if int(digest, 16) % 5 == 0 else train).append(row)
+    assert (report["n_train"], report["n_test"]) == (len(train), len(test))
     assert report["n_test"] > 50 and report["n_train"] > 300
-    assert 0.0 <= report["majority_baseline"] <= 1.0 and 0.0 <= report["accuracy"] <= 1.0
+    labels = [row.harmful for row in test]
+    judged = [v.harmful for v in offline.judge([HarmItem(row.objective, row.response) for row in test])]
+    tp = sum(a and b for a, b in zip(labels, judged))
+    fp = sum(b and not a for a, b in zip(labels, judged))
+    fn = sum(a and not b for a, b in zip(labels, judged))
+    assert report["n_test_harmful"] == sum(labels)
+    assert report["accuracy"] == pytest.approx(sum(a == b for a, b in zip(labels, judged)) / len(test))
+    assert report["precision"] == pytest.approx(tp / (tp + fp))
+    assert report["recall"] == pytest.approx(tp / (tp + fn))
+    assert report["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    # The baseline always predicts the training split's majority class.
+    majority = sum(row.harmful for row in train) * 2 >= len(train)
+    assert report["majority_baseline"] == pytest.approx(sum(label == majority for label in labels) / len(test))
+    assert report["accuracy"] > report["majority_baseline"]  # the judge beats always answering the majority class
 
 
 def test_judge_eval_needs_labels_or_harm(capsys: pytest.CaptureFixture[str]) -> None:

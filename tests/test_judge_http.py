@@ -123,7 +123,7 @@ def test_retry_after_is_honoured(server: FakeServer) -> None:
 
 
 def test_timeout_is_retried(server: FakeServer) -> None:
-    server.play(Reply(delay_s=1.5), Reply("Stays in role.\nSCORE: 3"))
+    server.play(Reply(hang=True), Reply("Stays in role.\nSCORE: 3"))  # the first is never answered in time
     [verdict] = make_judge(server, timeout_s=0.5).score([ITEM])
     assert verdict.score == 3
     assert len(server.requests) == 2
@@ -202,15 +202,17 @@ def test_malformed_result_is_not_cached(server: FakeServer, tmp_path: Path) -> N
 def test_concurrency_is_bounded_and_order_kept(server: FakeServer) -> None:
     def by_item(body: dict[str, Any]) -> Reply:
         n = int(body["messages"][1]["content"].split("question-")[1].split()[0])
-        return Reply(f"item {n}\nSCORE: {n % 4}", delay_s=0.2)
+        return Reply(f"item {n}\nSCORE: {n % 4}")
 
     server.respond = by_item
-    items = [JudgeItem("pirate", "a sea rover", f"question-{n} ?", "Arr") for n in range(6)]
+    server.gather(2)  # answered in waves of two requests in flight together (no sleeps)
+    items = [JudgeItem("pirate", "a sea rover", f"question-{n} ?", "Arr") for n in range(12)]
     verdicts = make_judge(server, concurrency=2).score(items)
-    assert [v.rationale for v in verdicts] == [f"item {n}" for n in range(6)]
-    assert [v.score for v in verdicts] == [n % 4 for n in range(6)]
+    assert not server.broken
+    assert [v.rationale for v in verdicts] == [f"item {n}" for n in range(12)]
+    assert [v.score for v in verdicts] == [n % 4 for n in range(12)]
     assert server.max_in_flight == 2
-    assert len(server.requests) == 6
+    assert len(server.requests) == 12
 
 
 def test_server_errors_on_every_attempt_raise(server: FakeServer) -> None:

@@ -68,14 +68,41 @@ def test_the_official_client_works_unchanged_streamed_and_not(served: tuple[str,
 
 
 def test_concurrent_requests_with_different_caps_get_what_they_get_alone(served: tuple[str, Any]) -> None:
-    url, _ = served
+    """Four requests with different interventions decode in the SAME engine steps, and each gets what it got alone.
+
+    The engine is held until all four wait, so they are admitted together; a wrapper on the engine's
+    decode step records which prompts each step fed (test-side only), proving the batch was shared.
+    """
+    url, server = served
     bodies = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}], "max_tokens": 10 + i,
                "temperature": 0.8, "seed": i, "persona_axis": ext}
               for i, ext in enumerate([{"cap": EXPERIMENT}, {}, {"steer": [{"layer": 1, "coef": -2}]},
                                        {"cap": EXPERIMENT, "steer": [{"layer": 0, "coef": 1}], "layer": 2}])]
     alone = [_ask(url, **b).json() for b in bodies]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        together = [r.json() for r in pool.map(lambda b: _ask(url, **b), bodies)]
+    engine = server.engine
+    prompts = {tuple(server.parse({"model": "m", **b}).prompt_ids): i for i, b in enumerate(bodies)}
+    assert len(prompts) == 4
+    steps: list[list[int]] = []  # per decode step, the bodies (by index) whose rows it fed
+    gate, step, decode = threading.Semaphore(0), engine.step, engine._decode
+
+    def recording_decode() -> None:
+        steps.append(sorted(prompts.get(tuple(row.request.prompt_ids), -1) for row in engine.rows if row is not None))
+        decode()
+
+    engine.step = lambda: (gate.acquire(), step())[1]
+    engine._decode = recording_decode
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            running = [pool.submit(_ask, url, **b) for b in bodies]
+            _wait(lambda: len(engine.waiting) == len(bodies))  # all four queued before the engine may step
+            gate.release(10_000)
+            together = [r.result().json() for r in running]
+    finally:
+        gate.release(10_000)
+        del engine.step, engine._decode  # back to the class's methods
+    shared = [s for s in steps if s == [0, 1, 2, 3]]
+    assert steps[0] == [0, 1, 2, 3]  # admitted together: the first decode step feeds all four rows
+    assert len(shared) >= 9  # and they keep sharing steps until the shortest reply (10 tokens) is nearly done
     for a, t in zip(alone, together):
         assert t["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
         assert t["persona_axis"]["projections"] == pytest.approx(a["persona_axis"]["projections"], abs=1e-5)
@@ -154,11 +181,47 @@ def _full_queue_then_disconnect(url: str, server: Any, gate: threading.Semaphore
     assert httpx.get(url + "/health").json()["ended"]["cancelled"] == 1
 
 
-def test_a_request_past_its_timeout_gets_504_and_frees_its_row(tokenizer_module: Any) -> None:
-    with running_server(tokenizer_module, ServerLimits(timeout_s=0.05)) as (url, server):
-        response = _ask(url, messages=HELLO, max_tokens=450, persona_axis={"ignore_eos": True})
+class _Clock:
+    """time.monotonic as the server module sees it, moved forward by the test at will."""
+
+    def __init__(self) -> None:
+        self.ahead_s = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead_s
+
+
+def test_a_request_past_its_timeout_gets_504_and_frees_its_row(tokenizer_module: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No race with the decode speed: the engine holds after admitting the request, and the server's clock
+    is moved past the deadline by the test, so the reply can neither finish first nor time out early."""
+    import types
+
+    from persona_axis import server as server_module
+
+    clock = _Clock()
+    monkeypatch.setattr(server_module, "time", types.SimpleNamespace(monotonic=clock.monotonic, time=time.time,
+                                                                     sleep=time.sleep))
+    with running_server(tokenizer_module, ServerLimits(timeout_s=60.0)) as (url, server):
+        gate, step = threading.Semaphore(0), server.engine.step
+        server.engine.step = lambda: (gate.acquire(), step())[1]  # the engine steps only when the test lets it
+        results: list[httpx.Response] = []
+        asking = threading.Thread(target=lambda: results.append(
+            _ask(url, messages=HELLO, max_tokens=450, persona_axis={"ignore_eos": True})))
+        asking.start()
+        try:
+            _wait(lambda: server.engine.waiting)
+            gate.release(1)  # one step: the request takes a row and decodes one token, then the engine holds
+            _wait(lambda: server.engine.busy == 1 and not server.engine.waiting)
+            clock.ahead_s = 61.0  # past the deadline; the handler notices within its 0.5 s poll
+            asking.join(timeout=30)
+        finally:
+            gate.release(10_000)
+        assert results, "no answer after the deadline passed"
+        response = results[0]
         assert response.status_code == 504 and "timeout" in response.json()["error"]["message"]
-        _wait(lambda: server.engine.busy == 0)
+        _wait(lambda: server.engine.busy == 0)  # the cancelled request's row is freed at the next step
+        assert httpx.get(url + "/health").json()["ended"]["cancelled"] == 1
 
 
 def test_our_judge_and_user_simulator_clients_work_against_it(served: tuple[str, Any]) -> None:
