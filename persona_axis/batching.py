@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from persona_axis.decoding import DecodeSpec, Reply, counting_rows, left_padded, preallocated_cache
+from persona_axis.decoding import DecodeSpec, Reply, counting_rows
 from persona_axis.hooks import layer_hooks, merge_ops
 from persona_axis.models import LoadedModel
+from persona_axis.prefix_cache import PrefixCache, shared_prefill
 from persona_axis.sampling import pick_tokens, reply_generator
 
 if TYPE_CHECKING:
@@ -129,6 +130,10 @@ class ContinuousBatch:
         self.pending = [self.pad] * n
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.generators: list[torch.Generator | None] = [None] * n
+        # A shared prefix is prefilled as its own pass, whose last position is not a prompt's end: interventions
+        # that act at the "last" position only would act there too, so such calls prefill each prompt whole.
+        last_only = any(getattr(op, "positions", "all") == "last" for ops in spec.steer_ops.values() for op in ops)
+        self.prefixes = PrefixCache() if spec.share_prefixes and not last_only else None
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[tuple[int, Reply]]:
@@ -155,21 +160,18 @@ class ContinuousBatch:
                     yield ended
 
     def _prefill(self, slots: list[int], entering: list[int]) -> list[int]:
-        """Run the entering prompts (interventions on), copy their keys/values into `slots`, pick first tokens."""
+        """Run the entering prompts (interventions on; shared beginnings once), copy their keys/values into `slots`,
+        pick first tokens."""
         prompts = [self.prompt_ids[i] for i in entering]
-        ids, attention, positions = left_padded(prompts, self.pad, self.lm.device)
-        prefill = preallocated_cache(self.lm.model, ids.shape[1])
-        out = self.lm.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=prefill,
-                            use_cache=True, logits_to_keep=1)
-        filled: Any = prefill
-        for layer, source in zip(self.layers, filled.layers):
-            for row, (slot, prompt) in enumerate(zip(slots, prompts)):
-                layer.load(slot, source.keys[row, :, -len(prompt):], source.values[row, :, -len(prompt):])
+        logits, own = shared_prefill(self.lm.model, prompts, self.pad, self.lm.device, self.prefixes)
+        for slot, layers in zip(slots, own):
+            for layer, (keys, values) in zip(self.layers, layers):
+                layer.load(slot, keys, values)
         for slot, index, prompt in zip(slots, entering, prompts):
             self.lengths[slot] = len(prompt)
             if self.spec.temperature > 0:
                 self.generators[slot] = reply_generator(self.seeds[index], self.lm.device)
-        return self._pick(out.logits[:, -1], slots)
+        return self._pick(logits, slots)
 
     def _pick(self, logits: Tensor, slots: list[int]) -> list[int]:
         generators = [g for g in (self.generators[s] for s in slots) if g is not None]

@@ -18,6 +18,7 @@ from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import GenerationResult, generate
 from persona_axis.llamacpp_peer import LlamaCppPeer
 from persona_axis.models import LoadedModel, Message, int8_copy
+from persona_axis.prefix_bench import bench_prefix_sharing
 from persona_axis.sampling import stream_seed
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
                    peer_gguf: Path | None = None) -> dict[str, Any]:
     """Plain vs one-pass capture vs generate-then-forward (two-pass) vs transformers' generate() at `batch`;
     batch 1 with all-layer capture (the model's path, and the int8 fast path beside an exact model);
-    llama.cpp on `peer_gguf` at batch 1 and `batch`; continuous vs static batching of rollouts."""
+    llama.cpp on `peer_gguf` at batch 1 and `batch`; continuous vs static batching of rollouts; shared prompt
+    prefixes prefilled once vs every prompt whole (prefix_bench.py)."""
     conversations = bench_conversations(batch)
     all_layers = list(range(lm.n_layers))
     prompt_ids = [lm.prompt_ids(c) for c in conversations]
@@ -177,6 +179,7 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
         **batch1_and_peer(lm, conversations, prompt_ids, new_tokens, rounds, peer_gguf, rates["onepass"]),
         **rollout_batching(lm, batch, new_tokens, rounds),
         **mixed_batching(lm, batch, new_tokens, rounds),
+        **bench_prefix_sharing(lm, rounds, _interleaved),
     }
 
 

@@ -33,7 +33,8 @@ class DecodeSpec:
     layers: layers whose response means are captured ([] for none). steer_ops: {layer: interventions}
     as hook operations. watch: (layer, direction [hidden]) for per-token projections. stops: the
     end-of-turn ids (empty: every reply runs to max_new_tokens). caps: the tracking caps among the
-    interventions, whose engagement counts only rows that carry a response token.
+    interventions, whose engagement counts only rows that carry a response token. share_prefixes: the
+    continuous loop prefills a prompt beginning shared by several prompts once (prefix_cache.py).
     """
 
     max_new_tokens: int
@@ -45,6 +46,7 @@ class DecodeSpec:
     on_token: TokenCallback | None
     stops: frozenset[int]
     caps: tuple[Cap, ...]
+    share_prefixes: bool = True
 
     @property
     def records(self) -> bool:

@@ -82,7 +82,7 @@ def _tracking_caps(steer_ops: dict[int, list[LayerOp]]) -> tuple[Cap, ...]:
 def decode_spec(lm: LoadedModel, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                 capture: bool | Sequence[int] = True, interventions: InterventionMap | None = None,
                 watch: tuple[int, Tensor] | None = None, on_token: TokenCallback | None = None,
-                stop_at_eos: bool = True) -> DecodeSpec:
+                stop_at_eos: bool = True, share_prefixes: bool = True) -> DecodeSpec:
     """Validate generate's options against the model (see `generate`) and bundle them for a decode loop."""
     if max_new_tokens < 1:
         raise PersonaAxisError("max_new_tokens must be at least 1")
@@ -92,7 +92,7 @@ def decode_spec(lm: LoadedModel, *, max_new_tokens: int = 128, temperature: floa
     return DecodeSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       layers=_capture_layers(lm, capture), steer_ops=steer_ops, watch=watch, on_token=on_token,
                       stops=frozenset(stop_token_ids(lm) if stop_at_eos else []),
-                      caps=_tracking_caps(steer_ops))
+                      caps=_tracking_caps(steer_ops), share_prefixes=share_prefixes)
 
 
 def stream_replies(lm: LoadedModel, conversations: Sequence[list[Message]], spec: DecodeSpec, *,
@@ -135,6 +135,7 @@ def generate(
     stop_at_eos: bool = True,
     progress: bool = False,
     continuous: bool = True,
+    share_prefixes: bool = True,
 ) -> GenerationResult:
     """Generate the assistant's next reply for each conversation, capturing activations as it goes.
 
@@ -146,10 +147,13 @@ def generate(
     watch: (layer, direction [hidden]) records every reply token's projection on the unit
     direction at that layer (the live monitor), streamed to `on_token` as generation goes.
     stop_at_eos=False generates exactly max_new_tokens for every reply (for benchmarks: equal
-    work in every variant). continuous=False runs the static loop (for comparisons).
+    work in every variant). continuous=False runs the static loop (for comparisons). share_prefixes:
+    the continuous loop prefills a prompt beginning shared by several conversations once (a role's
+    system prompt, a jailbreak's; prefix_cache.py): the same replies up to float rounding, faster.
     """
     spec = decode_spec(lm, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, capture=capture,
-                       interventions=interventions, watch=watch, on_token=on_token, stop_at_eos=stop_at_eos)
+                       interventions=interventions, watch=watch, on_token=on_token, stop_at_eos=stop_at_eos,
+                       share_prefixes=share_prefixes)
     n = len(conversations)
     texts, tokens, finished = [""] * n, [[] for _ in range(n)], [False] * n  # type: ignore[var-annotated]
     means = torch.zeros(n, len(spec.layers), lm.hidden_size) if spec.layers else None
