@@ -154,7 +154,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--out", required=True, help="run directory (created; an interrupted run resumes)")
     run.add_argument("--preset", default="quick", help="smoke, quick, standard or paper (default quick)")
     run.add_argument("--roles", help="only these roles (comma- or space-separated names)")
-    run.add_argument("--catalog", help="a catalogue directory in our format (default: the built-in one)")
+    run.add_argument("--catalog", help="a catalogue directory: our layout, the reference implementation's published "
+                                       "layout, or both in one flat directory (persona_axis/catalog.py lists them; "
+                                       "default: the built-in catalogue)")
     judge_options(run)
     run.add_argument("--seed", type=int, help="sampling seed (chunk k uses seed + k)")
     run.add_argument("--temperature", type=float, help="sampling temperature (default 0.7; 0 = greedy)")

@@ -35,11 +35,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = sub.add_parser("serve", help="OpenAI-compatible chat server with per-request caps and a live dashboard")
+    serve = sub.add_parser("serve", help="OpenAI-compatible chat server with per-request caps and a live dashboard",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     axis_options(serve)
     serve.add_argument("--config", help="capping config whose experiments requests may name (default: "
                                         "<run>/capping.json when --axis is a run directory that has one)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (the server has no authentication yet)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before HTTP 429")
