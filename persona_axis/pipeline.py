@@ -117,22 +117,25 @@ def step_scores(store: RunStore, judges: dict[str, Judge], catalog: Catalog, pro
     """Judge every role and trait rollout its judge (judges["role"], judges["trait"]) has not scored yet.
 
     Default-Assistant rollouts are not judged. Scores carry the judge's id, so switching judges
-    re-judges the same rollouts without regenerating.
+    re-judges the same rollouts without regenerating. Each kind is judged in fixed batches over all
+    its rollouts in id order, whatever order they were written in (an embedding judge pads its batch):
+    a batch left partly scored by a crash is judged again whole and only its missing scores appended.
     """
-    records = [r for r in store.records("rollouts") if rollout_kind(r) in judges]
     scored = {(r["id"], r["judge"]) for r in store.records("scores")}
-    todo = [r for r in records if (r["id"], judges[rollout_kind(r)].id) not in scored]
-    bar = tqdm(total=len(todo), desc="judging", unit="reply", disable=not progress)
+    records = sorted((r for r in store.records("rollouts") if rollout_kind(r) in judges), key=lambda r: r["id"])
+    missing = lambda r: (r["id"], judges[rollout_kind(r)].id) not in scored  # noqa: E731
+    bar = tqdm(total=sum(map(missing, records)), desc="judging", unit="reply", disable=not progress)
     for kind, judge in judges.items():
-        mine = [r for r in todo if rollout_kind(r) == kind]
+        mine = [r for r in records if rollout_kind(r) == kind]
         for start in range(0, len(mine), batch):
             part = mine[start : start + batch]
+            if not any(map(missing, part)):
+                continue
             verdicts = judge.score(_judge_items(part, catalog))
-            store.append("scores", [
-                {"id": r["id"], "score": v.score, "judge": judge.id, "rationale": v.rationale}
-                for r, v in zip(part, verdicts)
-            ])
-            bar.update(len(part))
+            new = [(r, v) for r, v in zip(part, verdicts) if missing(r)]
+            store.append("scores", [{"id": r["id"], "score": v.score, "judge": judge.id, "rationale": v.rationale}
+                                    for r, v in new])
+            bar.update(len(new))
     bar.close()
     store.mark_step("scores", {"done": True})
 

@@ -273,9 +273,11 @@ def _checked(verdict: Any, judge_id: str) -> HarmVerdict:
 def step_verdicts(store: RunStore, judge: HarmJudge, items: dict[str, EvalItem], progress: bool) -> None:
     """Judge every reply not yet judged: harm kinds by `judge`, benign persona replies by the refusal cue.
 
-    Judged in batches of JUDGE_BATCH in (condition, item) order, whatever order the replies were
-    written in (a batching judge pads, which moves its scores by ~1e-7): the same batches after
-    any executor and after a resume. Appended batch by batch, so a judge failing midway keeps what it judged.
+    Judged in fixed batches of JUDGE_BATCH over all harm replies in (condition, item) order, whatever
+    order the replies were written in (a batching judge pads, which moves its scores by ~1e-7): the same
+    batches after any executor and after any resume. A batch left partly judged (a write torn by a
+    crash) is judged again whole and only its missing verdicts are appended. Appended batch by batch,
+    so a judge failing midway keeps what it judged.
     """
     from persona_axis.evals.harm_classifier import refusal_cue
 
@@ -285,20 +287,21 @@ def step_verdicts(store: RunStore, judge: HarmJudge, items: dict[str, EvalItem],
               and (r["condition"], r["item"], REFUSAL_JUDGE) not in judged]
     store.append("verdicts", [{"condition": r["condition"], "item": r["item"], "judge": REFUSAL_JUDGE,
                                "refused": refusal_cue(r["text"])} for r in benign])
-    todo = sorted((r for r in replies if r["kind"] in HARM_KINDS and (r["condition"], r["item"], judge.id) not in judged),
-                  key=lambda r: (r["condition"], r["item"]))
-    bar = tqdm(total=len(todo), desc="judging", unit="reply", disable=not progress)
-    for start in range(0, len(todo), JUDGE_BATCH):
-        part = todo[start : start + JUDGE_BATCH]
+    harm = sorted((r for r in replies if r["kind"] in HARM_KINDS), key=lambda r: (r["condition"], r["item"]))
+    missing = lambda r: (r["condition"], r["item"], judge.id) not in judged  # noqa: E731
+    bar = tqdm(total=sum(map(missing, harm)), desc="judging", unit="reply", disable=not progress)
+    for start in range(0, len(harm), JUDGE_BATCH):
+        part = harm[start : start + JUDGE_BATCH]
+        if not any(map(missing, part)):
+            continue
         verdicts = judge.judge([HarmItem(items[r["item"]].request, r["text"]) for r in part])
         if len(verdicts) != len(part):
             raise PersonaAxisError(f"harm judge {judge.id} returned {len(verdicts)} verdicts for {len(part)} "
                                    "replies: fix the judge and rerun (finished work is kept)")
-        store.append("verdicts", [
-            {"condition": r["condition"], "item": r["item"], "judge": judge.id, "harmful": v.harmful,
-             "score": v.score, "rationale": v.rationale}
-            for r, v in zip(part, (_checked(v, judge.id) for v in verdicts))])
-        bar.update(len(part))
+        new = [(r, _checked(v, judge.id)) for r, v in zip(part, verdicts) if missing(r)]
+        store.append("verdicts", [{"condition": r["condition"], "item": r["item"], "judge": judge.id,
+                                   "harmful": v.harmful, "score": v.score, "rationale": v.rationale} for r, v in new])
+        bar.update(len(new))
     bar.close()
     store.mark_step("verdicts", {"done": True, "judge": judge.id})
 
