@@ -14,33 +14,38 @@ from persona_axis.models import LoadedModel, load_model, wrap_model
 from persona_axis.prefix_cache import MIN_SHARED, PrefixCache, common_length, plan_prefill, prefill, shared_prefill
 from persona_axis.steering import Addition, Cap
 
-SYSTEMS = ["You are a lighthouse keeper on a remote northern island, weathered and patient, who speaks slowly.",
-           "You are a dragon who has guarded the same mountain hoard for a thousand years and trusts nobody."]
+SYSTEMS = ["You are a lighthouse keeper on a remote northern island, weathered and patient, who speaks slowly. "
+           "You have kept the light for forty winters, you know every ship that passes by the sound of its engine, "
+           "and you answer every question as the keeper would, with the sea always somewhere in your words.",
+           "You are a dragon who has guarded the same mountain hoard for a thousand years and trusts nobody. You "
+           "count your gold every night, you remember every thief who ever tried, and you answer as the dragon "
+           "would: proud, suspicious, a little amused by the small creatures who come to talk to you."]
 QUESTIONS = ["What do you do all day?", "What is your favourite food?", "Who are you?", "Describe the weather."]
 CONVERSATIONS = [[{"role": "system", "content": s}, {"role": "user", "content": q}] for s in SYSTEMS for q in QUESTIONS]
 
 
 def test_prompts_are_grouped_by_their_shared_beginning() -> None:
-    a, b = list(range(40)), list(range(100, 140))
+    a, b = list(range(80)), list(range(100, 180))
     prompts = [a + [1, 2], a + [3, 4, 5], b + [6, 7], list(range(200, 210)), a + [8, 9]]
     cache = PrefixCache()
     groups = plan_prefill(prompts, cache)
-    assert [(g.members, g.shared, g.cached) for g in groups] == [([0, 1, 4], 40, None), ([2, 3], 0, None)]
-    assert common_length(a + [1], a + [2]) == 40 and common_length([], a) == 0
-    cache.add(a + [1, 2], [(torch.zeros(1, 2, 42, 4), torch.zeros(1, 2, 42, 4))])
+    assert [(g.members, g.shared, g.cached) for g in groups] == [([0, 1, 4], 80, None), ([2, 3], 0, None)]
+    assert common_length(a + [1], a + [2]) == 80 and common_length([], a) == 0
+    cache.add(a + [1, 2], [(torch.zeros(1, 2, 82, 4), torch.zeros(1, 2, 82, 4))])
     [hit, rest] = plan_prefill([a + [7, 7, 7], b + [1, 1]], cache)
-    assert hit.members == [0] and hit.shared == 40 and hit.cached is not None and hit.cached[0][0].shape[2] == 40
+    assert hit.members == [0] and hit.shared == 80 and hit.cached is not None and hit.cached[0][0].shape[2] == 80
     assert rest.members == [1] and rest.shared == 0 and cache.hits == 1
     whole = a[:MIN_SHARED + 2]  # a prompt that is all prefix still keeps two tokens to prefill itself
     [again] = [g for g in plan_prefill([whole], cache) if g.cached is not None]
     assert again.shared == len(whole) - 2
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gpt2", "gpt_neox"])
+# The families whose cache is plain full attention (the continuous loop's); mistral and the Gemmas use sliding
+# windows and decode in the static loop, which prefills whole prompts.
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox"])
 def test_a_shared_prefill_equals_whole_prompt_prefills(tokenizer: Any, family: str) -> None:
     lm = wrap_model(tiny_model(family), tokenizer, name=f"tiny-{family}")
-    if not supports_slots(lm.model):
-        pytest.skip("a model with other cache layers than full attention never reaches the continuous loop")
+    assert supports_slots(lm.model)
     prompts = [lm.prompt_ids(c) for c in CONVERSATIONS]
     pad = int(tokenizer.pad_token_id)
     with torch.inference_mode():
