@@ -56,7 +56,8 @@ def intervention_options(p: argparse.ArgumentParser) -> None:
 
 
 def judge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--judge", default="offline", help="offline (default) or openai")
+    p.add_argument("--judge", default="offline", help="offline (default), offline-learned (logistic regression "
+                   "on the labelled replies; role items only, traits keep the offline rules) or openai")
     p.add_argument("--judge-url", help="base URL of an OpenAI-compatible API (openai judge)")
     p.add_argument("--judge-model", help="model name for the openai judge")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
