@@ -109,10 +109,12 @@ def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 3) -> float:
 
 
 def _interleaved(variants: dict[str, Callable[[], int]], rounds: int) -> dict[str, float]:
-    """Run each variant once per round, in turn; return median tokens/s per variant."""
+    """Run each variant once per round, in turn (in reverse order every other round, so no variant always
+    runs first); return median tokens/s per variant."""
     rates: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, run in variants.items():
+    for round_index in range(rounds):
+        order = list(variants.items())
+        for name, run in order if round_index % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             tokens = run()
             rates[name].append(tokens / (time.perf_counter() - start))
