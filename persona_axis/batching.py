@@ -130,10 +130,7 @@ class ContinuousBatch:
         self.pending = [self.pad] * n
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.generators: list[torch.Generator | None] = [None] * n
-        # A shared prefix is prefilled as its own pass, whose last position is not a prompt's end: interventions
-        # that act at the "last" position only would act there too, so such calls prefill each prompt whole.
-        last_only = any(getattr(op, "positions", "all") == "last" for ops in spec.steer_ops.values() for op in ops)
-        self.prefixes = PrefixCache() if spec.share_prefixes and not last_only else None
+        self.prefixes = PrefixCache() if spec.share_prefixes else None
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[tuple[int, Reply]]:

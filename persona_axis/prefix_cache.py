@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from persona_axis.decoding import left_padded, preallocated_cache
+from persona_axis.steering import prompt_continues
 
 LayerKV = list[tuple[Tensor, Tensor]]  # per decoder layer: (keys, values) [rows, kv_heads, length, head_dim]
 # Shorter common beginnings are prefilled whole: on the `standard` plan (about 25 shared tokens, 8 prompts a
@@ -185,7 +186,8 @@ def shared_prefill(model: Any, prompts: Sequence[Sequence[int]], pad: int, devic
     fresh = [g for g in groups if g.shared and g.cached is None]
     if fresh:
         heads = [list(prompts[g.members[0]][: g.shared]) for g in fresh]
-        _, computed = prefill(model, heads, pad, device)
+        with prompt_continues():  # a prefix's last token is no prompt's last: "last" interventions wait
+            _, computed = prefill(model, heads, pad, device)
         for group, head, kv in zip(fresh, heads, computed):
             group.cached = [(k[None], v[None]) for k, v in kv]
             cache.add(head, group.cached)

@@ -140,9 +140,10 @@ class RowInterventions:
     def for_rows(self, rows: Tensor | None, counting: bool, prompt_ends: bool = True) -> dict[int, list[LayerOp]]:
         """Hook operations for a forward pass whose batch rows are the slots `rows` [b] long (None: all slots).
 
-        counting: record which rows each layer's engagement-counting interventions changed (decode
-        steps; one position per row). prompt_ends: a prompt pass whose last column is each prompt's
-        last token (False for the earlier chunks of a chunked prefill).
+        counting: a decode step (one generated token per row): record which rows each layer's
+        engagement-counting interventions changed; any other pass feeds prompt tokens, however few.
+        prompt_ends: a prompt pass whose last column is each prompt's last token (False for the
+        earlier chunks of a chunked prefill).
         """
         self.rows, self.counting, self.raised = rows, counting, {}
         self.projections = torch.zeros(self.slots if rows is None else rows.shape[0], device=self.device)
@@ -176,7 +177,7 @@ class RowInterventions:
             out = hidden
             for kind, params, on, positions in picked:
                 new, changed = kind.apply_rows(out, params)
-                mask = on[:, None] & position_mask(positions, hidden.shape[1], prompt_ends)  # [b, s]
+                mask = on[:, None] & position_mask(positions, hidden.shape[1], prompt_ends, self.counting)  # [b, s]
                 out = torch.where(mask[..., None], new, out)
                 if self.counting and changed is not None:
                     flags = (changed & mask)[:, -1]

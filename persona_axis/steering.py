@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -54,19 +55,34 @@ def check_vector(vector: Tensor, hidden_size: int, what: str = "vector") -> Tens
     return vector.float().cpu()
 
 
-def position_mask(positions: Tensor, seq: int, prompt_ends: bool = True) -> Tensor:
+def position_mask(positions: Tensor, seq: int, prompt_ends: bool = True, generating: bool | None = None) -> Tensor:
     """Which positions each row's intervention acts on in one pass -> [rows, seq] bool.
 
-    positions [rows] long: indices into POSITIONS. A pass of seq == 1 feeds generated tokens; a
-    longer one feeds prompt tokens, whose last column is the prompt's last token when
-    `prompt_ends` (a chunked prefill's earlier chunks end mid-prompt).
+    positions [rows] long: indices into POSITIONS. generating: whether the pass feeds generated tokens
+    (one per row) or prompt tokens; None infers it from the pass (seq == 1: generated). A prompt pass's
+    last column is the prompt's last token when `prompt_ends` (False for the earlier chunks of a
+    chunked prefill, and for a shared prefix prefilled on its own).
     """
     codes = positions[:, None]
-    if seq == 1:
-        return torch.ones_like(codes, dtype=torch.bool)
+    if seq == 1 if generating is None else generating:
+        return torch.ones(codes.shape[0], seq, dtype=torch.bool, device=positions.device)
     column = torch.arange(seq, device=positions.device)[None, :]
     last = (column == seq - 1) & prompt_ends
     return (codes == 0) | ((codes == 1) & last)
+
+
+_PROMPT_ENDS: ContextVar[bool] = ContextVar("persona_axis_prompt_ends", default=True)
+
+
+@contextmanager
+def prompt_continues() -> Iterator[None]:
+    """Within the block, hook-form interventions treat every pass as the middle of a prompt: its last column
+    is not the prompt's last token (a shared prefix prefilled on its own; prefix_cache.py)."""
+    token = _PROMPT_ENDS.set(False)
+    try:
+        yield
+    finally:
+        _PROMPT_ENDS.reset(token)
 
 
 def project(hidden: Tensor, unit: Tensor) -> Tensor:
@@ -113,9 +129,13 @@ def item_layer(item: Item, ctx: RequestContext) -> int:
 def item_number(item: Item, key: str, default: float | None = None) -> float:
     """The item's finite number `key` (or `default` when absent), else a one-line error."""
     value = item.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PersonaAxisError(f"{item.get('kind')} needs a finite number '{key}', not {value!r}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise PersonaAxisError(f"{item.get('kind')} needs a finite number '{key}', not {str(value)[:40]!r}")
+    return number
 
 
 def item_positions(item: Item) -> Positions:
@@ -170,7 +190,7 @@ class Intervention:
         out, changed = type(self).apply_rows(hidden, self._params_for(hidden))
         if self.positions != "all":
             code = torch.full((hidden.shape[0],), POSITIONS.index(self.positions), device=hidden.device)
-            mask = position_mask(code, hidden.shape[1])
+            mask = position_mask(code, hidden.shape[1], prompt_ends=_PROMPT_ENDS.get())
             out = torch.where(mask[..., None], out, hidden)
             changed = changed & mask if changed is not None else None
         if changed is not None and hidden.shape[1] == 1:

@@ -301,3 +301,30 @@ def test_last_position_interventions_act_once_in_a_chunked_prefill(lm: LoadedMod
     [whole] = run_to_end(Engine(lm), [(long_prompt, Sampling(TOKENS), settings)])
     assert ends[0].token_ids == whole.token_ids
     torch.testing.assert_close(torch.tensor(ends[0].projections), torch.tensor(whole.projections), atol=1e-4, rtol=1e-4)
+
+
+def test_a_one_token_last_chunk_is_still_the_prompt(lm: LoadedModel) -> None:
+    """A chunked prompt whose final chunk is one token: 'reply' interventions must not act on it (it is the
+    prompt's last token, not a generated one), so the reply equals a whole prefill's."""
+    u = _units(lm)
+    settings = RowSettings({1: [Addition(u[1], -6.0, positions="reply")]}, watch=(2, u[2]))
+    long_prompt = lm.tokenizer(lm.chat_prompt([{"role": "user", "content": HELLO[0]["content"] * 6}]),
+                               add_special_tokens=False).input_ids
+    chunk = 16
+    long_prompt = long_prompt[: chunk * ((len(long_prompt) - 1) // chunk) + 1]  # k chunks and one token
+    engine = Engine(lm, max_rows=2, prefill_chunk=chunk)
+    ends: list[Any] = []
+    engine.submit(_ids(lm), Sampling(TOKENS + 12), RowSettings(), lambda e: None)
+    engine.step()
+    engine.submit(long_prompt, Sampling(TOKENS), settings, lambda e: ends.append(e) if hasattr(e, "reason") else None)
+    while not ends:
+        engine.step()
+    [whole] = run_to_end(Engine(lm), [(long_prompt, Sampling(TOKENS), settings)])
+    assert ends[0].token_ids == whole.token_ids
+    torch.testing.assert_close(torch.tensor(ends[0].projections), torch.tensor(whole.projections), atol=1e-4, rtol=1e-4)
+
+
+def test_a_number_too_large_for_a_float_is_a_one_line_error(tiny_llama: LoadedModel) -> None:
+    axis = Axis(torch.randn(tiny_llama.n_layers, tiny_llama.hidden_size))
+    with pytest.raises(PersonaAxisError, match="finite number 'coef'"):
+        build_interventions(SpecContext(tiny_llama, axis), [{"kind": "steer", "layer": 1, "coef": 10 ** 400}])

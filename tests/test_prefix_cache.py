@@ -12,7 +12,7 @@ from persona_axis.batching import ContinuousBatch, supports_slots
 from persona_axis.generation import decode_spec, generate
 from persona_axis.models import LoadedModel, load_model, wrap_model
 from persona_axis.prefix_cache import MIN_SHARED, PrefixCache, common_length, plan_prefill, prefill, shared_prefill
-from persona_axis.steering import Addition, Cap
+from persona_axis.steering import Ablation, Addition, Cap, steer
 
 SYSTEMS = ["You are a lighthouse keeper on a remote northern island, weathered and patient, who speaks slowly. "
            "You have kept the light for forty winters, you know every ship that passes by the sound of its engine, "
@@ -77,11 +77,20 @@ def test_generate_with_shared_prefixes_gives_the_same_replies(tiny_llama: Loaded
     assert loop.prefixes is not None and loop.prefixes.hits > 0  # admissions after the first found their prefix
 
 
-def test_last_position_interventions_prefill_whole_prompts(tiny_llama: LoadedModel) -> None:
+def test_last_position_interventions_act_at_each_prompts_end_not_the_shared_prefixs(tiny_llama: LoadedModel) -> None:
+    """Given through `interventions` or by an outer `steer` block: the shared prefix's own pass is no prompt's end."""
+    torch.manual_seed(1)
     direction = torch.randn(tiny_llama.hidden_size)
-    spec = decode_spec(tiny_llama, max_new_tokens=2, interventions={1: Addition(direction, 2.0, positions="last")})
-    loop = ContinuousBatch(tiny_llama, [tiny_llama.prompt_ids(c) for c in CONVERSATIONS], list(range(8)), spec, 3)
-    assert loop.prefixes is None
+    last = {1: [Ablation(direction, 5.0, positions="last")]}
+    kwargs: dict[str, Any] = {"max_new_tokens": 6, "batch_size": 8}
+    whole = generate(tiny_llama, CONVERSATIONS, interventions=last, share_prefixes=False, **kwargs)
+    shared = generate(tiny_llama, CONVERSATIONS, interventions=last, **kwargs)
+    with steer(tiny_llama, last):
+        outer = generate(tiny_llama, CONVERSATIONS, **kwargs)
+    plain = generate(tiny_llama, CONVERSATIONS, share_prefixes=False, **kwargs)
+    assert shared.token_ids == whole.token_ids == outer.token_ids and whole.token_ids != plain.token_ids
+    torch.testing.assert_close(shared.captured_means(), whole.captured_means(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outer.captured_means(), whole.captured_means(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
