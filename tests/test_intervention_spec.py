@@ -282,46 +282,46 @@ def test_the_server_takes_positions_ablations_and_norm_relative_steering(tokeniz
     assert response.status_code == 400 and "default-Assistant activation" in response.json()["error"]["message"]
 
 
-def test_last_position_interventions_act_once_in_a_chunked_prefill(lm: LoadedModel) -> None:
-    """A long prompt prefilled chunk by chunk (others decoding) gets its 'last'-position ablation at the prompt's
-    last token only, as in one whole prefill: not at the end of every chunk."""
-    u = _units(lm)
-    long_prompt = lm.tokenizer(lm.chat_prompt([{"role": "user", "content": HELLO[0]["content"] * 6}]),
-                               add_special_tokens=False).input_ids
-    short_prompt = _ids(lm)
-    settings = RowSettings({1: [Ablation(u[1], 6.0, positions="last")]}, watch=(2, u[2]))  # read downstream
-    engine = Engine(lm, max_rows=2, prefill_chunk=16)
-    assert len(long_prompt) > 3 * 16
+CHUNK = 16  # prefill chunk of the chunked-prefill tests
+
+
+def _long_prompt(lm: LoadedModel) -> list[int]:
+    return lm.tokenizer(lm.chat_prompt([{"role": "user", "content": HELLO[0]["content"] * 6}]),
+                        add_special_tokens=False).input_ids  # type: ignore[no-any-return]
+
+
+def _chunked_equals_whole(lm: LoadedModel, prompt: list[int], settings: RowSettings) -> None:
+    """`prompt` prefilled chunk by chunk (another reply decoding beside it) gets the tokens and projections of
+    one whole prefill."""
+    engine = Engine(lm, max_rows=2, prefill_chunk=CHUNK)
     ends: list[Any] = []
-    engine.submit(short_prompt, Sampling(TOKENS + 12), RowSettings(), lambda e: None)
+    engine.submit(_ids(lm), Sampling(TOKENS + 12), RowSettings(), lambda e: None)
     engine.step()  # the short reply decodes, so the long prompt is chunked
-    engine.submit(long_prompt, Sampling(TOKENS), settings, lambda e: ends.append(e) if hasattr(e, "reason") else None)
+    engine.submit(prompt, Sampling(TOKENS), settings, lambda e: ends.append(e) if hasattr(e, "reason") else None)
     while not ends:
         engine.step()
-    [whole] = run_to_end(Engine(lm), [(long_prompt, Sampling(TOKENS), settings)])
+    [whole] = run_to_end(Engine(lm), [(prompt, Sampling(TOKENS), settings)])
     assert ends[0].token_ids == whole.token_ids
     torch.testing.assert_close(torch.tensor(ends[0].projections), torch.tensor(whole.projections), atol=1e-4, rtol=1e-4)
+
+
+def test_last_position_interventions_act_once_in_a_chunked_prefill(lm: LoadedModel) -> None:
+    """A long prompt prefilled chunk by chunk gets its 'last'-position ablation at the prompt's last token only,
+    as in one whole prefill: not at the end of every chunk."""
+    u = _units(lm)
+    prompt = _long_prompt(lm)
+    assert len(prompt) > 3 * CHUNK
+    _chunked_equals_whole(lm, prompt, RowSettings({1: [Ablation(u[1], 6.0, positions="last")]},
+                                                  watch=(2, u[2])))  # read downstream
 
 
 def test_a_one_token_last_chunk_is_still_the_prompt(lm: LoadedModel) -> None:
     """A chunked prompt whose final chunk is one token: 'reply' interventions must not act on it (it is the
     prompt's last token, not a generated one), so the reply equals a whole prefill's."""
     u = _units(lm)
-    settings = RowSettings({1: [Addition(u[1], -6.0, positions="reply")]}, watch=(2, u[2]))
-    long_prompt = lm.tokenizer(lm.chat_prompt([{"role": "user", "content": HELLO[0]["content"] * 6}]),
-                               add_special_tokens=False).input_ids
-    chunk = 16
-    long_prompt = long_prompt[: chunk * ((len(long_prompt) - 1) // chunk) + 1]  # k chunks and one token
-    engine = Engine(lm, max_rows=2, prefill_chunk=chunk)
-    ends: list[Any] = []
-    engine.submit(_ids(lm), Sampling(TOKENS + 12), RowSettings(), lambda e: None)
-    engine.step()
-    engine.submit(long_prompt, Sampling(TOKENS), settings, lambda e: ends.append(e) if hasattr(e, "reason") else None)
-    while not ends:
-        engine.step()
-    [whole] = run_to_end(Engine(lm), [(long_prompt, Sampling(TOKENS), settings)])
-    assert ends[0].token_ids == whole.token_ids
-    torch.testing.assert_close(torch.tensor(ends[0].projections), torch.tensor(whole.projections), atol=1e-4, rtol=1e-4)
+    prompt = _long_prompt(lm)
+    prompt = prompt[: CHUNK * ((len(prompt) - 1) // CHUNK) + 1]  # k chunks and one token
+    _chunked_equals_whole(lm, prompt, RowSettings({1: [Addition(u[1], -6.0, positions="reply")]}, watch=(2, u[2])))
 
 
 def test_a_number_too_large_for_a_float_is_a_one_line_error(tiny_llama: LoadedModel) -> None:
