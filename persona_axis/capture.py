@@ -54,6 +54,14 @@ class StepMeanRecorder:
         self._staging = self._staging[:, rows].contiguous()
         self._sums, self.counts = self._sums[:, rows], self.counts[rows]
 
+    def resize(self, batch: int) -> None:
+        """Room for `batch` rows (new ones empty), keeping the first rows (call ops() again for the new batch)."""
+        layers, rows, hidden = self._sums.shape
+        keep = min(rows, batch)
+        sums, counts = self._sums.new_zeros(layers, batch, hidden), self.counts.new_zeros(batch)
+        sums[:, :keep], counts[:keep] = self._sums[:, :keep], self.counts[:keep]
+        self._staging, self._sums, self.counts = torch.zeros_like(sums), sums, counts
+
     def pop(self, row: int) -> Tensor:
         """Row `row`'s means [layers, hidden] float32 (zero with no recorded step); the row then starts afresh."""
         means = self._sums[:, row] / self.counts[row].clamp_min(1.0)

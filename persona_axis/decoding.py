@@ -1,4 +1,4 @@
-"""What the static and the continuous decode loops share: the settings of a call, a finished reply, the cache.
+"""What the engine and the static loop share: the settings of a call, a finished reply, the cache.
 
 Which tokens count as a reply's and how their activations are read is stated in generation.py.
 """
@@ -14,39 +14,43 @@ import torch
 from torch import Tensor
 
 from persona_axis.capture import StepMeanRecorder, StepProjectionRecorder
-from persona_axis.hooks import LayerOp
 from persona_axis.models import LoadedModel
-from persona_axis.steering import Cap
+from persona_axis.steering import Cap, Intervention
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# Called after every decode step with (conversation indices [b], the tokens just fed [b] long,
-# their projections on the watched direction [b] float32, and which rows are response tokens [b] bool).
-TokenCallback = Callable[[list[int], Tensor, Tensor, Tensor], None]
+# Called for every reply token as it is fed, with (conversation index, token id, its projection on the watched
+# direction), in each conversation's token order.
+TokenCallback = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
 class DecodeSpec:
     """What one generate call asks of a decode loop (validated by generation.generate).
 
-    layers: layers whose response means are captured ([] for none). steer_ops: {layer: interventions}
-    as hook operations. watch: (layer, direction [hidden]) for per-token projections. stops: the
-    end-of-turn ids (empty: every reply runs to max_new_tokens). caps: the tracking caps among the
-    interventions, whose engagement counts only rows that carry a response token. share_prefixes: the
-    continuous loop prefills a prompt beginning shared by several prompts once (prefix_cache.py).
+    layers: layers whose response means are captured ([] for none). interventions: {layer: its
+    interventions, in the order they act}, checked against the model. watch: (layer, direction
+    [hidden]) for per-token projections. stops: the end-of-turn ids (empty: every reply runs to
+    max_new_tokens). share_prefixes: the engine prefills a prompt beginning shared by several prompts
+    once (prefix_cache.py).
     """
 
     max_new_tokens: int
     temperature: float
     top_p: float
     layers: list[int]
-    steer_ops: dict[int, list[LayerOp]]
+    interventions: dict[int, list[Intervention]]
     watch: tuple[int, Tensor] | None
     on_token: TokenCallback | None
     stops: frozenset[int]
-    caps: tuple[Cap, ...]
     share_prefixes: bool = True
+
+    @property
+    def caps(self) -> tuple[Cap, ...]:
+        """The tracking caps among the interventions (the static loop tells them which rows hold a reply token)."""
+        return tuple(item for items in self.interventions.values() for item in items
+                     if isinstance(item, Cap) and item.track)
 
     @property
     def records(self) -> bool:

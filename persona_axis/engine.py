@@ -1,19 +1,27 @@
-"""An open-ended continuous batch for serving: requests join while others decode, and leave when done.
+"""The decode engine: continuous batching over requests that join while others decode and leave when done.
 
-Unlike `batching.ContinuousBatch` (a fixed list of prompts with one set of interventions), the
-engine takes requests at any time (`submit`), each with its own sampling settings, caps, steering
-and watched layer (`row_interventions`). Every `step` admits waiting requests into free slots
-(one prefill pass for all of them), then feeds every running row its pending token in one decode
-pass. A prompt longer than `prefill_chunk` tokens that arrives while replies are decoding is
-prefilled alone, one chunk per step, into a reserved slot, so the running rows go on decoding
-between its chunks instead of waiting for the whole prompt (with nothing decoding, every prompt is
-prefilled whole, together). Slots grow as requests arrive (up to `max_rows`) and are dropped when half or more have stood
-empty for a few steps.
+Every decode in the package runs here: offline lists (`generate`, the pipeline's rollouts, evals,
+simulations, calibration) submit their whole list at once, the server and `chat` submit requests as
+they come. Each request has its own sampling settings, interventions and watched layer
+(row_interventions.RowSettings) and may ask for its reply's per-layer mean activations.
+
+One `step` is schedule -> forward -> update:
+- schedule: drop cancelled requests; admit waiting ones into free slots (growing the slots up to
+  `max_rows`); a prompt longer than `prefill_chunk` that arrives while replies are decoding gets a
+  reserved slot and is prefilled one chunk per step, so the running rows go on decoding between its
+  chunks; once half the slots or more stand empty with nobody waiting (for `shrink_patience` steps),
+  drop the empty ones;
+- forward (runner.ModelRunner): one prefill pass for the admitted prompts (shared beginnings once),
+  then one decode pass feeding every running row its pending token;
+- update: each row reports the token it fed, ends at its length, or picks its next token with its
+  own sampling; an end-of-turn token or a stop text ends it.
 
 Tokens are reported as they are fed: a `TokenEvent` carries the token, the text it adds (text that
 may begin a stop text is held back until later tokens settle it, so a stream never shows part of a
 stop text; the `EndEvent` has the whole reply) and the watched projection at its own position (the
 activation computed when it is fed), so a reply's projections line up one to one with its tokens.
+A reply cut by max_new_tokens feeds its last token too when something reads that token's activations
+(capture, watch or cap engagement); otherwise the last token is reported without a pass.
 The KV layout is batching.py's.
 
 Thread use: one thread runs `run_forever` (or calls `step`); `submit` and `Request.cancel` may be
@@ -31,19 +39,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from persona_axis.batching import SlotColumns, slot_cache, supports_slots
-from persona_axis.decoding import left_padded, preallocated_cache, stop_token_ids
+from persona_axis.batching import supports_slots
+from persona_axis.decoding import stop_token_ids
 from persona_axis.errors import PersonaAxisError
-from persona_axis.hooks import layer_hooks
 from persona_axis.models import LoadedModel
-from persona_axis.row_interventions import RowInterventions, RowSettings
+from persona_axis.row_interventions import RowSettings
+from persona_axis.runner import ModelRunner
 from persona_axis.sampling import pick_tokens, reply_generator, stream_seed
+from persona_axis.steering import layer_lists
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How one request picks tokens: greedy when temperature <= 0, else nucleus sampling from its own
-    stream (seeded like reply 0 of an offline `generate(..., seed=seed)`). ignore_eos: run to max_new_tokens."""
+    stream, seeded like reply 0 of an offline `generate(..., seed=seed)` (or with `stream` itself when
+    given: an offline list gives each reply its stream). ignore_eos: run to max_new_tokens."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -51,6 +61,11 @@ class Sampling:
     seed: int = 0
     stop_texts: tuple[str, ...] = ()
     ignore_eos: bool = False
+    stream: int | None = None
+
+    @property
+    def stream_seed(self) -> int:
+        return self.stream if self.stream is not None else stream_seed(self.seed, 0)
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,9 @@ class TokenEvent:
 @dataclass(frozen=True)
 class EndEvent:
     """A request's end. reason: "stop" (end of turn or a stop text), "length" (max_new_tokens),
-    "cancelled" or "error" (then `error` says why). engaged: {layer: share of its tokens the cap raised}."""
+    "cancelled" or "error" (then `error` says why). engaged: {layer: share of its tokens the cap raised}.
+    means: the reply's per-layer mean activations [capture layers, hidden] float32 on the CPU, when the
+    request asked for them."""
 
     reason: str
     text: str
@@ -76,10 +93,11 @@ class EndEvent:
     engaged: dict[int, float]
     prompt_tokens: int
     error: str = ""
+    means: Tensor | None = None
 
 
 Event = TokenEvent | EndEvent
-SHRINK_AFTER_STEPS = 8  # empty slots are dropped after this many sparse steps (not at once: a client may be back)
+SHRINK_AFTER_STEPS = 8  # serving drops empty slots after this many sparse steps (not at once: a client may be back)
 PREFILL_CHUNK = 256  # prompt tokens prefilled per step for a long prompt (the others wait at most this much per step)
 
 
@@ -89,13 +107,20 @@ class QueueFull(PersonaAxisError):
 
 @dataclass
 class Request:
-    """A submitted request; `cancel()` frees its row (or its place in the queue) at the next step."""
+    """A submitted request; `cancel()` frees its row (or its place in the queue) at the next step.
+    capture: record the reply's per-layer means (at the engine's capture layers)."""
 
     prompt_ids: list[int]
     sampling: Sampling
     settings: RowSettings
     on_event: Callable[[Event], None]
+    capture: bool = False
     cancelled: bool = False
+
+    @property
+    def reads_activations(self) -> bool:
+        """Whether anything reads the activations of the reply's tokens (so a cut reply's last token is fed)."""
+        return self.capture or self.settings.watch is not None or bool(self.settings.engaged_layers)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -132,28 +157,31 @@ class _Prefill:
 class Engine:
     """Continuous batching over requests that arrive at any time (see the module doc).
 
-    max_rows: most requests decoded together; max_waiting: most requests queued for a row
-    (`submit` raises QueueFull beyond it); prefill_chunk: prompts longer than this are prefilled
-    this many tokens per step.
+    max_rows: most requests decoded together; max_waiting: most requests queued for a row (`submit`
+    raises QueueFull beyond it); prefill_chunk: prompts longer than this are prefilled this many tokens
+    per step while others decode. capture_layers: the layers whose reply means capturing requests
+    record. share_prefixes: prefill a prompt beginning shared by several prompts once. shrink_patience:
+    sparse steps before empty slots are dropped. keep_conversations: a finished reply's prompt and reply
+    keys/values stay as a prefix for the conversation's next turn (serving; offline lists share their
+    prompts' beginnings instead).
     """
 
     def __init__(self, lm: LoadedModel, max_rows: int = 16, max_waiting: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, *, capture_layers: Sequence[int] = (),
+                 share_prefixes: bool = True, shrink_patience: int = SHRINK_AFTER_STEPS,
+                 keep_conversations: bool = True) -> None:
         if not supports_slots(lm.model):
             raise PersonaAxisError(f"{lm.name} has cache layers other than full attention (e.g. sliding windows): "
-                                   "serving needs a model whose every layer attends to the whole context")
+                                   "the engine needs a model whose every layer attends to the whole context")
         if max_rows < 1 or prefill_chunk < 1:
             raise PersonaAxisError(f"the engine needs at least one row and a prefill chunk of at least one token, got "
                                    f"{max_rows} rows and {prefill_chunk} tokens")
         self.lm, self.max_rows, self.max_waiting, self.prefill_chunk = lm, max_rows, max_waiting, prefill_chunk
+        self.shrink_patience, self.keep_conversations = shrink_patience, keep_conversations
         self.stops = frozenset(stop_token_ids(lm))
         self.pad = int(lm.tokenizer.pad_token_id)
-        device = lm.device
-        self.columns = SlotColumns(torch.zeros(0, dtype=torch.long, device=device), torch.arange(0, device=device))
-        self.cache, self.layers = slot_cache(lm.model, self.columns)
-        self.interventions = RowInterventions(0, lm.hidden_size, device)
+        self.runner = ModelRunner(lm, capture_layers, share_prefixes)
         self.rows: list[_Row | None] = []
-        self.lengths: list[int] = []
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()
         self.closed = False
@@ -161,15 +189,16 @@ class Engine:
         self.entering: list[Request] = []  # taken from the queue, not yet in a row
         self.prefilling: _Prefill | None = None  # the long prompt being prefilled, if any
         self.sparse_steps = 0  # consecutive steps with half the slots or more empty and nobody waiting
+        self.failure: Exception | None = None  # what made the last failed step fail
 
     # -- requests -------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Sequence[int], sampling: Sampling, settings: RowSettings,
-               on_event: Callable[[Event], None]) -> Request:
+               on_event: Callable[[Event], None], capture: bool = False) -> Request:
         """Queue a request; raises QueueFull when `max_waiting` requests already wait."""
         if not prompt_ids or sampling.max_new_tokens < 1:
             raise PersonaAxisError("a request needs a non-empty prompt and max_new_tokens >= 1")
-        request = Request(list(prompt_ids), sampling, settings, on_event)
+        request = Request(list(prompt_ids), sampling, settings, on_event, capture and self.runner.means is not None)
         with self.wake:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting for a row: try again shortly")
@@ -208,7 +237,7 @@ class Engine:
         for request in waiting:
             request.end_before_reply("cancelled")
 
-    # -- one step ---------------------------------------------------------------------------------
+    # -- one step: schedule -> forward -> update ----------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -218,13 +247,14 @@ class Engine:
             self._admit()
             if self.prefilling is not None:
                 self._prefill_chunk()
-            if self.busy:
-                self._decode()
             sparse = 2 * self.busy <= len(self.rows) and not self.waiting and self.prefilling is None
             self.sparse_steps = self.sparse_steps + 1 if sparse else 0
-            if self.rows and self.sparse_steps >= SHRINK_AFTER_STEPS:
+            if self.rows and self.sparse_steps >= self.shrink_patience:
                 self._shrink()
+            if self.busy:
+                self._decode()
         except Exception as exc:  # a failed step must not leave clients waiting forever
+            self.failure = exc
             self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _drop_cancelled(self) -> None:
@@ -246,14 +276,19 @@ class Engine:
         assert self.prefilling is not None
         request, slot = self.prefilling.request, self.prefilling.slot
         self.prefilling = None
-        self.interventions.clear_row(slot)
+        self.runner.release(slot)
         return request
 
     def _admit(self) -> None:
+        """Admit waiting requests while rows are free; again when a reply ended at its first token."""
+        while self._admit_once() and self.waiting:
+            pass
+
+    def _admit_once(self) -> bool:
         """Take waiting requests in order while rows are free, into one prefill pass now. While replies are
         decoding (or a long prompt is being prefilled), a long prompt would stall them: the first one waiting
         gets a reserved slot and is prefilled chunk by chunk instead, the other long ones wait, and short
-        ones behind them go ahead."""
+        ones behind them go ahead. Returns whether a reply admitted now already ended (freeing its row)."""
         reserved = self.prefilling.slot if self.prefilling is not None else -1
         chunking = self.busy > 0 or self.prefilling is not None
         with self.wake:
@@ -274,100 +309,70 @@ class Engine:
         taken = entering + ([long] if long is not None else [])
         self.entering += taken
         if not taken:
-            return
+            return False
         if len(free) < len(taken):
             free += self._grow_slots(len(taken) - len(free))
-        self._ensure_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens + 1 for r in taken))
+        self.runner.ensure_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens + 1 for r in taken))
         if long is not None:
             slot = free.pop()
-            self.interventions.set_row(slot, long.settings)
-            self.prefilling = _Prefill(long, slot, preallocated_cache(self.lm.model, len(long.prompt_ids)))
+            self.runner.assign(slot, long.settings)
+            self.prefilling = _Prefill(long, slot, self.runner.chunk_cache(len(long.prompt_ids)))
         if not entering:
-            return
+            return False
         slots = free[: len(entering)]
         for slot, request in zip(slots, entering):
-            self.interventions.set_row(slot, request.settings)
-        logits = self._prefill(slots, entering)
-        for k, (slot, request) in enumerate(zip(slots, entering)):
-            self._enter(slot, request, logits[k : k + 1])
+            self.runner.assign(slot, request.settings)
+        logits = self.runner.prefill(slots, [r.prompt_ids for r in entering],
+                                     [r.settings.prefix_key for r in entering])
+        self._enter(slots, entering, logits)
+        return any(self.rows[slot] is None for slot in slots)
 
-    def _enter(self, slot: int, request: Request, logits: Tensor) -> None:
-        """A prefilled request takes its row and picks its first token from `logits` [1, vocab]."""
-        seed = stream_seed(request.sampling.seed, 0)
-        generator = reply_generator(seed, self.lm.device) if request.sampling.temperature > 0 else None
-        self.rows[slot] = _Row(request, [], generator)
-        self.entering.remove(request)
-        self.lengths[slot] = len(request.prompt_ids)
-        self._take(slot, self._pick(logits, [slot])[0])
+    def _enter(self, slots: list[int], requests: list[Request], logits: Tensor) -> None:
+        """Prefilled requests take their rows and pick their first tokens from `logits` [len(slots), vocab]."""
+        for slot, request in zip(slots, requests):
+            s = request.sampling
+            generator = reply_generator(s.stream_seed, self.lm.device) if s.temperature > 0 else None
+            self.rows[slot] = _Row(request, [], generator)
+            self.entering.remove(request)
+        for slot, token in zip(slots, self._pick(logits, slots)):
+            self._take(slot, token)
 
     def _prefill_chunk(self) -> None:
-        """Feed the long prompt's next `prefill_chunk` tokens (its own interventions on); at its end, copy its
-        keys/values into the reserved slot and let it enter its row."""
+        """Feed the long prompt's next `prefill_chunk` tokens (its own interventions on); at its end, it enters its
+        reserved row."""
         assert self.prefilling is not None
-        job, device = self.prefilling, self.lm.device
+        job = self.prefilling
         prompt = job.request.prompt_ids
         end = min(job.done + self.prefill_chunk, len(prompt))
-        ops = self.interventions.for_rows(torch.tensor([job.slot], device=device), counting=False,
-                                          prompt_ends=end == len(prompt))
-        with layer_hooks(self.lm.layers, ops):
-            out = self.lm.model(input_ids=torch.tensor([prompt[job.done:end]], device=device),
-                                position_ids=torch.arange(job.done, end, device=device)[None, :],
-                                past_key_values=job.cache, use_cache=True, logits_to_keep=1)
+        logits = self.runner.prefill_chunk(job.slot, job.cache, prompt, job.done, end)
         job.done = end
-        if end < len(prompt):
-            return
-        for layer, source in zip(self.layers, job.cache.layers):
-            layer.load(job.slot, source.keys[0], source.values[0])
-        self.prefilling = None
-        self._enter(job.slot, job.request, out.logits[:, -1])
+        if logits is not None:
+            self.prefilling = None
+            self._enter([job.slot], [job.request], logits)
 
     def _grow_slots(self, extra: int) -> list[int]:
-        start = len(self.rows)
-        slots = start + extra
-        for layer in self.layers:
-            layer.resize(slots, self.columns.capacity)
-        self.interventions.resize(slots)
         self.rows += [None] * extra
-        self.lengths += [0] * extra
-        self.columns.rows = torch.arange(slots, device=self.lm.device)
-        return list(range(start, slots))
-
-    def _ensure_capacity(self, needed: int) -> None:
-        if needed > self.columns.capacity:
-            capacity = max(needed, 2 * self.columns.capacity)
-            for layer in self.layers:
-                layer.resize(len(self.rows), capacity)
-            self.columns.capacity = capacity
-
-    def _prefill(self, slots: list[int], entering: list[Request]) -> Tensor:
-        """Run the entering prompts with their own interventions; copy their keys/values into `slots`.
-        Returns the logits at each prompt's last position [entering, vocab]."""
-        prompts = [r.prompt_ids for r in entering]
-        ids, attention, positions = left_padded(prompts, self.pad, self.lm.device)
-        prefill = preallocated_cache(self.lm.model, ids.shape[1])
-        ops = self.interventions.for_rows(torch.tensor(slots, device=self.lm.device), counting=False)
-        with layer_hooks(self.lm.layers, ops):
-            out = self.lm.model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                                past_key_values=prefill, use_cache=True, logits_to_keep=1)
-        filled = prefill
-        for layer, source in zip(self.layers, filled.layers):  # type: ignore[attr-defined]
-            for row, (slot, prompt) in enumerate(zip(slots, prompts)):
-                layer.load(slot, source.keys[row, :, -len(prompt):], source.values[row, :, -len(prompt):])
-        return out.logits[:, -1]
+        return self.runner.grow(extra)
 
     def _pick(self, logits: Tensor, slots: list[int]) -> list[int]:
-        """Each slot's next token from its row of logits [len(slots), vocab], with that request's sampling."""
-        picked = []
+        """Each slot's next token from its row of logits [len(slots), vocab], with that request's sampling
+        (rows that sample alike are picked together)."""
+        picked = [0] * len(slots)
+        alike: dict[tuple[float, float], list[int]] = {}
         for k, slot in enumerate(slots):
             row = self.rows[slot]
             assert row is not None
-            s = row.request.sampling
-            generators = [row.generator] if row.generator is not None else []
-            picked.append(int(pick_tokens(logits[k : k + 1], s.temperature, s.top_p, generators)[0]))
+            alike.setdefault((row.request.sampling.temperature, row.request.sampling.top_p), []).append(k)
+        for (temperature, top_p), ks in alike.items():
+            rows = [self.rows[slots[k]] for k in ks]
+            generators = [row.generator for row in rows if row is not None and row.generator is not None]
+            for k, token in zip(ks, pick_tokens(logits[ks], temperature, top_p, generators).tolist()):
+                picked[k] = int(token)
         return picked
 
     def _take(self, slot: int, token: int) -> None:
-        """A picked token: an end-of-turn ends the row; a stop text ends it before the token; else it is pending."""
+        """A picked token: an end-of-turn ends the row; a stop text ends it before the token; else it is pending
+        (and when it is the reply's last and nothing reads its activations, reported at once: the row ends)."""
         row = self.rows[slot]
         assert row is not None
         s = row.request.sampling
@@ -382,37 +387,30 @@ class Engine:
                 self._end(slot, "stop")
                 return
         row.tokens.append(token)
+        if len(row.tokens) >= s.max_new_tokens and not row.request.reads_activations:
+            self._report(slot, None, [])
+            self._end(slot, "length")
 
     def _decode(self) -> None:
         """Feed every running row its pending token; report it; end rows at their length; pick the next tokens."""
-        device = self.lm.device
-        occupied = [s for s, row in enumerate(self.rows) if row is not None]
-        pending = [row.tokens[-1] if row is not None else self.pad for row in self.rows]
-        lengths = torch.tensor(self.lengths, device=device)
-        self.columns.lengths, self.columns.width = lengths, max(self.lengths) + 1
-        attention = torch.arange(self.columns.width, device=device)[None, :] <= lengths[:, None]
-        ops = self.interventions.for_rows(None, counting=True)
-        with layer_hooks(self.lm.layers, ops):
-            out = self.lm.model(input_ids=torch.tensor(pending, device=device)[:, None], attention_mask=attention,
-                                position_ids=lengths[:, None], past_key_values=self.cache, use_cache=True,
-                                logits_to_keep=1)
-        projections = self.interventions.projections.tolist()
-        raised = {layer: flags.tolist() for layer, flags in self.interventions.raised.items()}
-        picking = []
+        rows = self.rows
+        occupied = [s for s, row in enumerate(rows) if row is not None]
+        pending = [row.tokens[-1] if row is not None else self.pad for row in rows]
+        picking = [s for s in occupied if len(rows[s].tokens) < rows[s].request.sampling.max_new_tokens]  # type: ignore[union-attr]
+        logits, projections, raised = self.runner.decode(
+            pending, [row is not None for row in rows], [row is not None and row.request.capture for row in rows],
+            need_logits=bool(picking))
         for s in occupied:
-            self.lengths[s] += 1
             self._report(s, projections[s], [layer for layer, flags in sorted(raised.items()) if flags[s]])
-            row = self.rows[s]
-            assert row is not None
-            if len(row.tokens) >= row.request.sampling.max_new_tokens:
+            if s not in picking:
                 self._end(s, "length")
-            else:
-                picking.append(s)
         if picking:
-            for s, token in zip(picking, self._pick(out.logits[picking, -1], picking)):
+            assert logits is not None
+            for s, token in zip(picking, self._pick(logits[picking], picking)):
                 self._take(s, token)
 
-    def _report(self, slot: int, projection: float, capped_layers: list[int]) -> None:
+    def _report(self, slot: int, projection: float | None, capped_layers: list[int]) -> None:
+        """The row's pending token was fed (or, at a reply's end, needs no pass): deliver it with the text it adds."""
         row = self.rows[slot]
         assert row is not None
         text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
@@ -420,8 +418,9 @@ class Engine:
         delta = shown[len(row.text):] if not shown.endswith("\ufffd") else ""  # hold back half a character
         row.text += delta
         row.reported += 1
-        watched = row.request.settings.watch is not None
+        watched = row.request.settings.watch is not None and projection is not None
         if watched:
+            assert projection is not None
             row.projections.append(projection)
         for layer in row.request.settings.engaged_layers:
             row.raised[layer] = row.raised.get(layer, 0) + (layer in capped_layers)
@@ -430,24 +429,29 @@ class Engine:
     def _end(self, slot: int, reason: str, error: str = "") -> None:
         row = self.rows[slot]
         assert row is not None
+        request = row.request
         self.rows[slot] = None
-        self.lengths[slot] = 0
-        self.interventions.clear_row(slot)
         fed = row.tokens[: row.reported]
+        if self.keep_conversations and reason in ("stop", "length") and request.settings.acts_only_at_all_positions:
+            held = self.runner.lengths[slot]  # columns with keys/values: the prompt and the tokens fed
+            self.runner.remember(slot, (request.prompt_ids + fed)[:held], request.settings.prefix_key)
+        means = self.runner.release(slot)
+        if not request.capture:
+            means = None
         text = row.cut_text if row.cut_text is not None else self.lm.tokenizer.decode(fed, skip_special_tokens=True)
-        engaged = {layer: row.raised.get(layer, 0) / max(1, row.reported) for layer in row.request.settings.engaged_layers}
+        engaged = {layer: row.raised.get(layer, 0) / max(1, row.reported) for layer in request.settings.engaged_layers}
+        interventions = layer_lists(request.settings.interventions)
+        for layer in request.settings.engaged_layers:
+            for item in interventions[layer]:
+                item.count(row.raised.get(layer, 0), row.reported)
         self.ended[reason] += 1
-        row.request.on_event(EndEvent(reason, text, fed, row.projections, engaged,
-                                      len(row.request.prompt_ids), error))
+        request.on_event(EndEvent(reason, text, fed, row.projections, engaged, len(request.prompt_ids), error, means))
 
     def _shrink(self) -> None:
         keep = [s for s, row in enumerate(self.rows) if row is not None]
-        slots = torch.tensor(keep, dtype=torch.long, device=self.lm.device)
-        for layer in self.layers:
-            layer.keep(slots)
-        self.interventions.keep(slots)
-        self.rows, self.lengths = [self.rows[s] for s in keep], [self.lengths[s] for s in keep]
-        self.columns.rows = torch.arange(len(keep), device=self.lm.device)
+        self.runner.keep(keep)
+        self.rows = [self.rows[s] for s in keep]
+        self.sparse_steps = 0
 
     def _fail_all(self, why: str) -> None:
         for request in self.entering:  # the long prompt being prefilled among them

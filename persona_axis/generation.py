@@ -9,22 +9,24 @@ picking a successor, when something reads activations (one extra decoder-only st
 static loop). The captured means therefore equal the means over the response positions of a
 separate forward pass over prompt + response.
 
-Two loops produce the same replies: continuous batching (batching.py, the default), where a
-slot whose reply ended takes the next conversation at once, and the static loop below, where a
-batch runs until its longest reply ends. Each reply samples from its own random stream
+Replies come from the decode engine (engine.py): the whole list is submitted at once, a slot
+whose reply ended takes the next conversation at once, and every conversation carries the call's
+interventions in its own row. The static loop below, where a batch runs until its longest reply
+ends, is the engine's stand-in for models it cannot batch (cache layers other than full attention,
+e.g. sliding windows) and a reference in tests. Each reply samples from its own random stream
 (sampling.py), so its tokens and means do not depend on the other replies in its batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from persona_axis.batching import ContinuousBatch, supports_slots
+from persona_axis.batching import supports_slots
 from persona_axis.decoding import (
     DecodeSpec,
     Reply,
@@ -34,11 +36,14 @@ from persona_axis.decoding import (
     preallocated_cache,
     stop_token_ids,
 )
+from persona_axis.engine import EndEvent, Engine, Event, Sampling, TokenEvent
 from persona_axis.errors import PersonaAxisError
-from persona_axis.hooks import LayerOp, layer_hooks, merge_ops
+from persona_axis.hooks import layer_hooks, merge_ops
 from persona_axis.models import LoadedModel, Message
+from persona_axis.row_interventions import RowSettings
 from persona_axis.sampling import pick_tokens, reply_generator, stream_seed
-from persona_axis.steering import Cap, InterventionMap, check_vector, intervention_ops
+from persona_axis.steering import Intervention, InterventionMap, check_vector, layer_lists
+from persona_axis.vectors import unit_vector
 
 __all__ = ["GenerationResult", "Reply", "TokenCallback", "decode_spec", "generate", "stop_token_ids", "stream_replies"]
 
@@ -74,9 +79,15 @@ def _capture_layers(lm: LoadedModel, capture: bool | Sequence[int]) -> list[int]
     return [lm.check_layer(layer) for layer in capture]
 
 
-
-def _tracking_caps(steer_ops: dict[int, list[LayerOp]]) -> tuple[Cap, ...]:
-    return tuple(op for ops in steer_ops.values() for op in ops if isinstance(op, Cap) and op.track)
+def _checked(lm: LoadedModel, interventions: InterventionMap) -> dict[int, list[Intervention]]:
+    """{layer index: its interventions in acting order}, each vector checked against the model."""
+    out: dict[int, list[Intervention]] = {}
+    for layer, items in layer_lists(interventions).items():
+        for item in items:
+            for vector in item.vectors():
+                check_vector(vector, lm.hidden_size, f"{type(item).__name__} vector at layer {layer}")
+        out.setdefault(lm.check_layer(layer), []).extend(items)
+    return out
 
 
 def decode_spec(lm: LoadedModel, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -86,13 +97,12 @@ def decode_spec(lm: LoadedModel, *, max_new_tokens: int = 128, temperature: floa
     """Validate generate's options against the model (see `generate`) and bundle them for a decode loop."""
     if max_new_tokens < 1:
         raise PersonaAxisError("max_new_tokens must be at least 1")
-    steer_ops = intervention_ops(lm, interventions or {})
     if watch is not None:
         watch = (lm.check_layer(watch[0]), check_vector(watch[1], lm.hidden_size, "watched direction"))
     return DecodeSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      layers=_capture_layers(lm, capture), steer_ops=steer_ops, watch=watch, on_token=on_token,
-                      stops=frozenset(stop_token_ids(lm) if stop_at_eos else []),
-                      caps=_tracking_caps(steer_ops), share_prefixes=share_prefixes)
+                      layers=_capture_layers(lm, capture), interventions=_checked(lm, interventions or {}), watch=watch,
+                      on_token=on_token, stops=frozenset(stop_token_ids(lm) if stop_at_eos else []),
+                      share_prefixes=share_prefixes)
 
 
 def stream_replies(lm: LoadedModel, conversations: Sequence[list[Message]], spec: DecodeSpec, *,
@@ -101,9 +111,9 @@ def stream_replies(lm: LoadedModel, conversations: Sequence[list[Message]], spec
     """Yield (conversation index, Reply) for each conversation as soon as its reply ends (any order).
 
     spec: from `decode_spec`. seed: an int seeds conversation i's stream with stream_seed(seed, i);
-    a sequence gives each conversation's stream seed. continuous=False runs the static loop
-    (batches of similar prompt length, each until its longest reply ends); continuous batching
-    also falls back to it for models whose cache has layer kinds other than full attention.
+    a sequence gives each conversation's stream seed. batch_size: the engine's rows. continuous=False
+    runs the static loop (batches of similar prompt length, each until its longest reply ends), as
+    do models whose cache has layer kinds other than full attention.
     """
     prompt_ids = [lm.prompt_ids(list(c)) for c in conversations]
     if isinstance(seed, int):
@@ -115,8 +125,45 @@ def stream_replies(lm: LoadedModel, conversations: Sequence[list[Message]], spec
     if not prompt_ids:
         return iter(())
     if continuous and supports_slots(lm.model):
-        return iter(ContinuousBatch(lm, prompt_ids, seeds, spec, batch_size))
+        return _engine_replies(lm, prompt_ids, seeds, spec, batch_size)
     return _static_replies(lm, prompt_ids, seeds, spec, batch_size)
+
+
+def _engine_replies(lm: LoadedModel, prompt_ids: list[list[int]], seeds: list[int], spec: DecodeSpec,
+                    batch_size: int) -> Iterator[tuple[int, Reply]]:
+    """The whole list through one engine of `batch_size` rows; (index, Reply) as each reply ends."""
+    engine = Engine(lm, max_rows=max(1, batch_size), max_waiting=len(prompt_ids),
+                    prefill_chunk=max(len(p) for p in prompt_ids), capture_layers=spec.layers,
+                    share_prefixes=spec.share_prefixes, shrink_patience=1, keep_conversations=False)
+    watch = (spec.watch[0], unit_vector(spec.watch[1], "watched direction")) if spec.watch is not None else None
+    settings = RowSettings(spec.interventions, watch)
+    sampling = Sampling(spec.max_new_tokens, spec.temperature, spec.top_p, ignore_eos=not spec.stops)
+    ended: list[tuple[int, Reply]] = []
+
+    def listener(index: int) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:
+            if isinstance(event, TokenEvent):
+                if spec.on_token is not None and event.projection is not None:
+                    spec.on_token(index, event.token_id, event.projection)
+            elif event.reason != "error":
+                ended.append((index, _reply(event, spec)))
+        return on_event
+
+    for i, (prompt, seed) in enumerate(zip(prompt_ids, seeds)):
+        engine.submit(prompt, replace(sampling, stream=seed), settings, listener(i), capture=bool(spec.layers))
+    left = len(prompt_ids)
+    while left:
+        engine.step()
+        if engine.failure is not None:
+            raise engine.failure
+        left -= len(ended)
+        yield from ended
+        ended.clear()
+
+
+def _reply(end: EndEvent, spec: DecodeSpec) -> Reply:
+    return Reply(text=end.text, token_ids=end.token_ids, finished=end.reason == "stop", means=end.means,
+                 projections=end.projections if spec.watch is not None else None)
 
 
 def generate(
@@ -192,7 +239,7 @@ def _static_batch(lm: LoadedModel, prompt_ids: list[list[int]], seeds: list[int]
     recorder, watcher = spec.recorders(lm, batch)
     recorders = [r for r in (recorder, watcher) if r is not None]
     cache = preallocated_cache(model, ids.shape[1] + spec.max_new_tokens)
-    ops = merge_ops(spec.steer_ops, *(r.ops() for r in recorders))
+    ops = merge_ops(spec.interventions, *(r.ops() for r in recorders))
 
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     generated: list[Tensor] = []
@@ -217,7 +264,9 @@ def _static_batch(lm: LoadedModel, prompt_ids: list[list[int]], seeds: list[int]
             for r in recorders:
                 r.commit(alive)
             if spec.on_token is not None and watcher is not None:
-                spec.on_token(rows, next_ids, watcher.last, alive)
+                for row, token, value, counts in zip(rows, next_ids.tolist(), watcher.last.tolist(), alive.tolist()):
+                    if counts:
+                        spec.on_token(row, token, value)
     means = recorder.means().cpu() if recorder else None
     return [_static_reply(lm, row, spec.stops, means[k] if means is not None else None,
                           watcher.values[k] if watcher else None)

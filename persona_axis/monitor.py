@@ -311,10 +311,9 @@ def generate_with_alerts(lm: LoadedModel, axis: Axis, conversations: Sequence[li
     alerts = [LiveAlert(threshold, min_tokens) for _ in conversations]
     fired: list[int | None] = [None] * len(conversations)
 
-    def on_token(rows: list[int], _ids: Tensor, projections: Tensor, alive: Tensor) -> None:
-        for i, value, counts in zip(rows, projections.tolist(), alive.tolist()):
-            if counts and alerts[i].update(value):
-                fired[i] = alerts[i].n_tokens - 1
+    def on_token(i: int, _token: int, projection: float) -> None:
+        if alerts[i].update(projection):
+            fired[i] = alerts[i].n_tokens - 1
 
     result = generate(lm, conversations, watch=(layer, axis.vectors[layer]), on_token=on_token, **generate_kwargs)
     return result, fired

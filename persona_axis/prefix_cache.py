@@ -15,7 +15,8 @@ prefixes not cached yet, one over every prompt's rest (each row continuing its o
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ from persona_axis.decoding import left_padded, preallocated_cache
 from persona_axis.steering import prompt_continues
 
 LayerKV = list[tuple[Tensor, Tensor]]  # per decoder layer: (keys, values) [rows, kv_heads, length, head_dim]
+# The hooks of one prefill pass over the given rows (indices into the prompts being admitted); the bool says
+# whether each row's last column is its prompt's last token (False for a shared prefix's own pass).
+PassHooks = Callable[[list[int], bool], AbstractContextManager[object]]
 # Shorter common beginnings are prefilled whole: on the `standard` plan (about 25 shared tokens, 8 prompts a
 # role) sharing at 16 tokens ran at 0.905 of whole prefills in one bench run; 700-token jailbreak prompts, 8.3x.
 MIN_SHARED = 64
@@ -51,60 +55,73 @@ class PrefillGroup:
     cached: LayerKV | None = None
 
 
+Entry = tuple[Hashable, tuple[int, ...]]  # (what else the keys/values depend on, the prefix's tokens)
+
+
 class PrefixCache:
-    """The keys/values of the most recent `capacity` distinct prefixes, each [1, kv_heads, m, head_dim] per layer."""
+    """The keys/values of the most recent `capacity` distinct prefixes, each [1, kv_heads, m, head_dim] per layer.
+
+    An entry's key pairs the tokens with whatever else shaped their keys and values (the interventions that
+    act on prompt positions, `RowSettings.prefix_key`): a prompt reuses only an entry made under its own key.
+    """
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = capacity
-        self.entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
+        self.entries: OrderedDict[Entry, LayerKV] = OrderedDict()
         self.hits = 0  # prompts that reused a cached prefix
 
-    def lookup(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], int] | None:
-        """(the cached prefix sharing the most leading tokens with `prompt`, how many it shares: m >= MIN_SHARED,
+    def lookup(self, prompt: Sequence[int], key: Hashable = None) -> tuple[Entry, int] | None:
+        """(the entry under `key` sharing the most leading tokens with `prompt`, how many it shares: m >= MIN_SHARED,
         leaving at least MIN_SUFFIX tokens of the prompt), or None."""
-        best: tuple[int, tuple[int, ...]] | None = None
-        for tokens in self.entries:
-            m = min(common_length(tokens, prompt), len(prompt) - MIN_SUFFIX)
+        best: tuple[int, Entry] | None = None
+        for entry in self.entries:
+            if entry[0] != key:
+                continue
+            m = min(common_length(entry[1], prompt), len(prompt) - MIN_SUFFIX)
             if m >= MIN_SHARED and (best is None or m > best[0]):
-                best = (m, tokens)
+                best = (m, entry)
         if best is None:
             return None
         self.entries.move_to_end(best[1])
         return best[1], best[0]
 
-    def keys_values(self, tokens: tuple[int, ...], m: int) -> LayerKV:
+    def keys_values(self, entry: Entry, m: int) -> LayerKV:
         """A cached prefix's keys/values cut to its first m tokens [1, h, m, d] per layer."""
-        return [(k[:, :, :m], v[:, :, :m]) for k, v in self.entries[tokens]]
+        return [(k[:, :, :m], v[:, :, :m]) for k, v in self.entries[entry]]
 
-    def add(self, tokens: Sequence[int], kv: LayerKV) -> None:
-        self.entries[tuple(tokens)] = kv
-        self.entries.move_to_end(tuple(tokens))
+    def add(self, tokens: Sequence[int], kv: LayerKV, key: Hashable = None) -> None:
+        entry = (key, tuple(tokens))
+        self.entries[entry] = kv
+        self.entries.move_to_end(entry)
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
 
 
-def plan_prefill(prompts: Sequence[Sequence[int]], cache: PrefixCache) -> list[PrefillGroup]:
+def plan_prefill(prompts: Sequence[Sequence[int]], cache: PrefixCache,
+                 keys: Sequence[Hashable] | None = None) -> list[PrefillGroup]:
     """Group the entering prompts: those that begin with a cached prefix reuse it; the others are grouped with
-    every later prompt sharing at least MIN_SHARED leading tokens with the group's first; the rest go
-    together, unshared. Members keep their order; every prompt is in one group."""
+    every later prompt under the same key (`keys[i]`, default all None) sharing at least MIN_SHARED leading
+    tokens with the group's first; the rest go together, unshared. Members keep their order; every prompt is
+    in one group."""
+    keys = list(keys) if keys is not None else [None] * len(prompts)
     groups: list[PrefillGroup] = []
-    by_cached: dict[tuple[tuple[int, ...], int], PrefillGroup] = {}
+    by_cached: dict[tuple[Entry, int], PrefillGroup] = {}
     left: list[int] = []
     for i, prompt in enumerate(prompts):
-        found = cache.lookup(prompt)
+        found = cache.lookup(prompt, keys[i])
         if found is None:
             left.append(i)
             continue
         if found not in by_cached:
-            tokens, m = found
-            by_cached[found] = PrefillGroup([], m, cache.keys_values(tokens, m))
+            entry, m = found
+            by_cached[found] = PrefillGroup([], m, cache.keys_values(entry, m))
             groups.append(by_cached[found])
         by_cached[found].members.append(i)
         cache.hits += 1
     alone: list[int] = []
     while left:
         first, rest = left[0], left[1:]
-        partners = [j for j in rest if common_length(prompts[first], prompts[j]) >= MIN_SHARED]
+        partners = [j for j in rest if keys[j] == keys[first] and common_length(prompts[first], prompts[j]) >= MIN_SHARED]
         if not partners:
             alone.append(first)
             left = rest
@@ -176,24 +193,32 @@ def _stacked(rows: Sequence[tuple[Tensor, Tensor] | None], lengths: Sequence[int
 
 
 def shared_prefill(model: Any, prompts: Sequence[Sequence[int]], pad: int, device: torch.device,
-                   cache: PrefixCache | None) -> tuple[Tensor, list[LayerKV]]:
+                   cache: PrefixCache | None, keys: Sequence[Hashable] | None = None,
+                   hooks: PassHooks | None = None) -> tuple[Tensor, list[LayerKV]]:
     """Prefill `prompts` (each row's logits at its last position [n, vocab] and keys/values per layer, as
     `prefill`), computing every shared prefix once: at most two passes, one over the new prefixes and one
-    over every prompt's rest. cache=None prefills every whole prompt in one pass."""
+    over every prompt's rest. cache=None prefills every whole prompt in one pass. keys: what else each
+    prompt's keys/values depend on (prompts share a prefix only under equal keys). hooks(rows, prompt_ends):
+    the hooks each pass runs under, for the prompts `rows` it feeds (default none)."""
+    hooks = hooks or (lambda rows, ends: nullcontext())
     if cache is None:
-        return prefill(model, prompts, pad, device)
-    groups = plan_prefill(prompts, cache)
+        with hooks(list(range(len(prompts))), True):
+            return prefill(model, prompts, pad, device)
+    keys = list(keys) if keys is not None else [None] * len(prompts)
+    groups = plan_prefill(prompts, cache, keys)
     fresh = [g for g in groups if g.shared and g.cached is None]
     if fresh:
         heads = [list(prompts[g.members[0]][: g.shared]) for g in fresh]
-        with prompt_continues():  # a prefix's last token is no prompt's last: "last" interventions wait
+        # a prefix's last token is no prompt's last: "last" interventions wait (hook form and per-row form)
+        with prompt_continues(), hooks([g.members[0] for g in fresh], False):
             _, computed = prefill(model, heads, pad, device)
         for group, head, kv in zip(fresh, heads, computed):
             group.cached = [(k[None], v[None]) for k, v in kv]
-            cache.add(head, group.cached)
+            cache.add(head, group.cached, keys[group.members[0]])
     order = [i for g in groups for i in g.members]
     rests = [list(prompts[i][g.shared:]) for g in groups for i in g.members]
     prefixes = [g.cached if g.shared else None for g in groups for _ in g.members]
-    logits, rows = prefill(model, rests, pad, device, prefixes)
+    with hooks(order, True):
+        logits, rows = prefill(model, rests, pad, device, prefixes)
     back = {i: k for k, i in enumerate(order)}
     return logits[[back[i] for i in range(len(prompts))]], [rows[back[i]] for i in range(len(prompts))]

@@ -16,8 +16,9 @@ slot, a prefill only the entering ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -39,6 +40,21 @@ class RowSettings:
         """The layers whose interventions report engagement (caps): each token says whether they changed it."""
         return sorted(layer for layer, items in self.interventions.items()
                       if any(type(item).counts_engagement for item in items))
+
+    @cached_property
+    def prefix_key(self) -> Hashable:
+        """What a prompt prefix's keys and values depend on besides its tokens: the interventions acting at every
+        position ("all"), by layer, kind and settings. "last" and "reply" ones never act inside a prefix."""
+        return tuple((layer, type(item).name, tuple((name, value.detach().cpu().numpy().tobytes())
+                                                    for name, value in sorted(item.row_params().items())))
+                     for layer, items in sorted(layer_lists(self.interventions).items())
+                     for item in items if item.positions == "all")
+
+    @property
+    def acts_only_at_all_positions(self) -> bool:
+        """True when every intervention acts at every position, so a reply's keys and values equal what
+        prefilling the same tokens would give (a finished conversation can seed the next turn's prefix)."""
+        return all(item.positions == "all" for items in layer_lists(self.interventions).values() for item in items)
 
 
 def _grown(t: Tensor, slots: int) -> Tensor:

@@ -200,6 +200,10 @@ class Intervention:
     def observe(self, changed: Tensor) -> None:
         """Called by the hook form after each generated-token pass with the rows it changed [b] bool."""
 
+    def count(self, changed: int, seen: int) -> None:
+        """Called by the engine when a reply ends: `changed` of its `seen` generated tokens were changed at this
+        intervention's layer (kinds that count engagement)."""
+
     @classmethod
     def from_request(cls, item: Item, ctx: RequestContext) -> list[tuple[int, Intervention]]:
         """(layer, intervention) pairs a request item of this kind asks for; a one-line error if malformed."""
@@ -338,6 +342,10 @@ class Cap(Intervention):
         else:
             self.raised = self.raised + (changed & rows).sum().cpu()
             self.seen = self.seen + rows.sum().cpu()
+
+    def count(self, changed: int, seen: int) -> None:
+        if self.track:
+            self.raised, self.seen = self.raised + changed, self.seen + seen
 
     def count_rows(self, rows: Tensor | None) -> None:
         """Count engagement only on the batch rows where `rows` [batch] bool is true (None: every row)."""

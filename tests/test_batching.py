@@ -101,10 +101,8 @@ def test_per_token_projections_and_the_live_stream_match_each_reply_alone(tiny_l
     direction = torch.randn(64, generator=torch.Generator().manual_seed(5))
     streamed: dict[int, list[float]] = {}
 
-    def on_token(rows: list[int], ids: torch.Tensor, projections: torch.Tensor, response: torch.Tensor) -> None:
-        for k, row in enumerate(rows):
-            if response[k]:
-                streamed.setdefault(row, []).append(float(projections[k]))
+    def on_token(row: int, _token: int, projection: float) -> None:
+        streamed.setdefault(row, []).append(projection)
 
     batch = generate(lm, CONVERSATIONS, max_new_tokens=TOKENS, batch_size=SLOTS, capture=False,
                      watch=(1, direction), on_token=on_token)

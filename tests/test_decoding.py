@@ -117,8 +117,8 @@ def test_counting_rows_sets_then_clears_the_rows_even_on_error() -> None:
 
 
 def _spec(layers: list[int], watch: Any = None) -> DecodeSpec:
-    return DecodeSpec(max_new_tokens=4, temperature=0.0, top_p=1.0, layers=layers, steer_ops={}, watch=watch,
-                      on_token=None, stops=frozenset(), caps=())
+    return DecodeSpec(max_new_tokens=4, temperature=0.0, top_p=1.0, layers=layers, interventions={}, watch=watch,
+                      on_token=None, stops=frozenset())
 
 
 def test_spec_records_only_when_activations_are_read() -> None:

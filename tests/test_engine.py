@@ -265,3 +265,43 @@ def test_closing_ends_running_and_half_prefilled_requests_as_cancelled(lm: Loade
     engine.run_forever()  # sees the close at once and ends what it holds, in its own thread
     assert running[-1].reason == "cancelled" and prefilling[-1].reason == "cancelled"
     assert engine.busy == 0 and engine.prefilling is None
+
+
+def test_a_conversations_next_turn_reuses_the_finished_turns_keys_and_values(lm: LoadedModel) -> None:
+    """The serving engine keeps a finished reply's prompt and reply as a prefix: the next turn, whose prompt begins
+    with them, prefills only its new message, and gets the reply a fresh engine gives it. A reply generated under a
+    'reply'-position intervention is not kept (its keys/values differ from a prefill of the same tokens)."""
+    first = [{"role": "user", "content": "Tell me a long story about the lighthouse keepers of the north. " * 3}]
+    units = _directions(lm)
+    for settings, kept in ((RowSettings(), True), (RowSettings({1: [Cap(units[1], 0.5)]}), True),
+                           (RowSettings({1: [Addition(units[1], -3.0, positions="reply")]}), False)):
+        engine = Engine(lm, max_rows=2)
+        [turn] = run_to_end(engine, [(_ids(lm, first), Sampling(TOKENS, ignore_eos=True), settings)])
+        prompt = _ids(lm, first) + turn.token_ids + _ids(lm, [{"role": "user", "content": "And then?"}])
+        prefixes = engine.runner.prefixes
+        assert prefixes is not None and len(prefixes.entries) == int(kept)
+        [reused] = run_to_end(engine, [(prompt, Sampling(TOKENS), settings)])
+        assert prefixes.hits == int(kept)
+        [fresh] = run_to_end(Engine(lm, max_rows=2, share_prefixes=False), [(prompt, Sampling(TOKENS), settings)])
+        assert reused.token_ids == fresh.token_ids
+
+
+def test_an_offline_list_that_captures_gets_each_replys_means_in_its_end_event(lm: LoadedModel) -> None:
+    """Capture in the engine: a reply's means equal a plain forward's over its reply tokens, in any batch."""
+    assert lm.n_layers > 2  # layer 1's output is a plain hidden state (the last one is normed)
+    engine = Engine(lm, max_rows=3, capture_layers=[0, 1])
+    prompts = [_ids(lm, p) for p in PROMPTS]
+    ends: dict[int, EndEvent] = {}
+    for i, prompt in enumerate(prompts):
+        engine.submit(prompt, Sampling(TOKENS, ignore_eos=True), RowSettings(),
+                      lambda e, i=i: ends.__setitem__(i, e) if isinstance(e, EndEvent) else None, capture=True)
+    while len(ends) < len(prompts):
+        engine.step()
+    for i, end in ends.items():
+        assert end.means is not None and end.means.shape == (2, lm.hidden_size)
+        prompt = prompts[i]
+        with torch.no_grad():
+            states = lm.model(input_ids=torch.tensor([prompt + end.token_ids]), output_hidden_states=True).hidden_states
+        for k, layer in enumerate((0, 1)):
+            expected = states[layer + 1][0, len(prompt):].mean(0)
+            torch.testing.assert_close(end.means[k], expected, atol=1e-4, rtol=1e-4)

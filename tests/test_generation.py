@@ -98,10 +98,8 @@ def test_watch_records_per_token_projections_matching_the_forward(tiny_llama: Lo
     direction = torch.randn(64)
     streamed: dict[int, list[float]] = {}
 
-    def on_token(rows: list[int], ids: torch.Tensor, proj: torch.Tensor, alive: torch.Tensor) -> None:
-        for k, row in enumerate(rows):
-            if alive[k]:
-                streamed.setdefault(row, []).append(float(proj[k]))
+    def on_token(row: int, _token: int, projection: float) -> None:
+        streamed.setdefault(row, []).append(projection)
 
     result = generate(tiny_llama, CONVERSATIONS[:3], max_new_tokens=7, batch_size=2, capture=False,
                       watch=(1, direction), on_token=on_token)

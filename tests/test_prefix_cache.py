@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.batching import ContinuousBatch, supports_slots
-from persona_axis.generation import decode_spec, generate
+from persona_axis.batching import supports_slots
+from persona_axis.engine import Engine, Sampling, run_to_end
+from persona_axis.generation import generate
 from persona_axis.models import LoadedModel, load_model, wrap_model
 from persona_axis.prefix_cache import MIN_SHARED, PrefixCache, common_length, plan_prefill, prefill, shared_prefill
+from persona_axis.row_interventions import RowSettings
 from persona_axis.steering import Ablation, Addition, Cap, steer
 
 SYSTEMS = ["You are a lighthouse keeper on a remote northern island, weathered and patient, who speaks slowly. "
@@ -71,10 +73,10 @@ def test_generate_with_shared_prefixes_gives_the_same_replies(tiny_llama: Loaded
         whole = generate(tiny_llama, CONVERSATIONS, share_prefixes=False, **kwargs)
         assert shared.token_ids == whole.token_ids
         torch.testing.assert_close(shared.captured_means(), whole.captured_means(), atol=1e-5, rtol=1e-5)
-    spec = decode_spec(tiny_llama, max_new_tokens=4)
-    loop = ContinuousBatch(tiny_llama, [tiny_llama.prompt_ids(c) for c in CONVERSATIONS], list(range(8)), spec, 3)
-    list(loop)
-    assert loop.prefixes is not None and loop.prefixes.hits > 0  # admissions after the first found their prefix
+    engine = Engine(tiny_llama, max_rows=3, prefill_chunk=10_000, keep_conversations=False)
+    run_to_end(engine, [(tiny_llama.prompt_ids(c), Sampling(4), RowSettings()) for c in CONVERSATIONS])
+    prefixes = engine.runner.prefixes
+    assert prefixes is not None and prefixes.hits > 0  # admissions after the first found their prefix
 
 
 def test_last_position_interventions_act_at_each_prompts_end_not_the_shared_prefixs(tiny_llama: LoadedModel) -> None:

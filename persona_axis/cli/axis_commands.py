@@ -1,4 +1,4 @@
-"""Subcommands that compute and analyse the axis: demo, run, analyze, judge-eval."""
+"""Subcommands that compute and analyse the axis: demo, run, analyze, stability, judge-eval."""
 
 from __future__ import annotations
 
@@ -114,6 +114,16 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.run) / 'report.html'}")
 
 
+def cmd_stability(args: argparse.Namespace) -> None:
+    from persona_axis.stability import compare_runs
+
+    result = compare_runs(args.run_a, args.run_b, layer=args.layer, ends=args.ends)
+    if args.json:
+        print_json(result.to_json())
+        return
+    print(result.table())
+
+
 def cmd_judge_eval(args: argparse.Namespace) -> None:
     from persona_axis.judges import make_judge
     from persona_axis.judges.agreement import evaluate_judge, read_labels
@@ -175,6 +185,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     analyze.add_argument("--compare", metavar="RUN", help="correlate PC1 role loadings with another run (e.g. model)")
     analyze.add_argument("--json", action="store_true", help="print one JSON object")
     analyze.set_defaults(func=cmd_analyze)
+
+    stability = sub.add_parser("stability", help="how far two runs of one model agree: axis and PC1 cosines per layer, "
+                                                 "rank correlation and shared ends of their roles")
+    stability.add_argument("run_a", metavar="RUN_A", help="run directory")
+    stability.add_argument("run_b", metavar="RUN_B", help="run directory of the same model (another seed, judge, ...)")
+    stability.add_argument("--layer", type=int, help="layer for role rankings and cos(axis, PC1) (default: the middle layer)")
+    stability.add_argument("--ends", type=int, default=10,
+                           help="roles compared at each end of a ranking (default 10, at most half the shared roles)")
+    stability.add_argument("--json", action="store_true", help="print one JSON object")
+    stability.set_defaults(func=cmd_stability)
 
     evaluate = sub.add_parser("judge-eval", help="agreement of a judge with labelled replies (confusion matrix)")
     evaluate.add_argument("labels", nargs="?", help="JSONL of labelled replies (role, description, question, "
