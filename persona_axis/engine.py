@@ -43,6 +43,7 @@ from persona_axis.batching import supports_slots
 from persona_axis.decoding import stop_token_ids
 from persona_axis.errors import PersonaAxisError
 from persona_axis.models import LoadedModel
+from persona_axis.prefix_cache import PrefixCache
 from persona_axis.row_interventions import RowSettings
 from persona_axis.runner import ModelRunner
 from persona_axis.sampling import pick_tokens, reply_generator, stream_seed
@@ -162,8 +163,9 @@ class Engine:
     per step while others decode. capture_layers: the layers whose reply means capturing requests
     record. share_prefixes: prefill a prompt beginning shared by several prompts once. shrink_patience:
     sparse steps before empty slots are dropped. keep_conversations: a finished reply's prompt and reply
-    keys/values stay as a prefix for the conversation's next turn (serving; offline lists share their
-    prompts' beginnings instead).
+    keys/values stay as a prefix for the conversation's next turn (serving). Offline lists leave it off:
+    keys/values computed while decoding differ in float rounding from a prefill of the same tokens, so a
+    resumed simulation would no longer equal an uninterrupted one.
     """
 
     def __init__(self, lm: LoadedModel, max_rows: int = 16, max_waiting: int = 64,
@@ -180,7 +182,7 @@ class Engine:
         self.shrink_patience, self.keep_conversations = shrink_patience, keep_conversations
         self.stops = frozenset(stop_token_ids(lm))
         self.pad = int(lm.tokenizer.pad_token_id)
-        self.runner = ModelRunner(lm, capture_layers, share_prefixes)
+        self.runner = ModelRunner(lm, capture_layers, PrefixCache() if share_prefixes else None)
         self.rows: list[_Row | None] = []
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()

@@ -37,9 +37,10 @@ from persona_axis.row_interventions import RowInterventions, RowSettings
 
 class ModelRunner:
     """The slots' caches and tables for `lm` (see the module doc). capture_layers: layers whose reply means
-    the rows that capture record ([] for none). share_prefixes: reuse the prefill of shared prompt beginnings."""
+    the rows that capture record ([] for none). prefixes: where shared prompt beginnings are kept (None: every
+    prompt is prefilled whole)."""
 
-    def __init__(self, lm: LoadedModel, capture_layers: Sequence[int] = (), share_prefixes: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, capture_layers: Sequence[int] = (), prefixes: PrefixCache | None = None) -> None:
         self.lm = lm
         device = lm.device
         self.pad = int(lm.tokenizer.pad_token_id)
@@ -47,7 +48,7 @@ class ModelRunner:
         self.cache, self.layers = slot_cache(lm.model, self.columns)
         self.interventions = RowInterventions(0, lm.hidden_size, device)
         self.means = StepMeanRecorder(capture_layers, 0, lm.hidden_size, device) if capture_layers else None
-        self.prefixes = PrefixCache() if share_prefixes else None
+        self.prefixes = prefixes
         self.lengths: list[int] = []  # columns each slot holds
 
     @property
