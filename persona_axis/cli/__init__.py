@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         capping_commands,
         drift_commands,
         eval_commands,
+        export_commands,
         model_commands,
         monitor_commands,
         serve_commands,
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-axis", description="Find, monitor and cap the Assistant Axis.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (axis_commands, capping_commands, monitor_commands, drift_commands, bench_commands, model_commands,
-                   eval_commands, serve_commands):
+                   eval_commands, serve_commands, export_commands):
         module.register(sub)
     return parser
 
