@@ -1,11 +1,13 @@
-"""Calibrating caps from a run: floors at projection percentiles, and whether the caps then bind.
+"""Calibrating caps from a run: floors at projection percentiles or at the default mean, and whether the caps bind.
 
 A floor τ_l at layer l is a percentile of the projections of a run's stored response means on
-the unit axis â_l. Which rollouts count is the population; the default, "roles+traits", is the
-paper's: every role and trait rollout, where the 25th percentile lands near the mean projection
-of default-Assistant replies. `measure_engagement` then generates a sample of default and of
-role-play replies with each experiment's caps on, and records the share of generated tokens each
-cap raised: a cap that never engages changes nothing.
+the unit axis â_l, or (DEFAULT_MEAN) the mean projection of the run's default-Assistant
+replies. Which rollouts count is the population; the default, "roles+traits", is the paper's:
+every role and trait rollout, where the 25th percentile is meant to land near the default mean.
+Every cap records that default mean and its percentile rank in the population
+(`default_percentile`), so how near it lands is measured. `measure_engagement` then generates a
+sample of default and of role-play replies with each experiment's caps on, and records the share
+of generated tokens each cap raised: a cap that never engages changes nothing.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from persona_axis.axis import Axis, load_axis
-from persona_axis.capping import CapLayer, CappingConfig, Experiment, experiment_id
+from persona_axis.capping import DEFAULT_MEAN, CapLayer, CappingConfig, Experiment, experiment_id
 from persona_axis.catalog import Catalog, default_conversations, role_play_conversations
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import generate
@@ -82,10 +85,20 @@ def run_projections(run_dir: str | Path, axis: Axis, layers: Sequence[int], popu
     return projections
 
 
+def percentile_rank(values: Tensor, x: float) -> float:
+    """The p in [0, 1] with torch.quantile(values, p) == x (linear interpolation), clipped at the ends.
+
+    Sorted values v_0 ≤ … ≤ v_{n−1} sit at p = k / (n − 1); x between two of them gets the
+    interpolated p, so percentile_rank(v, quantile(v, p)) == p for distinct values.
+    """
+    ordered = torch.sort(values.double()).values.numpy()
+    return float(np.interp(x, ordered, np.linspace(0.0, 1.0, len(ordered))))
+
+
 def calibrate(
     run_dir: str | Path,
     layers: Sequence[range] | range,
-    percentiles: Sequence[float],
+    percentiles: Sequence[float | str],
     population: str = "roles+traits",
     *,
     axis: Axis | None = None,
@@ -93,23 +106,31 @@ def calibrate(
     """One experiment per (layer range, percentile): floor τ_l = quantile of the projections at layer l.
 
     axis: the axis to project on (default: the run's axis.safetensors). Ranges are half-open and
-    contiguous; percentiles lie strictly between 0 and 1. Each cap also records `default_mean`,
-    the mean projection of the run's default-Assistant replies at its layer.
+    contiguous; percentiles lie strictly between 0 and 1, or are DEFAULT_MEAN ("mean"): τ_l = the
+    mean projection of the run's default-Assistant replies at layer l. Each cap records that
+    `default_mean` and `default_percentile`, its percentile rank among the population's
+    projections at the layer (percentile_rank).
     """
     blocks = [layers] if isinstance(layers, range) else list(layers)
-    if not percentiles or any(not 0 < p < 1 for p in percentiles):
-        raise PersonaAxisError(f"percentiles must lie strictly between 0 and 1 (e.g. 0.25), got {list(percentiles)}")
+    if not percentiles or any(p != DEFAULT_MEAN and not (isinstance(p, (int, float)) and 0 < p < 1)
+                              for p in percentiles):
+        raise PersonaAxisError(f"percentiles must lie strictly between 0 and 1 (e.g. 0.25) or be {DEFAULT_MEAN!r}, "
+                               f"got {list(percentiles)}")
     if not blocks or any(len(b) == 0 or b.step != 1 for b in blocks):
         raise PersonaAxisError(f"layer ranges must be non-empty and contiguous, got {blocks}")
     axis = load_axis(run_dir) if axis is None else axis
     used = sorted({layer for block in blocks for layer in block})
     projections = run_projections(run_dir, axis, used, population)
     default_mean = run_projections(run_dir, axis, used, "default").mean(0)
+    stats = {layer: {"default_mean": float(default_mean[k]),
+                     "default_percentile": percentile_rank(projections[:, k], float(default_mean[k]))}
+             for k, layer in enumerate(used)}
     experiments = {}
     for block in blocks:
         for p in percentiles:
-            caps = [CapLayer(layer, axis.unit(layer), float(torch.quantile(projections[:, used.index(layer)], p)),
-                             {"default_mean": float(default_mean[used.index(layer)])})
+            caps = [CapLayer(layer, axis.unit(layer), stats[layer]["default_mean"] if p == DEFAULT_MEAN
+                             else float(torch.quantile(projections[:, used.index(layer)], float(p))),
+                             dict(stats[layer]))
                     for layer in block]
             eid = experiment_id(block.start, block.stop, p)
             experiments[eid] = Experiment(eid, caps)

@@ -2,12 +2,14 @@
 
 A cap at layer l with floor τ raises any hidden state whose projection on the unit axis â_l is
 below τ up to τ (see `steering.Cap`). Floors are calibrated from a run (persona_axis.calibration).
-An experiment is a set of caps applied together, named
-"layers_<start>:<stop>-p<percentile>" (half-open layer range).
+An experiment is a set of caps applied together, named "layers_<start>:<stop>-p<percentile>"
+(half-open layer range; floors at a percentile of the run's projections) or
+"layers_<start>:<stop>-mean" (floors at the mean default-Assistant projection).
 
 Our file pair: `<stem>.safetensors` (one unit vector per distinct capped axis, "layer_<i>") and
 `<stem>.json` (model, sizes, provenance, experiments with their floors and each cap's measured
-stats: default_mean, engaged_default, engaged_roles where calibration recorded them). Other tools store a
+stats: default_mean, default_percentile, engaged_default, engaged_roles where calibration recorded them). Other
+tools store a
 torch file {"vectors": {name: {"layer", "vector"}}, "experiments": [{"id", "interventions":
 [{"vector", "cap"}]}]} where `cap` is a CEILING along the stored vector v:
 x ← x − max(0, x·v̂ − cap) v̂. A floor τ along â is exactly the ceiling −τ along −â.
@@ -35,8 +37,9 @@ from persona_axis.store import atomic_write_bytes
 from persona_axis.vectors import unit_vector
 
 FORMAT = "persona-axis/capping-config-v1"
-CAP_STATS = ("default_mean", "engaged_default", "engaged_roles")
-_ID_PATTERN = re.compile(r"layers_(\d+):(\d+)-p(\d+\.\d+|\d+(?:\.\d+)?e-\d+)")
+CAP_STATS = ("default_mean", "default_percentile", "engaged_default", "engaged_roles")
+DEFAULT_MEAN = "mean"  # in place of a percentile: floors at the mean default-Assistant projection
+_ID_PATTERN = re.compile(r"layers_(\d+):(\d+)-(?:p(\d+\.\d+|\d+(?:\.\d+)?e-\d+)|(mean))")
 
 
 def _unit(vector: Tensor, what: str) -> Tensor:
@@ -53,7 +56,8 @@ def _unit(vector: Tensor, what: str) -> Tensor:
 class CapLayer:
     """A floor on the projection at one layer: axis [hidden] unit float32 (normalised on creation).
 
-    stats: what calibration measured about this cap (default_mean, engaged_default, engaged_roles).
+    stats: what calibration measured about this cap (default_mean, default_percentile, engaged_default,
+    engaged_roles).
     """
 
     layer: int
@@ -131,20 +135,23 @@ def _describe(name: str, n_layers: int, hidden: int, source_hash: str) -> str:
     return f"{name or 'an unknown model'} ([{n_layers or '?'}, {hidden}]{digest})"
 
 
-def experiment_id(start: int, stop: int, percentile: float) -> str:
-    """"layers_<start>:<stop>-p<percentile>" for the half-open layer range [start, stop)."""
-    return f"layers_{start}:{stop}-p{float(percentile)!r}"
+def experiment_id(start: int, stop: int, floor: float | str) -> str:
+    """"layers_<start>:<stop>-p<percentile>" (or "-mean" for DEFAULT_MEAN) for the half-open layer range [start, stop)."""
+    if floor == DEFAULT_MEAN:
+        return f"layers_{start}:{stop}-{DEFAULT_MEAN}"
+    return f"layers_{start}:{stop}-p{float(floor)!r}"
 
 
-def parse_experiment_id(s: str) -> tuple[int, int, float]:
-    """Inverse of `experiment_id`: (start, stop, percentile)."""
+def parse_experiment_id(s: str) -> tuple[int, int, float | str]:
+    """Inverse of `experiment_id`: (start, stop, percentile or DEFAULT_MEAN)."""
     match = _ID_PATTERN.fullmatch(s)
     if match:
-        start, stop, percentile = int(match[1]), int(match[2]), float(match[3])
-        if start < stop and 0 < percentile < 1:
-            return start, stop, percentile
+        start, stop = int(match[1]), int(match[2])
+        floor: float | str = DEFAULT_MEAN if match[4] else float(match[3])
+        if start < stop and (floor == DEFAULT_MEAN or 0 < float(floor) < 1):
+            return start, stop, floor
     raise PersonaAxisError(f"bad experiment id {s!r}: expected layers_<start>:<stop>-p<percentile> with "
-                           "start < stop and 0 < percentile < 1, e.g. layers_46:54-p0.25")
+                           "start < stop and 0 < percentile < 1, e.g. layers_46:54-p0.25, or layers_<start>:<stop>-mean")
 
 
 def parse_layer_block(s: str) -> range:

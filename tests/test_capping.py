@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from persona_axis.axis import Axis, axis_metadata, save_axis
-from persona_axis.calibration import calibrate, run_projections
+from persona_axis.calibration import calibrate, percentile_rank, run_projections
 from persona_axis.capping import (
+    DEFAULT_MEAN,
     CapLayer,
     CappingConfig,
     Experiment,
@@ -79,10 +80,12 @@ def test_default_layer_block_matches_published_settings() -> None:
 
 def test_experiment_id_round_trip_and_bad_ids() -> None:
     assert experiment_id(46, 54, 0.25) == "layers_46:54-p0.25"
-    for start, stop, p in [(46, 54, 0.25), (0, 1, 1e-05), (3, 9, 0.123456789), (2, 3, 0.999)]:
+    for start, stop, p in [(46, 54, 0.25), (0, 1, 1e-05), (3, 9, 0.123456789), (2, 3, 0.999), (1, 3, DEFAULT_MEAN)]:
         assert parse_experiment_id(experiment_id(start, stop, p)) == (start, stop, p)
+    assert experiment_id(1, 3, DEFAULT_MEAN) == "layers_1:3-mean"
     for bad in ["", "layers_46:54", "layers_54:46-p0.25", "layers_4:4-p0.5", "layers_1:2-p1.0", "layers_1:2-p0.0",
-                "layers_1:2-pnan", "layers_1:2-p0.5x", "layer_1:2-p0.5", "layers_-1:2-p0.5"]:
+                "layers_1:2-pnan", "layers_1:2-p0.5x", "layer_1:2-p0.5", "layers_-1:2-p0.5", "layers_1:2-pmean",
+                "layers_1:2-means", "layers_2:1-mean"]:
         with pytest.raises(PersonaAxisError, match="bad experiment id"):
             parse_experiment_id(bad)
 
@@ -105,6 +108,71 @@ def test_calibrate_floors_are_quantiles_of_projections(tmp_path: Path) -> None:
             torch.testing.assert_close(torch.tensor(cap.stats["default_mean"]), default_mean[cap.layer - 1])
 
 
+def _rank_by_hand(values: list[float], x: float) -> float:
+    """Where x falls among sorted values placed at k / (n − 1), linearly between neighbours (0 or 1 outside)."""
+    v = sorted(values)
+    if x <= v[0]:
+        return 0.0
+    if x >= v[-1]:
+        return 1.0
+    k = max(i for i in range(len(v)) if v[i] <= x)
+    return (k + (x - v[k]) / (v[k + 1] - v[k])) / (len(v) - 1)
+
+
+def test_percentile_rank_inverts_quantile() -> None:
+    torch.manual_seed(1)
+    values = torch.randn(23, dtype=torch.float64)
+    for p in [0.0, 0.1, 0.25, 0.5, 0.77, 1.0]:
+        assert percentile_rank(values, float(torch.quantile(values, p))) == pytest.approx(p, abs=1e-9)
+    assert percentile_rank(values, float(values.min()) - 1) == 0.0 and percentile_rank(values, 1e9) == 1.0
+    assert percentile_rank(torch.tensor([1.0, 2.0, 3.0]), 2.5) == pytest.approx(0.75)
+
+
+def test_default_mean_floor_and_its_percentile(tmp_path: Path) -> None:
+    """Floors at the default mean (layers_A:B-mean) beside percentile floors; every cap ranks the default mean."""
+    axis = make_run(tmp_path)
+    config = calibrate(tmp_path, [range(1, 3)], [0.25, DEFAULT_MEAN])
+    assert list(config.experiments) == ["layers_1:3-p0.25", "layers_1:3-mean"]
+    population = expected_projections(tmp_path, axis, [1, 2], set(ROLES) - DEFAULTS)
+    default_mean = expected_projections(tmp_path, axis, [1, 2], DEFAULTS).mean(0)
+    for k, (low, mean) in enumerate(zip(config.experiment("layers_1:3-p0.25").caps,
+                                        config.experiment("layers_1:3-mean").caps)):
+        assert mean.floor == pytest.approx(float(default_mean[k]), abs=1e-6) == mean.stats["default_mean"]
+        assert low.floor == pytest.approx(float(torch.quantile(population[:, k], 0.25)), abs=1e-6)
+        rank = _rank_by_hand(population[:, k].tolist(), float(default_mean[k]))
+        assert mean.stats["default_percentile"] == pytest.approx(rank, abs=1e-6) == low.stats["default_percentile"]
+        assert float(torch.quantile(population[:, k], rank)) == pytest.approx(mean.floor, abs=1e-5)
+        assert 0.0 < rank < 1.0
+    only = calibrate(tmp_path, range(1, 3), [DEFAULT_MEAN], population="roles")
+    assert list(only.experiments) == ["layers_1:3-mean"]
+    roles = expected_projections(tmp_path, axis, [1, 2], set(ROLES) - DEFAULTS - TRAITS)
+    assert only.experiment("layers_1:3-mean").caps[0].stats["default_percentile"] == pytest.approx(
+        _rank_by_hand(roles[:, 0].tolist(), float(default_mean[0])), abs=1e-6)
+    save_config(config, tmp_path / "cap")
+    loaded = load_config(tmp_path / "cap").experiment("layers_1:3-mean")
+    assert [c.stats for c in loaded.caps] == [c.stats for c in config.experiment("layers_1:3-mean").caps]
+
+
+def test_calibrate_cli_floor_default_mean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_axis.cli import main
+
+    make_run(tmp_path)
+    calibrate_cli = ["calibrate", str(tmp_path), "--layers", "1:3", "--no-engagement", "--json"]
+    assert main([*calibrate_cli, "--floor", "default-mean"]) == 0
+    [experiment] = json.loads(capsys.readouterr().out)["experiments"]
+    assert experiment["id"] == "layers_1:3-mean" and experiment["floor"] == DEFAULT_MEAN
+    for cap in experiment["caps"]:
+        assert cap["tau"] == cap["default_mean"] and 0 <= cap["default_percentile"] <= 1
+    assert main([*calibrate_cli, "--floor", "default-mean", "--percentile", "0.5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(e["id"], e["floor"]) for e in report["experiments"]] == [("layers_1:3-p0.5", 0.5),
+                                                                      ("layers_1:3-mean", DEFAULT_MEAN)]
+    assert main(calibrate_cli) == 0  # the default is unchanged: one 25th-percentile experiment
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)["experiments"]] == ["layers_1:3-p0.25"]
+    assert main(["calibrate", str(tmp_path), "--layers", "1:3", "--no-engagement", "--floor", "default-mean"]) == 0
+    assert "layers_1:3-mean" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("population, ids", [
     ("all", set(ROLES)),
     ("roles+traits", set(ROLES) - DEFAULTS),
@@ -123,6 +191,7 @@ def test_populations_select_the_right_rollouts(tmp_path: Path, population: str, 
     ({"percentiles": [0.0]}, "percentiles"),
     ({"percentiles": [1.0]}, "percentiles"),
     ({"percentiles": []}, "percentiles"),
+    ({"percentiles": ["median"]}, "percentiles"),
     ({"layers": range(3, 5)}, "layer 4 is out of range"),
     ({"layers": [range(2, 2)]}, "non-empty"),
     ({"population": "everyone"}, "unknown population"),
@@ -148,9 +217,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         for eid, experiment in config.experiments.items():
             for a, b in zip(experiment.caps, loaded.experiment(eid).caps):
                 assert a.layer == b.layer and a.floor == b.floor and torch.equal(a.axis, b.axis)
-                assert a.stats == b.stats and set(a.stats) == {"default_mean"}
+                assert a.stats == b.stats and set(a.stats) == {"default_mean", "default_percentile"}
     doc = json.loads((tmp_path / "cap.json").read_text())
-    assert set(doc["experiments"][0]["caps"][0]) == {"layer", "floor", "vector", "default_mean"}
+    assert set(doc["experiments"][0]["caps"][0]) == {"layer", "floor", "vector", "default_mean", "default_percentile"}
     (tmp_path / "cap.safetensors").write_bytes((tmp_path / "cap.safetensors").read_bytes() + b" ")
     with pytest.raises(PersonaAxisError, match="not the vectors file"):
         load_config(tmp_path / "cap")

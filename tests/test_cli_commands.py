@@ -54,7 +54,7 @@ def test_calibrate_writes_experiments_and_refuses_bad_percentiles(
     for experiment in report["experiments"]:
         assert [c["layer"] for c in experiment["caps"]] == [1, 2]
         for cap in experiment["caps"]:
-            assert set(cap) == {"layer", "tau", "default_mean", "engaged_default", "engaged_roles"}
+            assert set(cap) == {"layer", "tau", "default_mean", "default_percentile", "engaged_default", "engaged_roles"}
             assert 0.0 <= cap["engaged_default"] <= 1.0 and 0.0 <= cap["engaged_roles"] <= 1.0
             stored = next(c for c in config.experiment(experiment["id"]).caps if c.layer == cap["layer"])
             assert stored.floor == cap["tau"] and stored.stats["engaged_roles"] == cap["engaged_roles"]

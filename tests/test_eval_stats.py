@@ -9,7 +9,14 @@ import pytest
 from scipy import stats
 
 from persona_axis.errors import PersonaAxisError
-from persona_axis.evals.stats import mcnemar_exact, pearson, relative_reduction, wilson_interval
+from persona_axis.evals.stats import (
+    bootstrap_rate,
+    mcnemar_exact,
+    pearson,
+    rate_difference,
+    relative_reduction,
+    wilson_interval,
+)
 
 
 def test_wilson_matches_hand_values_and_scipy() -> None:
@@ -78,3 +85,56 @@ def test_pearson_matches_scipy_with_fisher_interval() -> None:
         pearson([1, 2, 3], [1, 2, 3])
     with pytest.raises(PersonaAxisError):
         pearson([1, 2, 3, 4], [1, 2, 3])
+
+
+def _copies(values: list[bool], k: int) -> tuple[list[bool], list[str]]:
+    """Each outcome k times in a row, the copies sharing one cluster label (replies of one request)."""
+    return [v for v in values for _ in range(k)], [f"r{i}" for i in range(len(values)) for _ in range(k)]
+
+
+def test_bootstrap_rate_resamples_clusters_whole() -> None:
+    rng = np.random.default_rng(3)
+    outcomes = list(rng.random(30) < 0.3)
+    alone = bootstrap_rate(outcomes)
+    assert alone.value == pytest.approx(np.mean(outcomes)) and alone.low < alone.value < alone.high
+    assert bootstrap_rate(outcomes, [f"c{i}" for i in range(30)]) == alone  # one unit per cluster: the same draws
+    copied, clusters = _copies(outcomes, 4)
+    assert bootstrap_rate(copied, clusters) == alone  # identical replies of one request add nothing
+    naive = bootstrap_rate(copied)  # treated as independent, the copies fake a 4x larger sample
+    assert naive.high - naive.low < 0.7 * (alone.high - alone.low)
+    wilson = stats.binomtest(sum(outcomes), 30).proportion_ci(method="wilson")
+    assert abs(alone.low - wilson.low) < 0.06 and abs(alone.high - wilson.high) < 0.06  # near Wilson for iid
+    with pytest.raises(PersonaAxisError):
+        bootstrap_rate([])
+    with pytest.raises(PersonaAxisError, match="cluster labels"):
+        bootstrap_rate([True, False], ["a"])
+
+
+def test_relative_reduction_by_clusters() -> None:
+    base = [True] * 10 + [False] * 10
+    other = [True] * 4 + [False] * 16
+    alone = relative_reduction(base, other)
+    (b, clusters), (o, _) = _copies(base, 3), _copies(other, 3)
+    clustered = relative_reduction(b, o, clusters=clusters)
+    assert clustered == alone  # a request's replies are drawn together
+    naive = relative_reduction(b, o)
+    assert clustered.low is not None and naive.low is not None and naive.high is not None
+    assert naive.low > clustered.low and naive.high - naive.low < clustered.high - clustered.low
+
+
+def test_rate_difference_draws_both_sides_of_a_cluster_together() -> None:
+    harm = [True, False, True, True, False, False, True, False]
+    requests = [f"r{i}" for i in range(len(harm))]
+    assert rate_difference(harm, harm, requests, requests).to_json() == {"value": 0.0, "low": 0.0, "high": 0.0}
+    jailbreak, plain = [True, True, True, False, True, True], [False, True, False, False, False, True]
+    pairs = [f"q{i}" for i in range(6)]
+    lift = rate_difference(jailbreak, plain, pairs, pairs)
+    assert lift.value == pytest.approx(5 / 6 - 2 / 6)
+    assert lift.low is not None and lift.high is not None and lift.low <= lift.value <= lift.high
+    # two jailbreak forms per request, both harmful where the one form was: same rates, same draws per request
+    twice = rate_difference([v for v in jailbreak for _ in range(2)], plain, [q for q in pairs for _ in range(2)], pairs)
+    assert twice == lift
+    apart = rate_difference(jailbreak, plain, pairs, [f"other{i}" for i in range(6)])  # unpaired: wider
+    assert apart.low is not None and apart.high is not None and apart.high - apart.low > lift.high - lift.low
+    with pytest.raises(PersonaAxisError):
+        rate_difference([], plain, [], pairs)

@@ -30,13 +30,16 @@ def _layer_ranges(values: list[str]) -> list[range]:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.calibration import calibrate, engagement_samples, measure_engagement
-    from persona_axis.capping import default_layer_block, export_torch_config, save_config
+    from persona_axis.capping import DEFAULT_MEAN, default_layer_block, export_torch_config, parse_experiment_id, save_config
     from persona_axis.pipeline import run_catalog
     from persona_axis.store import RunLayout
 
     axis = load_axis(args.run)
     blocks = _layer_ranges(args.layers) if args.layers else [default_layer_block(axis.n_layers)]
-    config = calibrate(args.run, blocks, args.percentile or [0.25], population=args.population)
+    floors = args.floor or ["percentile"]
+    percentiles = args.percentile or ([0.25] if "percentile" in floors else [])
+    config = calibrate(args.run, blocks, [*percentiles, *([DEFAULT_MEAN] if "default-mean" in floors else [])],
+                       population=args.population)
     if not args.no_engagement:
         samples = engagement_samples(run_catalog(args.run), args.samples, 2 * args.samples)
         measure_engagement(load_model_from(args), config, samples, args.max_new_tokens,
@@ -47,16 +50,19 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         export_torch_config(config, args.export_torch)
     if args.json:
         print_json({"config": str(out.with_suffix(".json")), "population": config.population,
-                    "experiments": [{"id": e.id, "caps": [{"layer": c.layer, "tau": c.floor, **c.stats} for c in e.caps]}
+                    "experiments": [{"id": e.id, "floor": parse_experiment_id(e.id)[2],
+                                     "caps": [{"layer": c.layer, "tau": c.floor, **c.stats} for c in e.caps]}
                                     for e in config.experiments.values()]})
         return
-    print(f"population {config.population}; engagement = share of generated tokens a cap raised")
+    print(f"population {config.population}; percentile = the default mean's rank in it; "
+          "engagement = share of generated tokens a cap raised")
     for experiment in config.experiments.values():
         print(experiment.id)
         for c in experiment.caps:
             engaged = (f"  engaged: default {c.stats['engaged_default']:.1%}, role-play {c.stats['engaged_roles']:.1%}"
                        if "engaged_roles" in c.stats else "")
-            print(f"  layer {c.layer}: tau {c.floor:+.2f}  default mean {c.stats['default_mean']:+.2f}{engaged}")
+            print(f"  layer {c.layer}: tau {c.floor:+.2f}  default mean {c.stats['default_mean']:+.2f} "
+                  f"(percentile {c.stats['default_percentile']:.1%}){engaged}")
     print(f"capping config: {out.with_suffix('.json')} (+ .safetensors)")
 
 
@@ -199,7 +205,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     calibrate.add_argument("--layers", action="append", metavar="A:B",
                            help="half-open layer block (repeatable; default: a middle-to-late block)")
     calibrate.add_argument("--percentile", type=float, action="append", metavar="P",
-                           help="percentile in (0, 1) (repeatable; default 0.25)")
+                           help="percentile in (0, 1) (repeatable; default 0.25 unless --floor default-mean alone)")
+    calibrate.add_argument("--floor", action="append", choices=["percentile", "default-mean"],
+                           help="floor kinds (repeatable; default percentile): default-mean adds an experiment "
+                                "layers_A:B-mean with each floor at the mean default-Assistant projection")
     calibrate.add_argument("--population", default="roles+traits",
                            help="roles+traits (default, as published), all, roles, traits, default or roles_score3")
     calibrate.add_argument("--out", help="config path stem (default: <run>/capping)")
