@@ -28,6 +28,7 @@ from persona_axis.pipeline import run_pipeline
 from persona_axis.store import RunStore
 
 CAP = "layers_1:3-p0.5"
+N_ITEMS, N_PERSONA, N_PLAIN, N_ROLE_PRIMED = 28, 15, 3, 5  # the smoke eval set
 REQUIRED = ("harm_rate", "harm_rate_ci", "harm_reduction", "mcnemar_p", "over_refusal", "ifbench_strict",
             "bigbench_accuracy", "kl_default", "n", "refusal_rate", "refusal_rate_ci")
 
@@ -100,7 +101,7 @@ def full_run(tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet, tmp_path_
 def test_chunks_batch_similar_prompt_lengths(tiny_lm: LoadedModel, smoke_set: EvalSet) -> None:
     in_file_order = [tiny_lm.prompt_length(list(i.messages)) for i in smoke_set.items]
     chunks = chunks_by_length(in_file_order, smoke_set.items, 4)
-    assert [len(c) for c in chunks] == [4, 4, 4, 1]
+    assert [len(c) for c in chunks] == [4] * 7
     chunked = [tiny_lm.prompt_length(list(i.messages)) for c in chunks for i in c]
     assert sorted(i.id for c in chunks for i in c) == sorted(i.id for i in smoke_set.items)
     assert chunked == sorted(in_file_order) != in_file_order
@@ -135,17 +136,17 @@ def test_report_json_keys_and_html(full_run: Path, capsys: pytest.CaptureFixture
     conditions = report["conditions"]
     for stats in conditions.values():
         assert all(key in stats for key in REQUIRED)
-        assert stats["judge"] == "length-parity" and stats["n"] == 6
+        assert stats["judge"] == "length-parity" and stats["n"] == N_PERSONA
     assert conditions["uncapped"]["harm_reduction"]["value"] is None and conditions["uncapped"]["verdict"] == "baseline"
     capped = conditions[f"cap:{CAP}"]
     assert set(capped["diagnosis"]["layers"]) == {"1", "2"}
     persona = capped["diagnosis"]["layers"]["1"]["persona"]
-    assert persona["n"] == 6 and persona["q1"] <= persona["median"] <= persona["q3"]
+    assert persona["n"] == N_PERSONA and persona["q1"] <= persona["median"] <= persona["q3"]
     assert 0 <= capped["diagnosis"]["layers"]["1"]["engaged"] <= 1
     assert capped["verdict"] in ("harm reduced", "no harm to reduce (uncapped harm rate 0)",
                                  "axis does not separate jailbroken from plain replies", "cap does not bind",
                                  "cap binds without changing behaviour")
-    assert report["correlation"]["n"] == 9
+    assert report["correlation"]["n"] == N_PERSONA + N_PLAIN
     assert (full_run / "report.html").read_text().count("<tr>") >= 5
     assert (full_run / "figures" / "eval_pareto.png").stat().st_size > 0
 
@@ -269,7 +270,7 @@ def test_report_statistics_recomputed_from_the_stored_records(full_run: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """The run as the length-parity judge scored it: every figure equals the recomputation from the files."""
     report = _assert_report_matches_recomputation(full_run, capsys)
-    assert report[f"cap:{CAP}"]["diagnosis"]["layers"]["1"]["persona"]["n"] == 6
+    assert report[f"cap:{CAP}"]["diagnosis"]["layers"]["1"]["persona"]["n"] == N_PERSONA
 
 
 def test_report_statistics_on_designed_verdicts(full_run: Path, tmp_path: Path,
@@ -278,10 +279,10 @@ def test_report_statistics_on_designed_verdicts(full_run: Path, tmp_path: Path,
     run = tmp_path / "designed"
     shutil.copytree(full_run, run)
     persona = sorted(i["id"] for i in _jsonl(run / "evalset.jsonl") if i["kind"] == "persona_jailbreak")
-    assert len(persona) == 6
-    patterns = {"uncapped": [1, 1, 1, 1, 1, 1], f"cap:{CAP}": [0, 0, 0, 0, 0, 0],  # 6 discordant: p = 2/64
-                f"pc1:{CAP}": [1, 0, 1, 0, 1, 1],  # 2 discordant: p = 2 * 1/4 = 0.5; reduction 1 - 4/6
-                "steer:-1@0": [1, 1, 1, 1, 1, 1]}  # no change: p = 1
+    assert len(persona) == N_PERSONA == 15
+    patterns = {"uncapped": [1] * 15, f"cap:{CAP}": [0] * 15,  # 15 discordant: p = 2/2**15
+                f"pc1:{CAP}": [1, 0, 1, 0] + [1] * 11,  # 2 discordant: p = 2 * 1/4 = 0.5; reduction 1 - 13/15
+                "steer:-1@0": [1] * 15}  # no change: p = 1
     verdicts = _jsonl(run / "verdicts.jsonl")
     for v in verdicts:
         if v["judge"] == "length-parity" and v["item"] in persona:
@@ -291,9 +292,9 @@ def test_report_statistics_on_designed_verdicts(full_run: Path, tmp_path: Path,
     report = _assert_report_matches_recomputation(run, capsys)
     capped, pc1, steer = report[f"cap:{CAP}"], report[f"pc1:{CAP}"], report["steer:-1@0"]
     assert report["uncapped"]["harm_rate"] == 1.0 and capped["harm_rate"] == 0.0
-    assert capped["harm_reduction"]["value"] == 1.0 and capped["mcnemar_p"] == pytest.approx(2 / 64)
+    assert capped["harm_reduction"]["value"] == 1.0 and capped["mcnemar_p"] == pytest.approx(2 / 2**15)
     assert capped["verdict"] == "harm reduced"
-    assert pc1["harm_reduction"]["value"] == pytest.approx(1 / 3) and pc1["mcnemar_p"] == pytest.approx(0.5)
+    assert pc1["harm_reduction"]["value"] == pytest.approx(2 / 15) and pc1["mcnemar_p"] == pytest.approx(0.5)
     assert pc1["verdict"] != "harm reduced"
     assert steer["harm_reduction"]["value"] == 0.0 and steer["mcnemar_p"] == 1.0
     assert steer["verdict"] == "harm not reduced"
@@ -321,14 +322,106 @@ def test_resume_after_judge_failure_matches_uninterrupted(full_run: Path, tiny_l
     out = tmp_path / "resumed"
     with pytest.raises(PersonaAxisError, match="unreachable"):
         _run(out, tiny_lm, axis_run, smoke_set, caps=(), judge=LengthJudge(fail_after=16))
-    assert len(RunStore(out).records("replies")) == 2 * 13
+    assert len(RunStore(out).records("replies")) == 2 * N_ITEMS
     assert len([v for v in RunStore(out).records("verdicts") if v["judge"] == "length-parity"]) == 16
     _run(out, tiny_lm, axis_run, smoke_set, caps=())
-    for name in ("replies", "verdicts", "capabilities"):
-        mine = _records(out, name)
+    _assert_same_records(out, full_run)
+
+
+def _assert_same_records(run: Path, full_run: Path) -> None:
+    """run's records equal full_run's for the conditions uncapped and steer:-1@0 (the full run's extra PC1
+    projections aside)."""
+    for name in ("first_turns", "replies", "verdicts", "capabilities"):
+        mine = _records(run, name)
         theirs = [{k: v for k, v in r.items() if k != "pc1_projections"} for r in _records(full_run, name)
                   if r["condition"] in ("uncapped", "steer:-1@0")]
-        assert mine == theirs and len(mine) > 0
+        assert mine == theirs and len(mine) > 0, name
+
+
+def test_role_primed_replies_store_their_first_turn(full_run: Path, smoke_set: EvalSet) -> None:
+    """Every condition answered each role_primed item's first question, stored it, then answered the request."""
+    items = {i.id: i for i in smoke_set.items}
+    primed = {i for i, item in items.items() if item.family == "role_primed"}
+    assert len(primed) == N_ROLE_PRIMED
+    store = RunStore(full_run)
+    firsts = {(r["condition"], r["item"]): r for r in store.records("first_turns")}
+    replies = store.records("replies")
+    assert set(firsts) == {(r["condition"], r["item"]) for r in replies if r["item"] in primed}
+    assert len(firsts) == 4 * N_ROLE_PRIMED
+    for r in replies:
+        assert r["family"] == items[r["item"]].family
+        if r["item"] not in primed:
+            assert r["first_turn"] is None
+            continue
+        first = firsts[(r["condition"], r["item"])]
+        assert r["first_turn"] == {k: first[k] for k in ("text", "n_tokens", "finished")}
+        assert 0 < first["n_tokens"] <= PRESETS["smoke"].first_turn_max_new_tokens and first["chunk"] == r["chunk"]
+        assert set(first["cap_counts"]) == set(r["cap_counts"])  # the same condition's caps, counted apart
+        assert all(seen > 0 for _, seen in first["cap_counts"].values())  # and they acted on the first turn
+
+
+class GenerateSpy:
+    """Wraps evals.run's generate: records first-turn calls (capture=False) and reply calls; can fail once."""
+
+    def __init__(self, fail_reply_after_first_turns: bool = False) -> None:
+        from persona_axis.generation import generate
+
+        self.real, self.fail = generate, fail_reply_after_first_turns
+        self.first_turns: list[tuple[list[dict[str, str]], str, dict]] = []
+        self.replies: list[list[dict[str, str]]] = []
+
+    def __call__(self, lm: LoadedModel, conversations: Sequence[list[dict[str, str]]], **kw: object):
+        if kw.get("capture") is False:
+            result = self.real(lm, conversations, **kw)
+            self.first_turns += [(list(c), text, kw) for c, text in zip(conversations, result.texts)]
+            return result
+        if self.fail and self.first_turns:
+            raise PersonaAxisError("killed between the two turns")
+        self.replies += [list(c) for c in conversations]
+        return self.real(lm, conversations, **kw)
+
+
+def test_role_primed_reply_follows_the_models_own_first_answer(tiny_lm: LoadedModel, axis_run: Path,
+                                                               smoke_set: EvalSet, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_axis.evals import run as run_module
+    from persona_axis.evals.harm_set import first_turn_prompt
+
+    spy = GenerateSpy()
+    monkeypatch.setattr(run_module, "generate", spy)
+    out = _run(tmp_path / "primed", tiny_lm, axis_run, smoke_set, caps=(), steers=())
+    primed = [i for i in smoke_set.items if i.family == "role_primed"]
+    assert sorted(map(str, (c for c, _, _ in spy.first_turns))) == sorted(str(first_turn_prompt(i)) for i in primed)
+    assert all(kw["max_new_tokens"] == PRESETS["smoke"].first_turn_max_new_tokens for _, _, kw in spy.first_turns)
+    texts = {str(c): text for c, text, _ in spy.first_turns}
+    stored = {r["item"]: r["text"] for r in RunStore(out).records("first_turns")}
+    for item in primed:
+        assert stored[item.id] == texts[str(first_turn_prompt(item))]
+        system, question, _, request = item.messages
+        answered = [system, question, {"role": "assistant", "content": stored[item.id]}, request]
+        assert answered in spy.replies  # the request follows the model's own answer
+    assert len(spy.replies) == N_ITEMS
+
+
+def test_resume_after_a_crash_between_the_two_turns(full_run: Path, tiny_lm: LoadedModel, axis_run: Path,
+                                                    smoke_set: EvalSet, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after a chunk's first turns were stored, before its replies: the rerun reuses the stored first
+    turns (generating only the others) and writes what the uninterrupted full run wrote."""
+    from persona_axis.evals import run as run_module
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(run_module, "generate", GenerateSpy(fail_reply_after_first_turns=True))
+    with pytest.raises(PersonaAxisError, match="killed between the two turns"):
+        _run(out, tiny_lm, axis_run, smoke_set, caps=())
+    kept = {r["item"] for r in RunStore(out).records("first_turns")}
+    replied = {r["item"] for r in RunStore(out).records("replies")}
+    assert kept and not kept & replied
+    spy = GenerateSpy()
+    monkeypatch.setattr(run_module, "generate", spy)
+    _run(out, tiny_lm, axis_run, smoke_set, caps=())
+    assert len(spy.first_turns) == 2 * N_ROLE_PRIMED - len(kept)  # two conditions; the kept ones not again
+    _assert_same_records(out, full_run)
 
 
 def test_changed_settings_refused(full_run: Path, tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet) -> None:
@@ -367,7 +460,7 @@ def test_garbage_verdicts_are_unscored(tiny_lm: LoadedModel, axis_run: Path, smo
 
     out = _run(tmp_path / "garbage", tiny_lm, axis_run, smoke_set, caps=(), steers=(), judge=Garbage())
     stats = eval_report(out)["conditions"]["uncapped"]
-    assert stats["n_unscored"] + stats["n"] + stats["n_plain"] == 9
+    assert stats["n_unscored"] + stats["n"] + stats["n_plain"] == N_PERSONA + N_PLAIN
     assert stats["n_unscored"] >= 5 and stats["harm_rate"] in (0.0, None)
 
 
@@ -418,7 +511,7 @@ def test_cli_smoke_run_and_report(tiny_model_dir: str, axis_run: Path, tmp_path:
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert report["judge"].startswith("offline-harm") and list(report["conditions"]) == ["uncapped", f"cap:{CAP}"]
     assert _cli(tiny_model_dir, axis_run, out, "--cap", CAP) == 0  # resumes a finished run: nothing to add
-    assert len(RunStore(out).records("replies")) == 2 * 13 and len(RunStore(out).records("verdicts")) == 2 * 13
+    assert len(RunStore(out).records("replies")) == 2 * N_ITEMS and len(RunStore(out).records("verdicts")) == 2 * N_ITEMS
 
 
 @pytest.mark.slow
@@ -434,5 +527,5 @@ def test_embedded_smoke_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["eval", "report", str(tmp_path / "eval"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert all(all(k in s for k in REQUIRED) for s in report["conditions"].values())
-    assert report["conditions"]["uncapped"]["n"] + report["conditions"]["uncapped"]["n_unscored"] == 6
+    assert report["conditions"]["uncapped"]["n"] + report["conditions"]["uncapped"]["n_unscored"] == N_PERSONA
 

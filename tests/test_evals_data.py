@@ -89,7 +89,7 @@ def test_build_is_deterministic_and_seeded(smoke_set: Path, tmp_path: Path) -> N
 def test_items_are_paired_and_shaped(smoke_set: Path) -> None:
     eval_set = read_eval_set(smoke_set)
     items, manifest = eval_set.items, eval_set.manifest
-    assert 10 <= len(items) <= 15 and {i.kind for i in items} == set(KINDS)
+    assert len(items) == 28 and {i.kind for i in items} == set(KINDS)
     assert manifest["n_items"] == len(items) and manifest["settings"]["seed"] == 0
     for name in sources.HARM_SOURCES:
         record = manifest["sources"][name]
@@ -105,7 +105,7 @@ def test_items_are_paired_and_shaped(smoke_set: Path) -> None:
         elif item.persona and item.persona.startswith("pyrit:"):
             assert item.request in item.messages[-1]["content"] and len(item.messages) == 1
     jailbreaks = [i for i in items if i.kind == "persona_jailbreak"]
-    assert len(jailbreaks) == 2 * len(plain)
+    assert len(jailbreaks) == 5 * len(plain)  # catalog, a template, three modulation forms
     assert {i.request_id for i in jailbreaks} == set(plain)
 
 
@@ -138,7 +138,7 @@ def test_tampered_set_is_rejected(smoke_set: Path, tmp_path: Path) -> None:
     with pytest.raises(PersonaAxisError, match="line 2: persona must be null exactly"):
         read_eval_set(path)
     _rewrite(path, lines[:-1], keep_sha=True)
-    with pytest.raises(PersonaAxisError, match="holds 12 items, its manifest says 13"):
+    with pytest.raises(PersonaAxisError, match="holds 27 items, its manifest says 28"):
         read_eval_set(path)
     manifest_path(path).unlink()
     with pytest.raises(PersonaAxisError, match="cannot read eval set"):
@@ -154,6 +154,6 @@ def test_cli_eval_build(tmp_path: Path, capsys: pytest.CaptureFixture[str], smok
     out = tmp_path / "cli.jsonl"
     assert main(["eval", "build", "--preset", "smoke", "--out", str(out)]) == 0
     assert out.read_bytes() == smoke_set.read_bytes()
-    assert "13 items" in capsys.readouterr().out
+    assert "28 items" in capsys.readouterr().out
     assert main(["eval", "build", "--preset", "smoke", "--per-source", "0", "--out", str(out)]) == 2
     assert "--per-source must be at least 1" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def cmd_eval_report(args: argparse.Namespace) -> None:
     from persona_axis.cli.options import print_json
     from persona_axis.evals.report import eval_report, write_eval_report
 
-    report = eval_report(args.run)
+    report = eval_report(args.run, args.judge_sensitivity, args.judge_specificity)
     page = write_eval_report(args.run, report)
     if args.json:
         print_json(report)
@@ -58,8 +58,14 @@ def cmd_eval_report(args: argparse.Namespace) -> None:
     for name, s in report["conditions"].items():
         print(f"{name}: harm {_number(s['harm_rate'], '.1%')} (n {s['n']}, unscored {s['n_unscored']}), reduction "
               f"{_number(s['harm_reduction']['value'], '+.1%')}, McNemar p {_number(s['mcnemar_p'], '.3f')}, "
+              f"MDE {_number(s['mde_relative'], '.0%')}, "
               f"over-refusal {_number(s['over_refusal'], '.1%')}, IFBench {_number(s['ifbench_strict'], '.3f')}, "
               f"BIG-bench {_number(s['bigbench_accuracy'], '.3f')}, KL {_number(s['kl_default'], '.4f')} | {s['verdict']}")
+    lift = report["jailbreak_lift"]
+    families = ", ".join(f"{f} {_number(v['value'], '+.1%')}" for f, v in lift["per_family"].items())
+    print(f"jailbreak lift (uncapped jailbreak − plain harm): {_number(lift['value'], '+.1%')} "
+          f"[{_number(lift['low'], '+.1%')}, {_number(lift['high'], '+.1%')}] over {lift['n_requests']} requests"
+          + (f"; {families}" if families else ""))
     print(f"report: {page}")
 
 
@@ -86,9 +92,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     """Add `eval` and its `build` subcommand; returns eval's subparsers so other modules can add theirs."""
     evaluate = sub.add_parser("eval", help="harm and capability evaluation of a model, capped or not")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
-    build = eval_sub.add_parser("build", help="write the seeded persona-jailbreak eval set (JSONL + manifest)")
+    build = eval_sub.add_parser("build", help="write the seeded persona-jailbreak eval set, all families (JSONL + manifest)")
     build.add_argument("--out", help="JSONL file to write (default evalset-<preset>.jsonl); the manifest goes beside")
-    build.add_argument("--preset", default="standard", help="smoke (a dozen items) or standard (a few hundred)")
+    build.add_argument("--preset", default="standard",
+                       help="smoke (28 items) or standard (330): every request in every persona family")
     build.add_argument("--seed", type=int, help="random seed (default 0)")
     build.add_argument("--per-source", type=int, help="harmful requests drawn from each source")
     build.add_argument("--n-benign", type=int, help="benign requests for over-refusal")
@@ -113,6 +120,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     report = eval_sub.add_parser("report", help="harm, over-refusal and capability statistics of an eval run")
     report.add_argument("run", help="the eval run directory")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--judge-sensitivity", type=float, default=1.0,
+                        help="the harm judge's sensitivity assumed by the minimum detectable effects (default 1)")
+    report.add_argument("--judge-specificity", type=float, default=1.0,
+                        help="the harm judge's specificity assumed by the minimum detectable effects (default 1)")
     report.set_defaults(func=cmd_eval_report)
     return eval_sub
 

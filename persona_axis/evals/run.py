@@ -3,7 +3,10 @@
 Layout (owned by persona_axis.store.RunStore; one writer at a time):
   manifest.json      identity (model, axis, eval set, settings, conditions) and step status
   evalset.jsonl      the eval set answered (+ evalset.manifest.json)
-  replies.jsonl      one record per (condition, item): text, projections, cap engagement counts
+  first_turns.jsonl  one record per (condition, role_primed item): the model's own answer to the persona's first
+                     question (text, n_tokens, finished, cap_counts), written before the replies that follow it
+  replies.jsonl      one record per (condition, item): family, text, projections, cap engagement counts, and
+                     first_turn (the first answer's text, n_tokens, finished; None for other families)
   capabilities.jsonl one record per (condition, check): ifbench, bigbench, kl
   verdicts.jsonl     one record per (condition, item, judge): harmful/refused, score, rationale
 
@@ -16,6 +19,12 @@ into fixed chunks of `batch_size` after a stable sort by prompt length (chunks_b
 padding); chunk k is generated with seed + k
 (greedy by default) under every condition, so all conditions answer identical prompts with
 identical seeds, and a resumed run writes what an uninterrupted one would.
+
+role_primed items (harm_set: a generated turn) are answered in two turns under the same condition:
+first the persona's benign first question (first_turn_max_new_tokens; each item's own stream, derived
+from its reply's, so a first turn does not depend on which others are still missing), then the
+chat with that answer filled in. A chunk's first turns are appended to first_turns.jsonl before its
+replies are generated; a resumed run reuses them instead of generating them again.
 
 Projections: each reply's mean projection on the unit axis at every layer no intervention of
 its condition touches (None at intervened layers: persona_axis.measurement); `layer` and
@@ -30,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +49,12 @@ from persona_axis.axis import Axis
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.conditions import UNCAPPED, Condition
 from persona_axis.evals.harm_judges import HarmItem, HarmJudge, HarmVerdict
-from persona_axis.evals.harm_set import EvalItem, EvalSet, write_eval_set
+from persona_axis.evals.harm_set import EvalItem, EvalSet, conversation, first_turn_prompt, write_eval_set
 from persona_axis.executors import Executor, ModelIdentity, executor_or_local
 from persona_axis.generation import generate
 from persona_axis.measurement import measured_layer
 from persona_axis.models import LoadedModel, Message
+from persona_axis.sampling import stream_seed
 from persona_axis.steering import Cap
 from persona_axis.store import RunStore
 
@@ -54,11 +64,13 @@ if TYPE_CHECKING:
 REFUSAL_JUDGE = "refusal-cue"  # benign persona replies: refused = the project's REFUSAL cue in the first 200 chars
 HARM_KINDS = ("persona_jailbreak", "plain_harmful")
 JUDGE_BATCH = 16
+FIRST_TURN_STREAM = 1  # a first turn's stream: stream_seed(its reply's stream seed, FIRST_TURN_STREAM)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Sizes of an eval run. Replies: greedy (temperature 0), `max_new_tokens`, chunks of `batch_size`.
+    """Sizes of an eval run. Replies: greedy (temperature 0), `max_new_tokens`, chunks of `batch_size`;
+    role_primed first turns: `first_turn_max_new_tokens`, the same sampling.
 
     ifbench_n prompts (answered with ifbench_max_new_tokens), bigbench_per_task examples per task,
     kl_prompts default-Assistant prompts (kl_max_new_tokens tokens) for the next-token KL.
@@ -71,17 +83,20 @@ class EvalSettings:
     bigbench_per_task: int
     kl_prompts: int
     kl_max_new_tokens: int
+    first_turn_max_new_tokens: int
     temperature: float = 0.0
     seed: int = 0
 
 
 PRESETS = {
-    # CI-sized: the smoke eval set (13 items), a few capability items; seconds on the tiny random model.
+    # CI-sized: the smoke eval set (28 items, 5 of them role_primed), a few capability items; seconds on the tiny
+    # random model.
     "smoke": EvalSettings(max_new_tokens=12, batch_size=8, ifbench_n=2, ifbench_max_new_tokens=16,
-                          bigbench_per_task=1, kl_prompts=2, kl_max_new_tokens=8),
-    # The standard eval set (159 items) per condition; see docs/harm-evaluation.md for the time estimate.
+                          bigbench_per_task=1, kl_prompts=2, kl_max_new_tokens=8, first_turn_max_new_tokens=8),
+    # The standard eval set (330 items, 57 of them role_primed) per condition; see docs/harm-evaluation.md for the
+    # time estimate.
     "standard": EvalSettings(max_new_tokens=48, batch_size=16, ifbench_n=16, ifbench_max_new_tokens=96,
-                             bigbench_per_task=10, kl_prompts=8, kl_max_new_tokens=32),
+                             bigbench_per_task=10, kl_prompts=8, kl_max_new_tokens=32, first_turn_max_new_tokens=48),
 }
 
 
@@ -116,7 +131,11 @@ def check_resumable(out: str | Path, identity: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class PromptLengths:
-    """A job (executors.Job): the token count of each conversation's prompt under the model's chat template."""
+    """A job (executors.Job): the token count of each conversation's prompt under the model's chat template.
+
+    Eval items are measured as their messages stand (a generated turn empty), so chunks do not depend on the
+    condition's first turns.
+    """
 
     conversations: list[list[Message]]
 
@@ -150,8 +169,10 @@ def _projections(means: Any, direction: Axis, skip: Sequence[int]) -> list[list[
 
 @dataclass(frozen=True)
 class ReplyChunk:
-    """A job: one chunk of eval items answered under one condition (seed + chunk index); yields its records.
+    """A job: one chunk of eval items answered under one condition (seed + chunk index).
 
+    Yields ("first_turns", records) for the chunk's role_primed items whose first turn is not in
+    `first_turns` (item id -> its stored record), when there are any, then ("replies", records).
     pc1: the PC1 direction whose projections the replies also record (given for the uncapped condition).
     """
 
@@ -161,38 +182,72 @@ class ReplyChunk:
     axis: Axis
     settings: EvalSettings
     pc1: Axis | None = None
+    first_turns: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def __call__(self, lm: LoadedModel) -> Iterator[list[dict[str, Any]]]:
+    def _first_turns(self, lm: LoadedModel) -> list[dict[str, Any]]:
+        """Generate the missing first turns (no capture), each from its own stream under fresh interventions."""
+        settings, base = self.settings, self.settings.seed + self.index
+        pending = [(k, item) for k, item in enumerate(self.items)
+                   if item.generated_turn is not None and item.id not in self.first_turns]
+        if not pending:
+            return []
+        interventions = self.condition.interventions()
+        result = generate(lm, [first_turn_prompt(item) for _, item in pending],
+                          max_new_tokens=settings.first_turn_max_new_tokens, temperature=settings.temperature,
+                          seed=[stream_seed(stream_seed(base, k), FIRST_TURN_STREAM) for k, _ in pending],
+                          batch_size=len(pending), capture=False, interventions=interventions)
+        counts = _cap_counts(interventions)
+        return [{"condition": self.condition.name, "item": item.id, "chunk": self.index, "text": text,
+                 "n_tokens": len(ids), "finished": finished, "cap_counts": counts}
+                for (_, item), text, ids, finished in zip(pending, result.texts, result.token_ids, result.finished)]
+
+    def __call__(self, lm: LoadedModel) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         condition, chunk, settings = self.condition, self.items, self.settings
+        new = self._first_turns(lm)
+        if new:
+            yield "first_turns", new
+        first = {**self.first_turns, **{r["item"]: r for r in new}}
         layer = measured_layer(self.axis, condition.layers)
         interventions = condition.interventions()
-        result = generate(lm, [item.messages for item in chunk], max_new_tokens=settings.max_new_tokens,
-                          temperature=settings.temperature, seed=settings.seed + self.index, batch_size=len(chunk),
-                          interventions=interventions)
+        chats = [conversation(item, first[item.id]["text"] if item.generated_turn is not None else None)
+                 for item in chunk]
+        result = generate(lm, chats, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                          seed=settings.seed + self.index, batch_size=len(chunk), interventions=interventions)
         means = result.captured_means()
         projections = _projections(means, self.axis, condition.layers)
         extra = ([{"pc1_projections": row} for row in _projections(means, self.pc1, [])]
                  if self.pc1 is not None else [{} for _ in chunk])
         counts = _cap_counts(interventions)
-        yield [{"condition": condition.name, "item": item.id, "kind": item.kind, "chunk": self.index, "text": text,
-                "n_tokens": len(ids), "finished": finished, "layer": layer, "projection": row[layer],
-                "projections": row, "cap_counts": counts, **more}
-               for item, text, ids, finished, row, more in zip(chunk, result.texts, result.token_ids, result.finished,
-                                                                projections, extra)]
+        yield "replies", [
+            {"condition": condition.name, "item": item.id, "kind": item.kind, "family": item.family,
+             "chunk": self.index, "text": text, "n_tokens": len(ids), "finished": finished,
+             "first_turn": ({k: first[item.id][k] for k in ("text", "n_tokens", "finished")}
+                            if item.generated_turn is not None else None),
+             "layer": layer, "projection": row[layer], "projections": row, "cap_counts": counts, **more}
+            for item, text, ids, finished, row, more in zip(chunk, result.texts, result.token_ids, result.finished,
+                                                            projections, extra)]
 
 
 def step_replies(store: RunStore, executor: Executor, axis: Axis, conditions: Sequence[Condition],
                  items: Sequence[EvalItem], settings: EvalSettings, pc1: Axis | None, progress: bool) -> None:
-    """Generate every missing (condition, item) reply: one job per (condition, chunk), one append per chunk."""
+    """Generate every missing (condition, item) reply: one job per (condition, chunk), one append per chunk for its
+    first turns (role_primed items whose first turn is not stored yet) and one for its replies."""
     done = {(r["condition"], r["item"]) for r in store.records("replies")}
+    firsts: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in store.records("first_turns"):
+        firsts.setdefault((r["condition"], r["item"]), r)
     [(_, lengths)] = list(executor.run_jobs([PromptLengths([list(item.messages) for item in items])]))
     chunks = chunks_by_length(lengths, items, settings.batch_size)
-    jobs = [ReplyChunk(condition, index, chunk, axis, settings, pc1 if condition.name == UNCAPPED else None)
+    jobs = [ReplyChunk(condition, index, chunk, axis, settings, pc1 if condition.name == UNCAPPED else None,
+                       {i.id: firsts[(condition.name, i.id)] for i in chunk if (condition.name, i.id) in firsts})
             for condition in conditions for index, chunk in enumerate(chunks)
             if not all((condition.name, item.id) in done for item in chunk)]
     bar = tqdm(total=len(chunks) * len(conditions), initial=len(chunks) * len(conditions) - len(jobs),
                desc=f"replies ({executor.name})", unit="batch", disable=not progress)
-    for _, records in executor.run_jobs(jobs):
+    for _, (name, records) in executor.run_jobs(jobs):
+        if name == "first_turns":
+            store.append(name, records)
+            continue
         store.append("replies", [r for r in records if (r["condition"], r["item"]) not in done])
         bar.update(1)
     bar.close()
