@@ -1,10 +1,38 @@
 // persona-axis dashboard: chat with the served model and watch the Assistant-Axis projection per token.
 // Plain SVG, no libraries. Talks to the same /v1/chat/completions endpoint as any OpenAI client.
+// A server with API keys: the page takes the key from its URL fragment (/#key=KEY, then removed from the
+// address bar) or asks for it, keeps it for this tab (sessionStorage) and sends it as a bearer token.
 "use strict";
 
 const state = { info: null, history: [], turns: [], series: { primary: [], plain: [] }, floor: null, busy: false };
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
+const KEY_STORE = "persona-axis-api-key";
+
+class NeedsKey extends Error {}
+
+function takeKeyFromFragment() {
+  const key = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (key) {
+    sessionStorage.setItem(KEY_STORE, key);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
+// fetch() with the API key, if there is one; a 401 asks for the key and throws NeedsKey.
+async function api(path, options = {}) {
+  const key = sessionStorage.getItem(KEY_STORE);
+  const headers = { ...(options.headers || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    sessionStorage.removeItem(KEY_STORE);
+    $("key-form").hidden = false;
+    document.body.dataset.needsKey = "1";
+    $("api-key").focus();
+    throw new NeedsKey((await response.json()).error.message);
+  }
+  return response;
+}
 
 function svgEl(name, attrs) {
   const el = document.createElementNS(SVG, name);
@@ -101,7 +129,7 @@ async function streamReply(messages, capped, layer, onToken) {
   const body = { model: state.info.model, messages, stream: true, temperature: 0,
     max_tokens: parseInt($("max-tokens").value, 10) || 64,
     persona_axis: { cap: capped && exp ? exp.id : null, projections: "token", layer } };
-  const response = await fetch("/v1/chat/completions", { method: "POST",
+  const response = await api("/v1/chat/completions", { method: "POST",
     headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
   if (!response.ok) throw new Error((await response.json()).error.message);
   const reader = response.body.getReader();
@@ -179,19 +207,39 @@ async function send(text) {
   }
 }
 
-async function init() {
-  state.info = await (await fetch("/v1/persona_axis")).json();
+// The server's model and experiments; until a needed key is given, the page waits for it.
+async function load() {
+  try {
+    state.info = await (await api("/v1/persona_axis")).json();
+  } catch (err) {
+    $("model-name").textContent = err instanceof NeedsKey ? "API key needed" : `error: ${err.message}`;
+    return;
+  }
+  $("key-form").hidden = true;
+  delete document.body.dataset.needsKey;
   $("model-name").textContent = `${state.info.name} (${state.info.n_layers} layers)`;
   const select = $("experiment");
+  select.replaceChildren();
   for (const e of state.info.experiments) select.appendChild(new Option(e.id, e.id));
   if (!state.info.experiments.length) { select.appendChild(new Option("(no capping config)", "")); select.disabled = true; }
+  document.body.dataset.ready = "1";
+}
+
+function init() {
+  takeKeyFromFragment();
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const key = $("api-key").value.trim();
+    if (key) { sessionStorage.setItem(KEY_STORE, key); $("api-key").value = ""; load(); }
+  });
   $("composer").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = $("input").value.trim();
-    if (text && !state.busy) { $("input").value = ""; send(text); }
+    if (text && !state.busy && state.info) { $("input").value = ""; send(text); }
   });
   $("threshold").addEventListener("change", drawTurnChart);
-  document.body.dataset.ready = "1";
+  window.addEventListener("hashchange", () => { if (location.hash) { takeKeyFromFragment(); load(); } });
+  load();
 }
 
 init();
