@@ -5,9 +5,11 @@ Variants are interleaved round by round and each figure is the median over round
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +18,9 @@ import torch
 from persona_axis.capture import response_means_by_forward
 from persona_axis.errors import PersonaAxisError
 from persona_axis.generation import GenerationResult, generate
+from persona_axis.linear_layout import use_stock_layout
 from persona_axis.llamacpp_peer import LlamaCppPeer
-from persona_axis.models import LoadedModel, Message, int8_copy
+from persona_axis.models import LoadedModel, Message, find_decoder_layers, int8_copy
 from persona_axis.prefix_bench import bench_prefix_sharing
 from persona_axis.sampling import stream_seed
 
@@ -185,20 +188,31 @@ def bench_generate(lm: LoadedModel, batch: int = 16, new_tokens: int = 128, roun
     }
 
 
+def stock_layout_copy(lm: LoadedModel) -> LoadedModel:
+    """A copy of an exact CPU model with its linear layers back in nn.Linear's layout (the previous release's)."""
+    model = copy.deepcopy(lm.model)
+    use_stock_layout(model)
+    return replace(lm, model=model, layers=find_decoder_layers(model))
+
+
 def batch1_and_peer(lm: LoadedModel, conversations: list[list[Message]], prompt_ids: list[list[int]],
                     new_tokens: int, rounds: int, peer_gguf: Path | None, batch_rate: float) -> dict[str, Any]:
-    """One conversation decoded with all layers captured (the model's path; the int8 path beside an exact
-    model), and llama.cpp on the same GGUF and prompt ids, greedy, at batch 1 and the whole batch.
+    """One conversation decoded with all layers captured (the model's path; beside an exact CPU model, the int8
+    path and the stock weight layout of the previous release), and llama.cpp on the same GGUF and prompt ids,
+    greedy, at batch 1 and the whole batch.
 
     conversations, prompt_ids: the caller's batch (its first conversation is the batch-1 one).
     batch_rate: our one-pass capture rate on that batch (measured by the caller), for the batch ratio.
     """
     fast = int8_copy(lm) if lm.fast_path == "exact" and lm.device.type == "cpu" else None
+    previous = stock_layout_copy(lm) if fast is not None else None
     variants: dict[str, Callable[[], int]] = {
         "batch1": lambda: generated_tokens(fixed_generate(lm, conversations[:1], new_tokens, 1, capture=True))}
-    if fast is not None:
+    if fast is not None and previous is not None:
         variants["batch1_int8"] = lambda: generated_tokens(
             fixed_generate(fast, conversations[:1], new_tokens, 1, capture=True))
+        variants["batch1_previous_exact"] = lambda: generated_tokens(
+            fixed_generate(previous, conversations[:1], new_tokens, 1, capture=True))
     peer, peer_note = _peer(peer_gguf, len(prompt_ids), max(map(len, prompt_ids)) + new_tokens)
     if peer is not None:
         variants["llamacpp_batch1"] = lambda: sum(map(len, peer.generate(prompt_ids[:1], new_tokens)))
@@ -213,7 +227,9 @@ def batch1_and_peer(lm: LoadedModel, conversations: list[list[Message]], prompt_
     report: dict[str, Any] = {"batch1_tokens_per_s": round(rates["batch1"], 1)}
     if fast is not None:
         report |= {"batch1_int8_tokens_per_s": round(rates["batch1_int8"], 1),
-                   "batch1_int8_vs_exact": round(rates["batch1_int8"] / rates["batch1"], 3)}
+                   "batch1_int8_vs_exact": round(rates["batch1_int8"] / rates["batch1"], 3),
+                   "batch1_previous_exact_tokens_per_s": round(rates["batch1_previous_exact"], 1),
+                   "batch1_vs_previous_exact": round(rates["batch1"] / rates["batch1_previous_exact"], 3)}
     if peer is None:
         return report | {"llamacpp": peer_note}
     report |= {"llamacpp": peer_note,

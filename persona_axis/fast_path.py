@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from persona_axis.errors import PersonaAxisError
+from persona_axis.linear_layout import TransposedLinear
 
 FAST_PATHS = ("exact", "int8")
 # Rows up to which the int8 kernel beats a float32 product on the development CPU (measured: 4-6x at
@@ -40,9 +41,9 @@ class Int8Linear(nn.Module):
     dequantised: Tensor
     bias: Tensor | None
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach().float().contiguous()
         scales = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         self.register_buffer("qweight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
@@ -63,11 +64,12 @@ class Int8Linear(nn.Module):
 
 
 def use_int8_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear in `model` (projections, MLPs, output head) by an Int8Linear; returns how many."""
+    """Replace every linear layer in `model` (projections, MLPs, output head; either weight layout) by an
+    Int8Linear; returns how many."""
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) in (nn.Linear, TransposedLinear):
                 setattr(module, name, Int8Linear(child))
                 replaced += 1
     return replaced

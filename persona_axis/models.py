@@ -25,6 +25,7 @@ from torch import nn
 
 from persona_axis.errors import PersonaAxisError
 from persona_axis.fast_path import Int8Linear, resolve_fast_path, use_int8_linears
+from persona_axis.linear_layout import use_cpu_layout
 from persona_axis.measurement import check_layer_index
 from persona_axis.model_zoo import PACKAGED_MODELS, cache_root, installed_path
 
@@ -393,11 +394,14 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", sour
                fast_path: str = "exact") -> LoadedModel:
     """Wrap an already-loaded HF causal LM and tokenizer (e.g. a tiny model built from a config).
 
-    fast_path "int8" (or "auto" on CPU) swaps the model's linear layers for int8 ones in place (fast_path.py).
+    fast_path "int8" (or "auto" on CPU) swaps the model's linear layers for int8 ones in place (fast_path.py);
+    "exact" on CPU gives the linear layers that widen their input the faster weight layout (linear_layout.py).
     """
     fast_path = resolve_fast_path(fast_path, next(model.parameters()).device)
     if fast_path == "int8":
         use_int8_linears(model)
+    else:
+        use_cpu_layout(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -126,8 +126,8 @@ def question_ids_by_kind(plan: list[PlanItem]) -> dict[str, list[str]]:
 
 
 CHUNKS_PER_WAVE = 16
-ROLLOUT_ENGINE = (f"continuous batching in waves of {CHUNKS_PER_WAVE} chunks; one random stream per reply; "
-                  "shared prompt prefixes prefilled once")
+ROLLOUT_ENGINE = (f"one decode engine, continuous batching in waves of {CHUNKS_PER_WAVE} chunks; one random stream "
+                  "per reply; shared prompt prefixes prefilled once; on CPU, widening linear layers in [in, out] layout")
 
 
 # One wave: {chunk index: the chunk's plan items, in order}.

@@ -19,7 +19,8 @@ COMMON = ["--batch", "2", "--new-tokens", "2", "--rounds", "1", "--dtype", "floa
 EXPECTED = {
     "generate": {"plain_tokens_per_s", "onepass_tokens_per_s", "speedup_vs_twopass", "roofline_fraction",
                  "rollouts_continuous_vs_static", "batch16_vs_hf_generate", "fast_path", "batch1_tokens_per_s",
-                 "batch1_int8_tokens_per_s", "batch1_int8_vs_exact", "llamacpp", "mixed_continuous_vs_static"},
+                 "batch1_int8_tokens_per_s", "batch1_int8_vs_exact", "batch1_vs_previous_exact", "llamacpp",
+                 "mixed_continuous_vs_static", "prefix_sharing_speedup", "jailbreak_prefill_speedup"},
     "steer": {"plain_tokens_per_s", "cap8_ratio", "add1_ratio", "naive_cap8_ratio", "cap_op_us"},
     "monitor": {"plain_tokens_per_s", "monitor_ratio", "onepass_conversations_per_s", "conversation_speedup"},
 }
