@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import Message
+from persona_axis.model.loading import Message
 
 ROLES = ("system", "user", "assistant")
 

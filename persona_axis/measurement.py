@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from persona_axis.errors import PersonaAxisError
 
-if TYPE_CHECKING:  # annotations only: models.py imports this module for check_layer_index
+if TYPE_CHECKING:  # annotations only: model/loading.py imports this module for check_layer_index
     from persona_axis.axis import Axis
 
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 from chat_server import server  # noqa: F401  (fixture: a chat-completions server on 127.0.0.1)
 
-from persona_axis.models import LoadedModel, converted_gguf_dir, embedded_gguf_path, wrap_model
+from persona_axis.model.loading import LoadedModel, converted_gguf_dir, embedded_gguf_path, wrap_model
 
 VOCAB = 49152  # the embedded SmolLM2 tokenizer's vocabulary, so tiny models can share it
 

@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from conftest import tiny_model
 
+from persona_axis.apps.server import PersonaServer, ServerLimits
+from persona_axis.apps.server_http import build_app
+from persona_axis.apps.server_run import BackgroundServer
 from persona_axis.axis import Axis
-from persona_axis.capping import CapLayer, CappingConfig, Experiment
-from persona_axis.models import LoadedModel, wrap_model
-from persona_axis.server import BackgroundServer, PersonaServer, ServerLimits, build_app
+from persona_axis.control.capping import CapLayer, CappingConfig, Experiment
+from persona_axis.model.loading import LoadedModel, wrap_model
 
 EXPERIMENT = "layers_1:3-p0.25"
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.batching import supports_slots
-from persona_axis.generation import GenerationResult, generate
-from persona_axis.hooks import layer_hooks
-from persona_axis.models import LoadedModel, wrap_model
-from persona_axis.sampling import stream_seed
-from persona_axis.steering import Addition, Cap
+from persona_axis.decode.generate import GenerationResult, generate
+from persona_axis.decode.hooks import layer_hooks
+from persona_axis.decode.interventions import Addition, Cap
+from persona_axis.decode.kv import supports_slots
+from persona_axis.decode.sampling import stream_seed
+from persona_axis.model.loading import LoadedModel, wrap_model
 
 LONG = "Tell me everything about the old lighthouse on the northern cliffs, its keepers and its storms. " * 2
 CONVERSATIONS = [

@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 
-from persona_axis import benchmarks
+from persona_axis.bench import throughput as benchmarks
 from persona_axis.cli import main
 
 COMMON = ["--batch", "2", "--new-tokens", "2", "--rounds", "1", "--dtype", "float32", "--json"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from persona_axis.decode.interventions import Addition
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.capabilities import next_token_kl
 from persona_axis.evals.capabilities_bigbench import (
@@ -30,8 +31,7 @@ from persona_axis.evals.capabilities_ifbench import (
     score_reply,
     select_prompts,
 )
-from persona_axis.models import LoadedModel, load_model, wrap_model
-from persona_axis.steering import Addition
+from persona_axis.model.loading import LoadedModel, load_model, wrap_model
 
 
 def _token_boost(lm: LoadedModel, word: str, coef: float = 200.0) -> dict[int, Addition]:

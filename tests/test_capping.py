@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from persona_axis.axis import Axis, axis_metadata, save_axis
-from persona_axis.calibration import calibrate, percentile_rank, run_projections
-from persona_axis.capping import (
+from persona_axis.control.calibration import calibrate, percentile_rank, run_projections
+from persona_axis.control.capping import (
     DEFAULT_MEAN,
     CapLayer,
     CappingConfig,
@@ -23,7 +23,7 @@ from persona_axis.capping import (
     save_config,
 )
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import LoadedModel
+from persona_axis.model.loading import LoadedModel
 from persona_axis.store import RunStore
 
 LAYERS, HIDDEN = 4, 16

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from persona_axis.capture import (
+from persona_axis.decode.capture import (
     MaskedMeanRecorder,
     StepMeanRecorder,
     StepProjectionRecorder,
     response_means_by_forward,
 )
-from persona_axis.hooks import layer_hooks
-from persona_axis.models import LoadedModel
+from persona_axis.decode.hooks import layer_hooks
+from persona_axis.model.loading import LoadedModel
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 RESPONSES = [[20, 21], [22, 23, 24, 25, 26], [27]]

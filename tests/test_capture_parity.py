@@ -28,8 +28,8 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 
-from persona_axis.generation import generate
-from persona_axis.models import LoadedModel, wrap_model
+from persona_axis.decode.generate import generate
+from persona_axis.model.loading import LoadedModel, wrap_model
 
 CHATS = [
     [{"role": "user", "content": "Hello there."}],

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 import torch
 
+from persona_axis.apps.chat import ChatSession, reply_batch, reply_variants
 from persona_axis.axis import Axis
-from persona_axis.chat import ChatSession, reply_batch, reply_variants
+from persona_axis.decode.interventions import Addition, Cap
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import LoadedModel
-from persona_axis.steering import Addition, Cap
+from persona_axis.model.loading import LoadedModel
 
 TALK = [[{"role": "user", "content": "Who are you?"}], [{"role": "user", "content": "Name a colour."}]]
 

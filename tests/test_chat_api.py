@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from chat_server import FakeServer, Reply
 
-from persona_axis.chat_api import (
+from persona_axis.apps.chat_api import (
     MAX_DELAY_S,
     Answer,
     ChatClient,

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from chat_server import FakeServer, Reply
 
-from persona_axis.capping import load_config
+from persona_axis.build.pipeline import preset_settings, run_pipeline
 from persona_axis.catalog import load_catalog
 from persona_axis.cli import main
-from persona_axis.intervention_spec import default_norms
+from persona_axis.control.capping import load_config
+from persona_axis.control.spec import default_norms
 from persona_axis.judges.base import JudgeItem, Verdict
-from persona_axis.models import load_model
-from persona_axis.pipeline import preset_settings, run_pipeline
+from persona_axis.model.loading import load_model
 
 
 class EveryOtherJudge:
@@ -227,8 +227,8 @@ def test_judge_eval_confusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_analyze_compares_pc1_loadings_between_runs(tiny_run: Path, tiny_model_dir: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from persona_axis.persona_space import pc1_loading_correlation
-    from persona_axis.pipeline import analyze_run
+    from persona_axis.build.persona_space import pc1_loading_correlation
+    from persona_axis.build.pipeline import analyze_run
 
     other = tmp_path / "other"
     run_pipeline(other, load_model(tiny_model_dir, dtype="float32"), load_catalog(),

@@ -1,4 +1,4 @@
-"""context_window.py directly: the model's context length and the sliding window of whole messages."""
+"""model/context_window.py directly: the model's context length and the sliding window of whole messages."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from conftest import tiny_model
 
-from persona_axis.context_window import context_length, fit_window, prompt_window
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import wrap_model
+from persona_axis.model.context_window import context_length, fit_window, prompt_window
+from persona_axis.model.loading import wrap_model
 
 
 def _chars(messages: list[dict[str, str]]) -> int:

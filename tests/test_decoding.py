@@ -1,4 +1,4 @@
-"""decoding.py directly: left padding, the end-of-turn ids, the preallocated cache against the stock one."""
+"""decode/common.py directly: left padding, the end-of-turn ids, the preallocated cache against the stock one."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import transformers
 from conftest import tiny_model
 
-from persona_axis.decoding import DecodeSpec, Reply, counting_rows, left_padded, preallocated_cache, stop_token_ids
-from persona_axis.models import wrap_model
+from persona_axis.decode.common import DecodeSpec, Reply, counting_rows, left_padded, preallocated_cache, stop_token_ids
+from persona_axis.model.loading import wrap_model
 
 
 def test_left_padded_pads_on_the_left_and_counts_positions_from_the_first_real_token() -> None:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from accelerate import dispatch_model
 
-from persona_axis.capture import response_means_by_forward
-from persona_axis.generation import generate
-from persona_axis.models import LoadedModel, execution_device, load_model, wrap_model
-from persona_axis.steering import Addition, Cap
+from persona_axis.decode.capture import response_means_by_forward
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import Addition, Cap
+from persona_axis.model.loading import LoadedModel, execution_device, load_model, wrap_model
 
 CONVERSATIONS = [[{"role": "user", "content": "Hello there, who are you?"}],
                  [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Where to?"}]]
@@ -64,7 +64,7 @@ def test_interventions_on_an_offloaded_layer_act_as_on_the_whole_model(whole: Lo
 
 def test_the_monitor_projects_a_split_model_as_the_whole_model(whole: LoadedModel, split: LoadedModel) -> None:
     from persona_axis.axis import Axis
-    from persona_axis.monitor import ConversationProjector
+    from persona_axis.control.monitor import ConversationProjector
 
     axis = Axis(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)))
     conversation = [*CONVERSATIONS[1], {"role": "assistant", "content": "To the islands."},

@@ -15,26 +15,26 @@ import torch
 from chat_server import FakeServer, Reply
 from scipy.stats import t
 
-from persona_axis import drift_predictor, user_simulators
-from persona_axis import simulate as simulate_module
-from persona_axis.axis import Axis, save_axis
-from persona_axis.capture import response_means_by_forward
-from persona_axis.cli import main
-from persona_axis.drift_predictor import drift_dataset, fit_drift_predictor, group_folds
-from persona_axis.drift_stats import lowest_turns, plot_domains, turn_statistics
-from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import generate
-from persona_axis.models import LoadedModel, Message
-from persona_axis.simulate import conversation_plan, load_simulations, simulate
-from persona_axis.steering import Addition, Cap
-from persona_axis.store import RunStore
-from persona_axis.user_simulators import (
+from persona_axis.apps import drift_predictor, user_simulators
+from persona_axis.apps import simulate as simulate_module
+from persona_axis.apps.drift_predictor import drift_dataset, fit_drift_predictor, group_folds
+from persona_axis.apps.drift_stats import lowest_turns, plot_domains, turn_statistics
+from persona_axis.apps.simulate import conversation_plan, load_simulations, simulate
+from persona_axis.apps.user_simulators import (
     DomainPersona,
     LocalUserSimulator,
     OpenAIUserSimulator,
     UserSpec,
     load_domains,
 )
+from persona_axis.axis import Axis, save_axis
+from persona_axis.cli import main
+from persona_axis.decode.capture import response_means_by_forward
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import Addition, Cap
+from persona_axis.errors import PersonaAxisError
+from persona_axis.model.loading import LoadedModel, Message
+from persona_axis.store import RunStore
 
 TOKENS = 5  # reply length for the target and the local simulator: keeps the tiny model fast
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_axis.capture import response_means_by_forward
-from persona_axis.generation import generate
-from persona_axis.models import load_model
+from persona_axis.decode.capture import response_means_by_forward
+from persona_axis.decode.generate import generate
+from persona_axis.model.loading import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -9,21 +9,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.engine import (
-    SHRINK_AFTER_STEPS,
-    EndEvent,
-    Engine,
-    QueueFull,
-    Sampling,
-    TokenEvent,
-    run_to_end,
-    stop_prefix_length,
-)
+from persona_axis.decode.engine import SHRINK_AFTER_STEPS, Engine, run_to_end
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import Addition, Cap, Intervention
+from persona_axis.decode.requests import EndEvent, QueueFull, Sampling, TokenEvent, stop_prefix_length
+from persona_axis.decode.row_interventions import RowSettings
 from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import generate
-from persona_axis.models import LoadedModel, wrap_model
-from persona_axis.row_interventions import RowSettings
-from persona_axis.steering import Addition, Cap, Intervention
+from persona_axis.model.loading import LoadedModel, wrap_model
 
 TOKENS = 8
 PROMPTS = [

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from scipy import stats as scipy_stats
 
-from persona_axis.calibration import calibrate
-from persona_axis.capping import save_config
+from persona_axis.build.pipeline import preset_settings as pipeline_preset
+from persona_axis.build.pipeline import run_pipeline
 from persona_axis.catalog import load_catalog
 from persona_axis.cli import main
+from persona_axis.control.calibration import calibrate
+from persona_axis.control.capping import save_config
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.conditions import plan_conditions
 from persona_axis.evals.harm_judges import HarmItem, HarmVerdict
@@ -22,9 +24,7 @@ from persona_axis.evals.harm_set import EvalSet, build_eval_set, preset_settings
 from persona_axis.evals.report import eval_report, verdict
 from persona_axis.evals.run import PRESETS, chunks_by_length, run_eval
 from persona_axis.judges.base import JudgeItem, Verdict
-from persona_axis.models import LoadedModel, load_model
-from persona_axis.pipeline import preset_settings as pipeline_preset
-from persona_axis.pipeline import run_pipeline
+from persona_axis.model.loading import LoadedModel, load_model
 from persona_axis.store import RunStore
 
 CAP = "layers_1:3-p0.5"
@@ -364,7 +364,7 @@ class GenerateSpy:
     """Wraps evals.run's generate: records first-turn calls (capture=False) and reply calls; can fail once."""
 
     def __init__(self, fail_reply_after_first_turns: bool = False) -> None:
-        from persona_axis.generation import generate
+        from persona_axis.decode.generate import generate
 
         self.real, self.fail = generate, fail_reply_after_first_turns
         self.first_turns: list[tuple[list[dict[str, str]], str, dict]] = []

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from persona_axis.build.ray_executor import ModelSpec, RayExecutor
 from persona_axis.cli import main
 from persona_axis.errors import PersonaAxisError
-from persona_axis.ray_executor import ModelSpec, RayExecutor
 
 
 def test_missing_ray_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -14,8 +14,8 @@ import torch
 
 from persona_axis.axis import Axis, load_axis, save_axis
 from persona_axis.cli import main
+from persona_axis.control.export import export_gguf, export_reference_pt, parse_layers
 from persona_axis.errors import PersonaAxisError
-from persona_axis.export import export_gguf, export_reference_pt, parse_layers
 from persona_axis.store import RunLayout
 
 
@@ -141,8 +141,8 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_llama_cpp_steers_with_the_exported_vector(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     llama_cpp = pytest.importorskip("llama_cpp", reason="optional: scripts/install-bench-extras.sh builds llama-cpp-python")
-    from persona_axis.llamacpp_peer import LlamaCppPeer
-    from persona_axis.models import embedded_gguf_path
+    from persona_axis.bench.llamacpp_peer import LlamaCppPeer
+    from persona_axis.model.loading import embedded_gguf_path
 
     set_cvec = getattr(llama_cpp, "llama_set_adapter_cvec", None) or llama_cpp.llama_apply_adapter_cvec  # older name
     tokenizer = request.getfixturevalue("tokenizer")

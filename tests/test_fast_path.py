@@ -10,14 +10,14 @@ import torch
 from conftest import tiny_model
 from torch import Tensor, nn
 
-from persona_axis import fast_path
-from persona_axis.capture import response_means_by_forward
+from persona_axis.decode.capture import response_means_by_forward
+from persona_axis.decode.generate import generate
+from persona_axis.decode.hooks import layer_hooks
+from persona_axis.decode.interventions import Cap
 from persona_axis.errors import PersonaAxisError
-from persona_axis.fast_path import Int8Linear, resolve_fast_path
-from persona_axis.generation import generate
-from persona_axis.hooks import layer_hooks
-from persona_axis.models import LoadedModel, load_model, wrap_model
-from persona_axis.steering import Cap
+from persona_axis.model import int8 as fast_path
+from persona_axis.model.int8 import Int8Linear, resolve_fast_path
+from persona_axis.model.loading import LoadedModel, load_model, wrap_model
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 64), (2, 20, 64)])  # 15 rows: the int8 kernel; 40: dequantised weights

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.capture import response_means_by_forward
+from persona_axis.decode.capture import response_means_by_forward
+from persona_axis.decode.generate import generate, stop_token_ids
+from persona_axis.decode.interventions import Addition
 from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import generate, stop_token_ids
-from persona_axis.models import LoadedModel, wrap_model
-from persona_axis.steering import Addition
+from persona_axis.model.loading import LoadedModel, wrap_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi."}],

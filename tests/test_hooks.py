@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from persona_axis.hooks import layer_hooks, merge_ops
+from persona_axis.decode.hooks import layer_hooks, merge_ops
 
 
 class Block(nn.Module):

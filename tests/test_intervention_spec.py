@@ -16,14 +16,14 @@ from serving import EXPERIMENT, tiny_axis_and_config
 from test_capping import make_run
 from torch import Tensor
 
+from persona_axis.apps.chat import ChatSession
+from persona_axis.apps.server import PersonaServer
+from persona_axis.apps.server_http import build_app
+from persona_axis.apps.server_run import BackgroundServer
 from persona_axis.axis import Axis, save_axis
-from persona_axis.calibration import calibrate
-from persona_axis.capping import save_config
-from persona_axis.chat import ChatSession
-from persona_axis.engine import Engine, Sampling, run_to_end
-from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import generate
-from persona_axis.intervention_spec import (
+from persona_axis.control.calibration import calibrate
+from persona_axis.control.capping import save_config
+from persona_axis.control.spec import (
     SpecContext,
     ablate_item,
     build_interventions,
@@ -33,10 +33,9 @@ from persona_axis.intervention_spec import (
     load_interventions,
     steer_item,
 )
-from persona_axis.models import LoadedModel, wrap_model
-from persona_axis.row_interventions import RowSettings
-from persona_axis.server import BackgroundServer, PersonaServer, build_app
-from persona_axis.steering import (
+from persona_axis.decode.engine import Engine, run_to_end
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import (
     Ablation,
     Addition,
     Cap,
@@ -49,6 +48,10 @@ from persona_axis.steering import (
     project,
     steer,
 )
+from persona_axis.decode.requests import Sampling
+from persona_axis.decode.row_interventions import RowSettings
+from persona_axis.errors import PersonaAxisError
+from persona_axis.model.loading import LoadedModel, wrap_model
 
 HELLO = [{"role": "user", "content": "Tell me about the lighthouse on the northern cliffs."}]
 TOKENS = 6

@@ -26,12 +26,12 @@ import torch
 from chat_server import FakeServer, Reply
 
 from persona_axis.axis import Axis, load_axis, save_axis
-from persona_axis.calibration import calibrate
-from persona_axis.capping import save_config
+from persona_axis.build.pipeline import preset_settings, run_pipeline
 from persona_axis.catalog import load_catalog
+from persona_axis.control.calibration import calibrate
+from persona_axis.control.capping import save_config
 from persona_axis.judges.base import JudgeItem, Verdict
-from persona_axis.models import load_model
-from persona_axis.pipeline import preset_settings, run_pipeline
+from persona_axis.model.loading import load_model
 from persona_axis.store import (
     KILL_AFTER_WRITES,
     KILL_IN_WRITE,

@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from persona_axis.fast_path import Int8Linear, use_int8_linears
-from persona_axis.generation import generate
-from persona_axis.linear_layout import TransposedLinear, use_cpu_layout, use_stock_layout
-from persona_axis.models import wrap_model
+from persona_axis.decode.generate import generate
+from persona_axis.model.int8 import Int8Linear, use_int8_linears
+from persona_axis.model.linear_layout import TransposedLinear, use_cpu_layout, use_stock_layout
+from persona_axis.model.loading import wrap_model
 
 CHATS = [[{"role": "user", "content": "Name three rivers."}],
          [{"role": "system", "content": "You are a hermit."}, {"role": "user", "content": "Who are you?"}]]

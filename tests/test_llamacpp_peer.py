@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from persona_axis.bench.llamacpp_peer import INSTALL_HINT, LlamaCppPeer
 from persona_axis.errors import PersonaAxisError
-from persona_axis.llamacpp_peer import INSTALL_HINT, LlamaCppPeer
-from persona_axis.models import embedded_gguf_path, load_model
+from persona_axis.model.loading import embedded_gguf_path, load_model
 
 
 def test_missing_llama_cpp_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,8 @@ import pytest
 from persona_axis.cli import main
 from persona_axis.cli.options import load_model_from, model_options
 from persona_axis.errors import PersonaAxisError
-from persona_axis.model_zoo import (
+from persona_axis.model.loading import gguf_file, load_model
+from persona_axis.model.sources import (
     PACKAGED_MODELS,
     PackagedModel,
     Part,
@@ -26,7 +27,6 @@ from persona_axis.model_zoo import (
     installed_path,
     model_path,
 )
-from persona_axis.models import gguf_file, load_model
 
 SLICES = [b"first slice " * 100, b"second " * 37, b"the end"]
 WHOLE = b"".join(SLICES)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 
-from persona_axis import models
+from persona_axis.decode.hooks import layer_hooks
 from persona_axis.errors import PersonaAxisError
-from persona_axis.hooks import layer_hooks
-from persona_axis.models import (
+from persona_axis.model import loading as models
+from persona_axis.model.loading import (
     cpu_flags,
     embedded_gguf_path,
     find_decoder_layers,

@@ -9,10 +9,7 @@ import torch
 from conftest import tiny_model
 
 from persona_axis.axis import Axis
-from persona_axis.conversations import read_conversations
-from persona_axis.errors import PersonaAxisError
-from persona_axis.models import LoadedModel, wrap_model
-from persona_axis.monitor import (
+from persona_axis.control.monitor import (
     ConversationProjector,
     LiveAlert,
     generate_with_alerts,
@@ -22,6 +19,9 @@ from persona_axis.monitor import (
     project_windowed,
     turn_layout,
 )
+from persona_axis.conversations import read_conversations
+from persona_axis.errors import PersonaAxisError
+from persona_axis.model.loading import LoadedModel, wrap_model
 
 CONVERSATION = [
     {"role": "system", "content": "You are a pirate."},

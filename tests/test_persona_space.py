@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from persona_axis.errors import PersonaAxisError
-from persona_axis.persona_space import (
+from persona_axis.build.persona_space import (
     PersonaSpaceAnalysis,
     RunAnalysis,
     UnjudgedAlignment,
@@ -21,6 +20,7 @@ from persona_axis.persona_space import (
     trait_alignment,
     unjudged_cos_axis_pc1,
 )
+from persona_axis.errors import PersonaAxisError
 
 LAYERS, HIDDEN, N_ROLES = 4, 32, 12
 

@@ -15,14 +15,9 @@ import torch
 from chat_server import FakeServer, Reply
 
 from persona_axis.axis import load_axis
-from persona_axis.catalog import load_catalog
-from persona_axis.errors import PersonaAxisError
-from persona_axis.executors import LocalExecutor
-from persona_axis.generation import generate
-from persona_axis.judges.http import OpenAIJudge
-from persona_axis.models import load_model
-from persona_axis.persona_space import RunAnalysis
-from persona_axis.pipeline import (
+from persona_axis.build.executors import LocalExecutor
+from persona_axis.build.persona_space import RunAnalysis
+from persona_axis.build.pipeline import (
     ROLLOUT_ENGINE,
     _engine_identity,
     analyze_run,
@@ -32,6 +27,11 @@ from persona_axis.pipeline import (
     select_roles,
     step_rollouts,
 )
+from persona_axis.catalog import load_catalog
+from persona_axis.decode.generate import generate
+from persona_axis.errors import PersonaAxisError
+from persona_axis.judges.http import OpenAIJudge
+from persona_axis.model.loading import load_model
 from persona_axis.store import RunStore, load_tensors, read_jsonl
 
 ROLES = {

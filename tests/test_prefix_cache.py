@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from persona_axis.batching import supports_slots
-from persona_axis.engine import Engine, Sampling, run_to_end
-from persona_axis.generation import generate
-from persona_axis.models import LoadedModel, load_model, wrap_model
-from persona_axis.prefix_cache import MIN_SHARED, PrefixCache, common_length, plan_prefill, prefill, shared_prefill
-from persona_axis.row_interventions import RowSettings
-from persona_axis.steering import Ablation, Addition, Cap, steer
+from persona_axis.decode.engine import Engine, run_to_end
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import Ablation, Addition, Cap, steer
+from persona_axis.decode.kv import supports_slots
+from persona_axis.decode.prefix_cache import MIN_SHARED, PrefixCache, common_length, plan_prefill, prefill, shared_prefill
+from persona_axis.decode.requests import Sampling
+from persona_axis.decode.row_interventions import RowSettings
+from persona_axis.model.loading import LoadedModel, load_model, wrap_model
 
 SYSTEMS = ["You are a lighthouse keeper on a remote northern island, weathered and patient, who speaks slowly. "
            "You have kept the light for forty winters, you know every ship that passes by the sound of its engine, "

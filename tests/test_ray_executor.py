@@ -15,11 +15,11 @@ import pytest
 import torch
 from chat_server import FakeServer, Reply
 
+from persona_axis.build.pipeline import Settings, plan_rollouts, preset_settings, run_pipeline, select_roles, select_traits
+from persona_axis.build.ray_executor import ModelSpec, RayExecutor, init_ray
 from persona_axis.catalog import load_catalog
 from persona_axis.judges.base import JudgeItem, Verdict
-from persona_axis.models import load_model
-from persona_axis.pipeline import Settings, plan_rollouts, preset_settings, run_pipeline, select_roles, select_traits
-from persona_axis.ray_executor import ModelSpec, RayExecutor, init_ray
+from persona_axis.model.loading import load_model
 from persona_axis.store import RunStore, load_tensors
 
 ray = pytest.importorskip("ray")
@@ -124,7 +124,7 @@ def test_a_killed_actor_loses_nothing_and_duplicates_nothing(local_ray: None, lo
 
 
 def test_bench_executor_reports_rates_and_identity(local_ray: None, tiny_model_dir: str) -> None:
-    from persona_axis.executor_bench import bench_executor
+    from persona_axis.bench.executor import bench_executor
 
     report = bench_executor(ModelSpec(tiny_model_dir, dtype="float32", device="cpu"), threads=1, replies=4)
     assert report["replies"] == 4 and report["waves"] == 1
@@ -182,10 +182,10 @@ def test_the_user_endpoints_api_key_reaches_the_actors(local_ray: None, local_ru
 
 
 def test_a_simulator_holding_a_model_is_refused_before_anything_runs(tiny_model_dir: str) -> None:
+    from persona_axis.apps.simulate import simulate
+    from persona_axis.apps.user_simulators import LocalUserSimulator
     from persona_axis.axis import Axis
     from persona_axis.errors import PersonaAxisError
-    from persona_axis.simulate import simulate
-    from persona_axis.user_simulators import LocalUserSimulator
 
     lm = load_model(tiny_model_dir, dtype="float32", device="cpu", progress=False)
     executor = _executor(tiny_model_dir)  # not started: the refusal comes first
@@ -196,8 +196,8 @@ def test_a_simulator_holding_a_model_is_refused_before_anything_runs(tiny_model_
 
 def test_eval_on_two_actors_writes_the_local_records(local_ray: None, local_run: Callable[[int], Path],
                                                      tiny_model_dir: str, tmp_path: Path) -> None:
-    from persona_axis.calibration import calibrate
-    from persona_axis.capping import save_config
+    from persona_axis.control.calibration import calibrate
+    from persona_axis.control.capping import save_config
 
     axis_run, cap = local_run(2), "layers_1:3-p0.5"
     save_config(calibrate(axis_run, range(1, 3), [0.5]), tmp_path / "capping")

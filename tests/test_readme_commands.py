@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from persona_axis.capping import default_layer_block, parse_experiment_id
 from persona_axis.cli import build_parser
+from persona_axis.control.capping import default_layer_block, parse_experiment_id
+from persona_axis.control.spec import ablate_item, cap_item, steer_item
 from persona_axis.errors import PersonaAxisError
-from persona_axis.intervention_spec import ablate_item, cap_item, steer_item
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]

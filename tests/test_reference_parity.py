@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from persona_axis.axis import load_axis
+from persona_axis.build.pipeline import preset_settings, run_pipeline
 from persona_axis.catalog import load_catalog
+from persona_axis.decode.interventions import Cap, steer
 from persona_axis.judges.base import JudgeItem, Verdict
-from persona_axis.models import LoadedModel, load_model
-from persona_axis.pipeline import preset_settings, run_pipeline
-from persona_axis.steering import Cap, steer
+from persona_axis.model.loading import LoadedModel, load_model
 from persona_axis.store import load_tensors, read_jsonl
 
 

@@ -14,8 +14,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from persona_axis.persona_space import RunAnalysis, TraitAlignment, UnjudgedAlignment, analyze_persona_space
-from persona_axis.report import (
+from persona_axis.build.persona_space import RunAnalysis, TraitAlignment, UnjudgedAlignment, analyze_persona_space
+from persona_axis.build.report import (
     FIGURE_NAMES,
     LABEL_CHARS,
     N_LABELLED,
@@ -102,7 +102,7 @@ def test_figures_for_two_roles(tmp_path: Path) -> None:
 
 
 def test_importing_the_report_switches_no_backend() -> None:
-    code = ("import matplotlib; matplotlib.use('svg'); import persona_axis.report; "
+    code = ("import matplotlib; matplotlib.use('svg'); import persona_axis.build.report; "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "svg"

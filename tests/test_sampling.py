@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from persona_axis.sampling import pick_tokens, reply_generator, stream_seed
+from persona_axis.decode.sampling import pick_tokens, reply_generator, stream_seed
 
 CPU = torch.device("cpu")
 

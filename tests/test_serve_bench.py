@@ -1,4 +1,4 @@
-"""serve_bench.py's pieces directly (the end-to-end `bench serve` run is in test_bench_commands.py).
+"""bench/serve.py's pieces directly (the end-to-end `bench serve` run is in test_bench_commands.py).
 
 No figure here is a timing: the checks are on counts, keys and the rules that pick values.
 """
@@ -13,10 +13,10 @@ import torch
 from chat_server import FakeServer, Reply
 from conftest import tiny_model
 
-from persona_axis import serve_bench
-from persona_axis.engine import PREFILL_CHUNK
-from persona_axis.models import wrap_model
-from persona_axis.serve_bench import _client, _load, _percentile, long_prompt_stall, synthetic_axis_and_config
+from persona_axis.bench import serve as serve_bench
+from persona_axis.bench.serve import _client, _load, _percentile, long_prompt_stall, synthetic_axis_and_config
+from persona_axis.decode.engine import PREFILL_CHUNK
+from persona_axis.model.loading import wrap_model
 
 
 @pytest.mark.parametrize("values, q, expected", [

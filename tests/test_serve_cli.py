@@ -15,9 +15,9 @@ import pytest
 from serving import EXPERIMENT, tiny_axis_and_config
 
 from persona_axis.axis import save_axis
-from persona_axis.capping import save_config
 from persona_axis.cli import main
-from persona_axis.models import load_model
+from persona_axis.control.capping import save_config
+from persona_axis.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ import openai
 import pytest
 from serving import EXPERIMENT, running_server
 
+from persona_axis.apps.server import ServerLimits
+from persona_axis.apps.user_simulators import DomainPersona, OpenAIUserSimulator
 from persona_axis.judges.base import JudgeItem
 from persona_axis.judges.http import OpenAIJudge
-from persona_axis.server import ServerLimits
-from persona_axis.user_simulators import DomainPersona, OpenAIUserSimulator
 
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
 
@@ -197,7 +197,7 @@ def test_a_request_past_its_timeout_gets_504_and_frees_its_row(tokenizer_module:
     is moved past the deadline by the test, so the reply can neither finish first nor time out early."""
     import types
 
-    from persona_axis import server as server_module
+    from persona_axis.apps import server_http as server_module
 
     clock = _Clock()
     monkeypatch.setattr(server_module, "time", types.SimpleNamespace(monotonic=clock.monotonic, time=time.time,

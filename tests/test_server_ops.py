@@ -27,19 +27,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 from serving import EXPERIMENT, tiny_axis_and_config, tiny_lm
 from test_dashboard import browser_paths
 
+from persona_axis.apps.server import PersonaServer, ServerLimits
+from persona_axis.apps.server_access import ApiKeys, check_exposure
+from persona_axis.apps.server_http import HttpOptions, build_app
+from persona_axis.apps.server_run import BackgroundServer
 from persona_axis.axis import save_axis
-from persona_axis.capping import save_config
+from persona_axis.control.capping import save_config
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import load_model
-from persona_axis.server import (
-    ApiKeys,
-    BackgroundServer,
-    HttpOptions,
-    PersonaServer,
-    ServerLimits,
-    build_app,
-    check_exposure,
-)
+from persona_axis.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-direct-0123456789abcdef"

@@ -14,13 +14,13 @@ from scipy import stats
 from torch import Tensor
 
 from persona_axis.axis import Axis, save_axis
+from persona_axis.build.pipeline import preset_settings, run_pipeline
+from persona_axis.build.stability import compare_runs
 from persona_axis.catalog import DEFAULT_ROLE, load_catalog
 from persona_axis.cli import main
 from persona_axis.errors import PersonaAxisError
 from persona_axis.judges.base import JudgeItem, Verdict
-from persona_axis.models import load_model
-from persona_axis.pipeline import preset_settings, run_pipeline
-from persona_axis.stability import compare_runs
+from persona_axis.model.loading import load_model
 from persona_axis.store import RunLayout, RunStore, load_tensors
 
 GROUPS = {"helpers": ["archivist", "medic"], "creatures": ["wyvern", "phantom"], "rogues": ["smuggler", "forger"]}

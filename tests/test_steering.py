@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persona_axis.decode.hooks import layer_hooks
+from persona_axis.decode.interventions import Ablation, Addition, Cap, check_vector, mean_ablation, steer
 from persona_axis.errors import PersonaAxisError
-from persona_axis.hooks import layer_hooks
-from persona_axis.models import LoadedModel
-from persona_axis.steering import Ablation, Addition, Cap, check_vector, mean_ablation, steer
+from persona_axis.model.loading import LoadedModel
 
 H = 64
 

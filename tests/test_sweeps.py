@@ -10,13 +10,13 @@ import torch
 from test_capping import make_run
 
 from persona_axis.axis import Axis
-from persona_axis.capping import parse_layer_block
 from persona_axis.catalog import load_catalog, role_play_conversations
+from persona_axis.control.capping import parse_layer_block
+from persona_axis.control.spec import default_norms
+from persona_axis.control.sweeps import SweepRow, candidate_blocks, pareto_front, steer_sweep, sweep
 from persona_axis.errors import PersonaAxisError
-from persona_axis.intervention_spec import default_norms
 from persona_axis.judges.base import JudgeItem, Verdict
-from persona_axis.models import LoadedModel
-from persona_axis.sweeps import SweepRow, candidate_blocks, pareto_front, steer_sweep, sweep
+from persona_axis.model.loading import LoadedModel
 
 
 def test_sweep_and_pareto_front(tmp_path: Path, tiny_llama: LoadedModel) -> None:

@@ -40,8 +40,8 @@ import random
 from pathlib import Path
 
 from persona_axis.catalog import load_catalog
-from persona_axis.generation import generate
-from persona_axis.models import load_model
+from persona_axis.decode.generate import generate
+from persona_axis.model.loading import load_model
 
 HERE = Path(__file__).parent
 OLD_SAMPLES = ("labelled.jsonl", "qwen-sample.jsonl")

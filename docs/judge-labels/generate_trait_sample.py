@@ -21,8 +21,8 @@ import random
 from pathlib import Path
 
 from persona_axis.catalog import load_catalog
-from persona_axis.generation import generate
-from persona_axis.models import load_model
+from persona_axis.decode.generate import generate
+from persona_axis.model.loading import load_model
 
 KINDS = ("moral", "personal", "philosophical", "practical", "technical")
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from persona_axis.cli.options import executor_from, executor_options, judge_options, load_model_from, model_options, print_json
 
 if TYPE_CHECKING:
-    from persona_axis.persona_space import RunAnalysis
+    from persona_axis.build.persona_space import RunAnalysis
 
 DEMO_CHARACTERS = {
     "default Assistant": "",
@@ -22,7 +22,7 @@ DEMO_QUESTION = "Who are you, and what matters most to you?"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from persona_axis.generation import generate
+    from persona_axis.decode.generate import generate
 
     lm = load_model_from(args)
     print(f"model: {lm.name} | {lm.n_layers} layers | hidden {lm.hidden_size} | {lm.dtype}")
@@ -74,9 +74,9 @@ def _traits_line(analysis: RunAnalysis) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from persona_axis.build.pipeline import analyze_run, preset_settings, run_pipeline
     from persona_axis.catalog import load_catalog
     from persona_axis.judges import make_judge
-    from persona_axis.pipeline import analyze_run, preset_settings, run_pipeline
 
     settings = preset_settings(args.preset, seed=args.seed, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, min_score3=args.min_score3,
@@ -94,12 +94,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from persona_axis.pipeline import analyze_run
+    from persona_axis.build.pipeline import analyze_run
 
     analysis = analyze_run(args.run, layer=args.layer, standardise=args.standardise)
     comparison: dict[str, Any] = {}
     if args.compare:
-        from persona_axis.persona_space import pc1_loading_correlation
+        from persona_axis.build.persona_space import pc1_loading_correlation
 
         other = analyze_run(args.compare, layer=args.layer, standardise=args.standardise, write=False)
         r, shared = pc1_loading_correlation(analysis.space.pc1_loadings, other.space.pc1_loadings)
@@ -115,7 +115,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_stability(args: argparse.Namespace) -> None:
-    from persona_axis.stability import compare_runs
+    from persona_axis.build.stability import compare_runs
 
     result = compare_runs(args.run_a, args.run_b, layer=args.layer, ends=args.ends)
     if args.json:

@@ -19,8 +19,8 @@ def _report(report: dict[str, Any], as_json: bool) -> None:
 
 def _bench(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
-        from persona_axis import benchmarks
-        from persona_axis.models import gguf_file
+        from persona_axis.bench import throughput as benchmarks
+        from persona_axis.model.loading import gguf_file
 
         lm = load_model_from(args)
         measure = getattr(benchmarks, f"bench_{name}")
@@ -32,8 +32,8 @@ def _bench(name: str) -> Callable[[argparse.Namespace], None]:
 
 def _bench_serve(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
-    from persona_axis.capping import load_config
-    from persona_axis.serve_bench import bench_serve
+    from persona_axis.bench.serve import bench_serve
+    from persona_axis.control.capping import load_config
 
     lm = load_model_from(args)
     axis = load_axis(args.axis) if args.axis else None
@@ -77,15 +77,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _fidelity(args: argparse.Namespace) -> None:
-    from persona_axis.fast_path_fidelity import fast_path_fidelity
+    from persona_axis.bench.int8_fidelity import fast_path_fidelity
 
     lm = load_model_from(args)
     _report(fast_path_fidelity(lm, args.run), args.json)
 
 
 def cmd_bench_executor(args: argparse.Namespace) -> None:
-    from persona_axis.executor_bench import bench_executor
-    from persona_axis.ray_executor import ModelSpec
+    from persona_axis.bench.executor import bench_executor
+    from persona_axis.build.ray_executor import ModelSpec
 
     model = ModelSpec(args.model, args.dtype, args.device, args.device_map, args.fast_path)
     _report(bench_executor(model, threads=args.threads, replies=args.replies, address=args.ray_address), args.json)

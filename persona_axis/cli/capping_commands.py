@@ -22,16 +22,22 @@ LAYER_HELP = ("layer whose projection is reported (default: the middle layer, or
 
 
 def _layer_ranges(values: list[str]) -> list[range]:
-    from persona_axis.capping import parse_layer_block
+    from persona_axis.control.capping import parse_layer_block
 
     return [parse_layer_block(value) for value in values]
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
-    from persona_axis.calibration import calibrate, engagement_samples, measure_engagement
-    from persona_axis.capping import DEFAULT_MEAN, default_layer_block, export_torch_config, parse_experiment_id, save_config
-    from persona_axis.pipeline import run_catalog
+    from persona_axis.build.pipeline import run_catalog
+    from persona_axis.control.calibration import calibrate, engagement_samples, measure_engagement
+    from persona_axis.control.capping import (
+        DEFAULT_MEAN,
+        default_layer_block,
+        export_torch_config,
+        parse_experiment_id,
+        save_config,
+    )
     from persona_axis.store import RunLayout
 
     axis = load_axis(args.run)
@@ -68,7 +74,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def _session_parts(args: argparse.Namespace) -> tuple[Any, Any, dict[int, list[Any]]]:
     from persona_axis.axis import load_axis
-    from persona_axis.intervention_spec import load_interventions
+    from persona_axis.control.spec import load_interventions
 
     axis = load_axis(args.axis)
     lm = load_model_from(args)
@@ -98,9 +104,9 @@ def _live_readout(tty: bool) -> Any:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from persona_axis.chat import ChatSession
+    from persona_axis.apps.chat import ChatSession
+    from persona_axis.control.spec import describe_interventions
     from persona_axis.errors import PersonaAxisError
-    from persona_axis.intervention_spec import describe_interventions
 
     lm, axis, interventions = _session_parts(args)
     session = ChatSession(lm, axis, interventions, system=args.system or "", max_new_tokens=args.max_new_tokens,
@@ -121,7 +127,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from persona_axis.chat import reply_variants
+    from persona_axis.apps.chat import reply_variants
     from persona_axis.conversations import read_conversations
     from persona_axis.errors import PersonaAxisError
 
@@ -148,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.catalog import load_catalog, role_play_conversations
-    from persona_axis.sweeps import candidate_blocks, pareto_front, sweep
+    from persona_axis.control.sweeps import candidate_blocks, pareto_front, sweep
 
     axis = load_axis(args.run)
     blocks = _layer_ranges(args.blocks) if args.blocks else candidate_blocks(axis.n_layers)
@@ -171,10 +177,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_steer_sweep(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.catalog import load_catalog
+    from persona_axis.control.spec import default_norms
+    from persona_axis.control.sweeps import steer_sweep
     from persona_axis.errors import PersonaAxisError
-    from persona_axis.intervention_spec import default_norms
     from persona_axis.judges import make_judge
-    from persona_axis.sweeps import steer_sweep
 
     if args.relative and not Path(args.axis).is_dir():
         raise PersonaAxisError("--relative scales coefs by the run's default activation norms: "

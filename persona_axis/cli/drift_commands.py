@@ -11,7 +11,7 @@ from persona_axis.cli.options import axis_options, executor_from, executor_optio
 
 def _user_spec(args: argparse.Namespace) -> Any:
     """The simulated user the options describe: an OpenAI-compatible endpoint, or a local model (default: the target)."""
-    from persona_axis.user_simulators import UserSpec
+    from persona_axis.apps.user_simulators import UserSpec
 
     target_plays_user = args.user_model == args.model and not args.user_url
     return UserSpec(url=args.user_url, url_model=args.user_model_name, key_env=args.user_key_env,
@@ -35,10 +35,10 @@ def _print_stats(stats: dict[str, dict[bool, list[dict[str, Any]]]]) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
+    from persona_axis.apps.drift_stats import plot_domains, turn_statistics
+    from persona_axis.apps.simulate import simulate
     from persona_axis.axis import load_axis
-    from persona_axis.drift_stats import plot_domains, turn_statistics
-    from persona_axis.intervention_spec import load_interventions
-    from persona_axis.simulate import simulate
+    from persona_axis.control.spec import load_interventions
 
     axis = load_axis(args.axis)
     user = _user_spec(args)
@@ -71,9 +71,9 @@ def _one_line(text: str) -> str:
 
 
 def cmd_drift_report(args: argparse.Namespace) -> None:
-    from persona_axis.drift_predictor import fit_drift_predictor
-    from persona_axis.drift_stats import lowest_turns, plot_domains, turn_statistics
-    from persona_axis.simulate import load_simulations, unfinished_conversations
+    from persona_axis.apps.drift_predictor import fit_drift_predictor
+    from persona_axis.apps.drift_stats import lowest_turns, plot_domains, turn_statistics
+    from persona_axis.apps.simulate import load_simulations, unfinished_conversations
 
     records = load_simulations(args.dirs, unfinished=args.include_unfinished)
     left_out = 0 if args.include_unfinished else sum(unfinished_conversations(d) for d in args.dirs)

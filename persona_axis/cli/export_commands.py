@@ -7,8 +7,8 @@ import argparse
 
 def cmd_export(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
+    from persona_axis.control.export import export_gguf, export_reference_pt, parse_layers
     from persona_axis.errors import PersonaAxisError
-    from persona_axis.export import export_gguf, export_reference_pt, parse_layers
 
     axis = load_axis(args.axis)
     if args.format == "pt":

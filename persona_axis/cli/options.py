@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from persona_axis.executors import Executor
-    from persona_axis.models import LoadedModel
+    from persona_axis.build.executors import Executor
+    from persona_axis.model.loading import LoadedModel
 
-from persona_axis.fast_path import FAST_PATHS
+from persona_axis.model.int8 import FAST_PATHS
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 def load_model_from(args: argparse.Namespace, progress: bool = True) -> LoadedModel:
     """The model that --model, --dtype, --fast-path, --device and --device-map name."""
-    from persona_axis.models import load_model
+    from persona_axis.model.loading import load_model
 
     return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
                       fast_path=args.fast_path, progress=progress)
@@ -87,12 +87,12 @@ def executor_from(args: argparse.Namespace, progress: bool = True, pass_env: Seq
     whose actors load the model (stopped on exit) and see this process's variables named in `pass_env`."""
     import os
 
-    from persona_axis.executors import LocalExecutor
+    from persona_axis.build.executors import LocalExecutor
 
     if args.executor == "local":
         yield LocalExecutor(load_model_from(args, progress=progress))
         return
-    from persona_axis.ray_executor import ModelSpec, RayExecutor
+    from persona_axis.build.ray_executor import ModelSpec, RayExecutor
 
     model = ModelSpec(args.model, args.dtype, args.device, args.device_map, args.fast_path)
     with RayExecutor(model, actors=args.actors, threads_per_actor=args.threads_per_actor,

@@ -12,27 +12,30 @@ from persona_axis.cli.options import axis_options, load_model_from
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from persona_axis import server as served
+    from persona_axis.apps.server import PersonaServer, ServerLimits
+    from persona_axis.apps.server_access import API_KEY_ENV, ApiKeys, check_exposure
+    from persona_axis.apps.server_http import HttpOptions
+    from persona_axis.apps.server_run import serve_forever
     from persona_axis.axis import load_axis
-    from persona_axis.capping import load_config
-    from persona_axis.intervention_spec import run_defaults
+    from persona_axis.control.capping import load_config
+    from persona_axis.control.spec import run_defaults
     from persona_axis.store import RunLayout
 
-    keys = served.ApiKeys.gather(args.api_key or (), os.environ.get(served.API_KEY_ENV), args.api_key_file)
-    served.check_exposure(args.host, keys, args.allow_unauthenticated)  # before the model loads or anything is bound
+    keys = ApiKeys.gather(args.api_key or (), os.environ.get(API_KEY_ENV), args.api_key_file)
+    check_exposure(args.host, keys, args.allow_unauthenticated)  # before the model loads or anything is bound
     axis = load_axis(args.axis)
     default_config = RunLayout(args.axis).capping_json
     config_path = args.config or (default_config if default_config.exists() else None)
     config = load_config(config_path) if config_path is not None else None
     lm = load_model_from(args)
-    limits = served.ServerLimits(max_rows=args.max_batch, max_waiting=args.max_queue, timeout_s=args.timeout,
+    limits = ServerLimits(max_rows=args.max_batch, max_waiting=args.max_queue, timeout_s=args.timeout,
                           prefill_chunk=args.prefill_chunk, max_body=args.max_body, max_tokens=args.max_tokens_limit,
                           per_key=args.max_concurrent_per_key, read_timeout_s=args.read_timeout,
                           write_timeout_s=args.write_timeout)
-    options = served.HttpOptions(keys, args.log_file or sys.stderr, args.alert_below, args.allow_unauthenticated)
+    options = HttpOptions(keys, args.log_file or sys.stderr, args.alert_below, args.allow_unauthenticated)
     layout = RunLayout(args.axis)
     defaults = run_defaults(layout.root) if layout.vectors.is_file() else None
-    server = served.PersonaServer(lm, axis, config, limits, model_id=args.served_model_name, defaults=defaults)
+    server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name, defaults=defaults)
     experiments = ", ".join(config.experiments) if config is not None else "none (no capping config)"
     access = f"{len(keys.digests)} API key(s)" if keys else "no API key"
 
@@ -40,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"serving {lm.name} at {url}/v1 (dashboard: {url}/); capping experiments: {experiments}; {access}",
               file=sys.stderr, flush=True)
 
-    served.serve_forever(server, args.host, args.port, announce, options, args.drain)
+    serve_forever(server, args.host, args.port, announce, options, args.drain)
 
 
 def _positive(kind: type[int] | type[float], zero: bool = False) -> Callable[[str], int | float]:

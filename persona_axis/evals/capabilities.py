@@ -2,7 +2,7 @@
 
 The other capability checks (IFBench instruction following, BIG-bench multiple choice) live in
 capabilities_ifbench.py and capabilities_bigbench.py; all take `interventions` as
-`persona_axis.generation.generate` does, so the same check runs uncapped and capped.
+`persona_axis.decode.generate.generate` does, so the same check runs uncapped and capped.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import InterventionMap, steer
 from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import generate
-from persona_axis.models import LoadedModel, Message
-from persona_axis.steering import InterventionMap, steer
+from persona_axis.model.loading import LoadedModel, Message
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from persona_axis.decode.interventions import InterventionMap, steer
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import LoadedModel
-from persona_axis.steering import InterventionMap, steer
+from persona_axis.model.loading import LoadedModel
 
 DEFAULT_TASKS = ("arithmetic/1_digit_multiplication", "general_knowledge", "logical_deduction/three_objects",
                  "physical_intuition")

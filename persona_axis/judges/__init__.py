@@ -34,7 +34,7 @@ def make_judge(kind: str, cache_dir: Path | None = None, url: str | None = None,
 
         return LearnedJudge()
     if kind == "openai":
-        from persona_axis.chat_api import endpoint_base_url
+        from persona_axis.apps.chat_api import endpoint_base_url
         from persona_axis.judges.http import OpenAIJudge
 
         base_url = endpoint_base_url(url, model, "judge")

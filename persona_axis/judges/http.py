@@ -4,7 +4,7 @@ Roles are scored for role adherence with the reference's rubric (an in-character
 refusal as the AI scores 0), using the role's own eval_prompt from the catalogue when it has one; traits
 (JudgeItem.kind "trait") are scored for trait expression. The scales are in `judges.base`.
 
-Each item becomes one request through persona_axis.chat_api.ChatClient. Transient failures (HTTP 429/5xx,
+Each item becomes one request through persona_axis.apps.chat_api.ChatClient. Transient failures (HTTP 429/5xx,
 timeouts, connection errors) and malformed replies are retried; the outcome of the last attempt decides what
 happens when all attempts fail: a transport failure raises PersonaAxisError, a malformed reply becomes an
 unscored verdict. Scores are never guessed.
@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from persona_axis.chat_api import ChatClient, Unparsed, parse_int_field
+from persona_axis.apps.chat_api import ChatClient, Unparsed, parse_int_field
 from persona_axis.judges.base import SCORES, JudgeItem, Verdict
 
 _FORMAT = """

@@ -1,0 +1,1 @@
+"""What users run: chat, the OpenAI-compatible server and its dashboard, simulated conversations, drift."""

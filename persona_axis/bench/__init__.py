@@ -1,0 +1,1 @@
+"""Measurements: throughput, serving, executors, prefix sharing, the llama.cpp peer, int8 fidelity."""

@@ -1,0 +1,1 @@
+"""Decoding: the one engine (schedule -> forward -> update), its runner and KV slots, interventions, capture."""
