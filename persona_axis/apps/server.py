@@ -40,9 +40,12 @@ process returns normally.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +55,9 @@ from persona_axis.axis import Axis
 from persona_axis.control.capping import CappingConfig
 from persona_axis.control.spec import SpecContext, ablate_item, build_interventions, cap_item, steer_item
 from persona_axis.decode.engine import PREFILL_CHUNK, Engine
-from persona_axis.decode.interventions import Cap
+from persona_axis.decode.interventions import Cap, Intervention
 from persona_axis.decode.requests import EndEvent, Sampling
-from persona_axis.decode.row_interventions import RowSettings
+from persona_axis.decode.row_interventions import Guard, RowSettings
 from persona_axis.errors import PersonaAxisError
 from persona_axis.measurement import check_layer_index, measured_layer
 from persona_axis.model.context_window import context_length, prompt_window
@@ -63,9 +66,30 @@ from persona_axis.model.loading import LoadedModel, Message
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_TOKENS = 256  # a reply's length when the request sets no max_tokens (cut to what the context leaves)
 MIN_REPLY_TOKENS = 16  # room for the reply that the sliding window keeps (max_tokens, if smaller)
-EXTENSION_FIELDS = ("cap", "steer", "ablate", "interventions", "projections", "layer", "ignore_eos")
+EXTENSION_FIELDS = ("cap", "steer", "ablate", "interventions", "projections", "layer", "ignore_eos", "guard",
+                    "conversation")
+GUARD_MEMORY = 10_000  # conversations remembered as guarded (the oldest are forgotten first)
+Layered = dict[int, list[Intervention]]  # interventions by layer
+GUARD_MIN_TOKENS = 4  # a guard reads a reply's running mean projection from this many tokens on
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class GuardDefault:
+    """`serve --guard BELOW[@LAYER]`: requests that name a cap and no guard of their own get this one."""
+
+    below: float
+    layer: int | None = None
+
+
+def parse_guard(text: str) -> GuardDefault:
+    """"BELOW" or "BELOW@LAYER" (`serve --guard`); a one-line error otherwise."""
+    below, _, layer = text.partition("@")
+    try:
+        return GuardDefault(float(below), int(layer) if layer else None)
+    except ValueError:
+        raise PersonaAxisError(f"--guard takes BELOW or BELOW@LAYER (a number, a layer index), not {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -102,10 +126,18 @@ class ChatRequest:
     cap: str | None
     floor: float | None
     dropped_messages: int
+    guard: dict[str, Any] | None = None  # {"below", "from_start"}: the cap waits for the drift guard, or acts at once
+    conversation: str | None = None  # the client's name for the conversation, if it gave one
+    messages: list[Message] = field(default_factory=list)  # as the client sent them (before the sliding window)
 
 
 class BadRequest(PersonaAxisError):
     """A request the server refuses with HTTP 400."""
+
+
+def _conversation_key(messages: list[Message]) -> str:
+    """A digest of a conversation's messages (role and content), naming it across its turns."""
+    return hashlib.sha256(json.dumps([[m["role"], m["content"]] for m in messages]).encode()).hexdigest()
 
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
@@ -139,9 +171,10 @@ class PersonaServer:
 
     def __init__(self, lm: LoadedModel, axis: Axis, config: CappingConfig | None = None,
                  limits: ServerLimits | None = None, model_id: str = "persona-axis",
-                 defaults: Tensor | None = None) -> None:
+                 defaults: Tensor | None = None, guard: GuardDefault | None = None) -> None:
         """defaults [layers, hidden]: the run's mean default-Assistant activation (norm-relative steering and
-        'default' values need it; spec.run_defaults reads it from a run directory)."""
+        'default' values need it; spec.run_defaults reads it from a run directory). guard: the drift guard
+        requests with a cap get unless they say otherwise."""
         axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
         if config is not None:
             config.check_model(lm)
@@ -151,6 +184,9 @@ class PersonaServer:
         self.context = context_length(lm)
         self.engine = Engine(lm, self.limits.max_rows, self.limits.max_waiting, self.limits.prefill_chunk)
         self.thread: threading.Thread | None = None
+        self.guard_default = guard
+        self.guarded: OrderedDict[str, None] = OrderedDict()  # conversations whose guard fired: capped from the start
+        self.guard_lock = threading.Lock()
 
     def start(self) -> None:
         if self.thread is None:
@@ -172,7 +208,7 @@ class PersonaServer:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
-        chat = [_content(m, i) for i, m in enumerate(messages)]
+        chat = messages_in = [_content(m, i) for i, m in enumerate(messages)]
         if body.get("n", 1) != 1:
             raise BadRequest("only n = 1 is supported")
         requested = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -189,7 +225,12 @@ class PersonaServer:
         extension = body.get("persona_axis") or {}
         if not isinstance(extension, dict):
             raise BadRequest("'persona_axis' must be an object")
-        settings, cap, floor, layer, projections = self._extension(extension)
+        default = self.guard_default
+        if default is not None and default.layer is not None and extension.get("cap") is not None \
+                and "guard" not in extension and "layer" not in extension:
+            extension = {**extension, "layer": default.layer}  # the default guard reads its own layer
+        settings, capped, others, cap, floor, layer, projections = self._extension(extension)
+        settings, guard, conversation = self._guard(extension, messages_in, settings, capped, others, layer)
         sampling = Sampling(max_new_tokens=max(1, min(wanted, self.context - len(prompt_ids))),
                             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), seed=seed, stop_texts=tuple(stops),
@@ -197,21 +238,21 @@ class PersonaServer:
         options = body.get("stream_options") or {}
         return ChatRequest(prompt_ids, sampling, settings, bool(body.get("stream", False)),
                            bool(isinstance(options, dict) and options.get("include_usage")), projections, layer, cap,
-                           floor, dropped)
+                           floor, dropped, guard, conversation, messages_in)
 
-    def _extension(self, ext: dict[str, Any]) -> tuple[RowSettings, str | None, float | None, int | None, str | None]:
+    def _extension(self, ext: dict[str, Any]) -> tuple[RowSettings, Layered, Layered, str | None, float | None,
+                                                       int | None, str | None]:
         """The persona_axis object: interventions (intervention_spec items, or the shorthands "cap": an
-        experiment id, "steer" and "ablate": lists of items of that kind or of CLI strings) and what to report."""
+        experiment id, "steer" and "ablate": lists of items of that kind or of CLI strings) and what to report.
+        Returns the settings, the cap's interventions and the others apart (a guard holds back the first)."""
         unknown = set(ext) - set(EXTENSION_FIELDS)
         if unknown:
             raise BadRequest(f"unknown persona_axis field(s) {sorted(unknown)}: use {', '.join(EXTENSION_FIELDS)}")
         items: list[Any] = []
         cap = ext.get("cap")
-        if cap is not None:
-            if self.config is None:
-                raise BadRequest("this server has no capping config: start it with --config (or an --axis run "
-                                 "directory that has one)")
-            items.append(cap_item(str(cap)))
+        if cap is not None and self.config is None:
+            raise BadRequest("this server has no capping config: start it with --config (or an --axis run "
+                             "directory that has one)")
         for key, from_text in (("steer", steer_item), ("ablate", ablate_item)):
             listed = ext.get(key) or []
             if not isinstance(listed, list):
@@ -221,7 +262,9 @@ class PersonaServer:
         generic = ext.get("interventions") or []
         if not isinstance(generic, list):
             raise BadRequest("persona_axis.interventions must be a list of {\"kind\": ..., ...} objects")
-        interventions = build_interventions(self.spec, items + generic)
+        capped = build_interventions(self.spec, [cap_item(str(cap))]) if cap is not None else {}
+        others = build_interventions(self.spec, items + generic)
+        interventions = {layer: [*others.get(layer, []), *capped.get(layer, [])] for layer in {*others, *capped}}
         projections = ext.get("projections", "token")
         if projections not in ("token", "turn", None):
             raise BadRequest(f"persona_axis.projections must be \"token\", \"turn\" or null, not {projections!r}")
@@ -233,7 +276,52 @@ class PersonaServer:
         watch = (layer, self.axis.unit(layer)) if projections else None
         floor = next((item.floor for item in interventions.get(layer, []) if isinstance(item, Cap)), None)
         cap_name = None if cap is None else str(cap)
-        return RowSettings(interventions, watch), cap_name, floor, (layer if projections else None), projections
+        settings = RowSettings(interventions, watch)
+        return settings, capped, others, cap_name, floor, (layer if projections else None), projections
+
+    def _guard(self, ext: dict[str, Any], chat: list[Message], settings: RowSettings, capped: Layered,
+               others: Layered, layer: int | None) -> tuple[RowSettings, dict[str, Any] | None, str | None]:
+        """The drift guard: "guard": {"below": T} (or the server's default, for requests with a cap; null: none)
+        holds the cap back until the reply's running mean projection at the watched layer falls below T. A
+        conversation whose guard fired (named by "conversation", else by its messages) is capped from the
+        start of its later turns. Returns the settings to run, the response's guard object and the key under
+        which a firing is remembered."""
+        asked = ext.get("guard", "default")
+        if asked == "default":
+            default = self.guard_default
+            asked = None if default is None or not capped else {"below": default.below, "layer": default.layer}
+        named = ext.get("conversation")
+        if named is not None and (not isinstance(named, str) or not named):
+            raise BadRequest("persona_axis.conversation must be a non-empty string")
+        if asked is None:
+            return settings, None, None
+        if not isinstance(asked, dict) or set(asked) - {"below", "layer", "min_tokens"} or "below" not in asked:
+            raise BadRequest('persona_axis.guard must be {"below": number, "layer"?: int, "min_tokens"?: int} or null')
+        if not capped:
+            raise BadRequest("persona_axis.guard holds back a cap: name one with persona_axis.cap")
+        below = _number(asked, "below", 0.0, -1e30, 1e30)
+        if settings.watch is None or (asked.get("layer") is not None and asked["layer"] != layer):
+            raise BadRequest("persona_axis.guard reads the projections: keep them on (\"projections\": \"token\" or "
+                             "\"turn\") and give the guard the same layer as persona_axis.layer")
+        history = named if named is not None else _conversation_key(chat[:-1])
+        with self.guard_lock:
+            if history in self.guarded:  # an earlier turn drifted: the cap acts at once
+                self.guarded.move_to_end(history)
+                return settings, {"below": below, "from_start": True}, named
+        min_tokens = _integer(asked.get("min_tokens", GUARD_MIN_TOKENS), "persona_axis.guard.min_tokens", 1)
+        guard = Guard(below, capped, min_tokens)
+        return RowSettings(others, settings.watch, guard), {"below": below, "from_start": False}, named
+
+    def remember_guard(self, request: ChatRequest, end: EndEvent) -> None:
+        """After a reply whose guard fired: its conversation's later turns are capped from the start."""
+        if request.guard is None or end.guard_fired_at is None:
+            return
+        key = request.conversation or _conversation_key([*request.messages, {"role": "assistant", "content": end.text}])
+        with self.guard_lock:
+            self.guarded[key] = None
+            self.guarded.move_to_end(key)
+            while len(self.guarded) > GUARD_MEMORY:
+                self.guarded.popitem(last=False)
 
     # -- responses --------------------------------------------------------------------------------
 
@@ -246,6 +334,8 @@ class PersonaServer:
             out["projections"] = end.projections
         if request.projections:
             out["projection"] = sum(end.projections) / len(end.projections) if end.projections else None
+        if request.guard is not None:
+            out["guard"] = {**request.guard, "fired_at": end.guard_fired_at}
         return out
 
     def info(self) -> dict[str, Any]:

@@ -150,7 +150,11 @@ class ServerApp:
             print(trace.line(), file=self.log, flush=True)
 
     def ended(self, trace: Trace, request: ChatRequest, end: EndEvent) -> None:
-        """A reply's end event: its tokens, cap engagement and drift alert into the trace and the metrics."""
+        """A reply's end event: its tokens, cap engagement and drift alert into the trace and the metrics; a fired
+        drift guard into the server's memory of guarded conversations."""
+        self.server.remember_guard(request, end)
+        if end.guard_fired_at is not None:
+            self.metrics.guard_fired.labels(request.cap or "custom").inc()
         trace.finish, trace.prompt_tokens, trace.completion_tokens = end.reason, end.prompt_tokens, len(end.token_ids)
         self.metrics.prompt_tokens.inc(end.prompt_tokens)
         self.metrics.completion_tokens.inc(len(end.token_ids))
@@ -380,7 +384,8 @@ async def _stream(front: ServerApp, request: ChatRequest, trace: Trace, http: An
                 return
             if isinstance(event, TokenEvent):
                 sent += event.text
-                token = {"projection": event.projection, "capped_layers": list(event.capped_layers)}
+                token = {"projection": event.projection, "capped_layers": list(event.capped_layers),
+                         **({"guard_fired": True} if event.guard_fired else {})}
                 yield chunk({"content": event.text}, persona_axis=token if request.projections == "token" else None)
                 continue
             front.ended(trace, request, event)

@@ -58,6 +58,8 @@ class Metrics:
         self.cap_share = Histogram("persona_axis_cap_engaged_share",
                                    "Per reply, the share of its tokens the cap raised (mean over the capped layers)",
                                    ["experiment"], buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
+        self.guard_fired = MetricCounter("persona_axis_guard_fired", "Replies whose drift guard turned their cap on",
+                                         ["experiment"], registry=r)
         self.alerts = MetricCounter("persona_axis_drift_alerts", "Replies whose running mean projection fell below "
                                     "the alert threshold", ["experiment"], registry=r)
         Gauge("persona_axis_queue_length", "Requests waiting for a row", registry=r).set_function(

@@ -23,11 +23,14 @@ from persona_axis.decode.sampling import stream_seed
 class Settings:
     """What a run generates.
 
-    Default prompts, roles and traits all answer the same first `questions` questions, so question
-    content cannot leak into the axis. roles_per_group=None means every role; default_prompts=None
-    every default prompt; traits=None every trait (0: none). Replies are sampled at `temperature`
-    with nucleus `top_p` (temperature 0: greedy); reply j of chunk k samples from the stream of
-    (seed + k, j). batch_size: replies per chunk, and replies decoded at once.
+    Default prompts and roles answer the same first `questions` questions, so question content
+    cannot leak into the axis; traits answer the first `trait_questions` of them (None: all `questions`;
+    traits are ranked along the axis, not part of it). roles_per_group=None means every role;
+    default_prompts=None every default prompt; traits=None every trait (0: none). default_samples:
+    answers sampled for each (default prompt, question) pair: the default vector is half of the axis and,
+    with one answer per pair, the noisiest half. Replies are sampled at `temperature` with nucleus `top_p`
+    (temperature 0: greedy); reply j of chunk k samples from the stream of (seed + k, j). batch_size:
+    replies per chunk, and replies decoded at once.
     """
 
     prompts_per_role: int
@@ -42,6 +45,8 @@ class Settings:
     top_p: float = 0.9
     seed: int = 0
     batch_size: int = 64
+    default_samples: int = 1
+    trait_questions: int | None = None
 
 
 PRESETS: dict[str, Settings] = {
@@ -49,7 +54,8 @@ PRESETS: dict[str, Settings] = {
     "smoke": Settings(prompts_per_role=1, questions=3, max_new_tokens=24, min_score3=1, roles_per_group=2,
                       default_prompts=3, traits=4, batch_size=16),
     # Every role and every trait, once or twice: minutes on 2 cores; the README's main command.
-    "quick": Settings(prompts_per_role=1, questions=2, max_new_tokens=48, min_score3=1, traits=None),
+    "quick": Settings(prompts_per_role=3, questions=2, max_new_tokens=32, min_score3=1, traits=None, default_samples=8,
+                      trait_questions=1),
     # Every role and trait with enough answers for stable vectors, sized for under an hour on a 2-core float32 machine:
     # 6 384 replies of 64 tokens.
     "standard": Settings(prompts_per_role=2, questions=8, max_new_tokens=64, min_score3=3, traits=None),
@@ -104,17 +110,23 @@ def trait_record_name(name: str) -> str:
 
 def plan_rollouts(catalog: Catalog, settings: Settings, roles: tuple[Role, ...],
                   traits: tuple[Role, ...] = ()) -> list[PlanItem]:
-    """Every (system prompt, question) pair to generate: default prompts, then each role, then each trait.
+    """Every (system prompt, question) pair to generate: default prompts (`default_samples` answers each), then
+    each role, then each trait.
 
-    Every group answers the same questions (the catalogue's first `settings.questions`).
+    Defaults and roles answer the catalogue's first `settings.questions` questions, traits the first
+    `settings.trait_questions` of those. A default pair's k-th extra answer has the id suffix "|s<k>".
     """
     questions = catalog.questions[: settings.questions]
+    trait_questions = questions[: settings.trait_questions] if settings.trait_questions is not None else questions
     defaults = catalog.defaults[: settings.default_prompts] if settings.default_prompts else catalog.defaults
-    groups = [("default", DEFAULT_ROLE, defaults)]
-    groups += [("role", role.name, role.prompts[: settings.prompts_per_role]) for role in roles]
-    groups += [("trait", trait_record_name(t.name), t.prompts[: settings.prompts_per_trait]) for t in traits]
-    return [PlanItem(f"{name}|p{p}|{q.id}", name, p, q.id, system, q.text, kind)
-            for kind, name, prompts in groups for p, system in enumerate(prompts) for q in questions]
+    plan = [PlanItem(f"{DEFAULT_ROLE}|p{p}|{q.id}" + (f"|s{k}" if k else ""), DEFAULT_ROLE, p, q.id, system, q.text,
+                     "default")
+            for p, system in enumerate(defaults) for q in questions for k in range(settings.default_samples)]
+    groups = [("role", role.name, role.prompts[: settings.prompts_per_role], questions) for role in roles]
+    groups += [("trait", trait_record_name(t.name), t.prompts[: settings.prompts_per_trait], trait_questions)
+               for t in traits]
+    return plan + [PlanItem(f"{name}|p{p}|{q.id}", name, p, q.id, system, q.text, kind)
+                   for kind, name, prompts, asked in groups for p, system in enumerate(prompts) for q in asked]
 
 
 def question_ids_by_kind(plan: list[PlanItem]) -> dict[str, list[str]]:

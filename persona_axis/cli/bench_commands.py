@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     fidelity = bench_sub.add_parser("fast-path", help="how far the int8 fast path moves a finished run's axis "
                                                       "(its replies fed through exact and int8 models)")
-    fidelity.add_argument("run", help="a finished run directory (vectors.safetensors, rollouts, scores)")
+    fidelity.add_argument("run", help="a finished run directory (its role vectors, rollouts and scores)")
     model_options(fidelity)
     fidelity.add_argument("--json", action="store_true", help="print one JSON object")
     fidelity.set_defaults(func=_fidelity)

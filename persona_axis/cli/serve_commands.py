@@ -12,7 +12,7 @@ from persona_axis.cli.options import axis_options, load_model_from
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from persona_axis.apps.server import PersonaServer, ServerLimits
+    from persona_axis.apps.server import PersonaServer, ServerLimits, parse_guard
     from persona_axis.apps.server_access import API_KEY_ENV, ApiKeys, check_exposure
     from persona_axis.apps.server_http import HttpOptions
     from persona_axis.apps.server_run import serve_forever
@@ -35,7 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = HttpOptions(keys, args.log_file or sys.stderr, args.alert_below, args.allow_unauthenticated)
     layout = RunLayout(args.axis)
     defaults = run_defaults(layout.root) if layout.vectors.is_file() else None
-    server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name, defaults=defaults)
+    server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name, defaults=defaults,
+                           guard=parse_guard(args.guard) if args.guard is not None else None)
     experiments = ", ".join(config.experiments) if config is not None else "none (no capping config)"
     access = f"{len(keys.digests)} API key(s)" if keys else "no API key"
 
@@ -95,6 +96,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         help="on SIGTERM, requests in flight get this long to finish before they are cancelled")
     ops = serve.add_argument_group("logs and alerts")
     ops.add_argument("--log-file", type=Path, metavar="PATH", help="append one JSON line per request here; None: stderr")
+    ops.add_argument("--guard", metavar="BELOW[@LAYER]",
+                     help="drift guard for requests that name a cap: the cap waits until the reply's running mean "
+                          "projection (at LAYER, default the request's projection layer) falls below BELOW, then acts "
+                          "for the rest of the reply and the conversation's later turns (default: caps act at once)")
     ops.add_argument("--alert-below", type=float, metavar="PROJECTION",
                      help="count a reply as a drift alert (metrics, log) when its running mean projection falls "
                           "below this (from its 4th token on)")

@@ -327,34 +327,51 @@ class Engine:
         delta = shown[len(row.text):] if not shown.endswith("\ufffd") else ""  # hold back half a character
         row.text += delta
         row.reported += 1
-        watched = row.request.settings.watch is not None and projection is not None
+        watched = row.active.watch is not None and projection is not None
         if watched:
             assert projection is not None
             row.projections.append(projection)
-        for layer in row.request.settings.engaged_layers:
+        for layer in row.active.engaged_layers:
             row.raised[layer] = row.raised.get(layer, 0) + (layer in capped_layers)
-        row.request.on_event(TokenEvent(row.tokens[-1], delta, projection if watched else None, tuple(capped_layers)))
+        fired = watched and self._check_guard(slot, row)
+        row.request.on_event(TokenEvent(row.tokens[-1], delta, projection if watched else None, tuple(capped_layers),
+                                        fired))
+
+    def _check_guard(self, slot: int, row: Row) -> bool:
+        """Fire the row's guard when the running mean of its projections has fallen below the threshold: its
+        interventions act from the next token on. Returns whether it fired on this token."""
+        guard = row.active.guard
+        if guard is None or len(row.projections) < guard.min_tokens:
+            return False
+        if sum(row.projections) / len(row.projections) >= guard.threshold:
+            return False
+        row.settings, row.guard_fired_at = row.active.guarded(), row.reported - 1
+        self.runner.assign(slot, row.active)
+        return True
 
     def _end(self, slot: int, reason: str, error: str = "") -> None:
         row = self.rows[slot]
         assert row is not None
-        request = row.request
+        request, active = row.request, row.active
         self.rows[slot] = None
         fed = row.tokens[: row.reported]
-        if self.keep_conversations and reason in ("stop", "length") and request.settings.acts_only_at_all_positions:
+        if self.keep_conversations and reason in ("stop", "length") and row.guard_fired_at is None \
+                and active.acts_only_at_all_positions:
             held = self.runner.lengths[slot]  # columns with keys/values: the prompt and the tokens fed
-            self.runner.remember(slot, (request.prompt_ids + fed)[:held], request.settings.prefix_key)
+            self.runner.remember(slot, (request.prompt_ids + fed)[:held], active.prefix_key)
         means = self.runner.release(slot)
         if not request.capture:
             means = None
         text = row.cut_text if row.cut_text is not None else self.lm.tokenizer.decode(fed, skip_special_tokens=True)
-        engaged = {layer: row.raised.get(layer, 0) / max(1, row.reported) for layer in request.settings.engaged_layers}
-        interventions = layer_lists(request.settings.interventions)
-        for layer in request.settings.engaged_layers:
+        seen = row.reported - (row.guard_fired_at + 1 if row.guard_fired_at is not None else 0)
+        engaged = {layer: row.raised.get(layer, 0) / max(1, seen) for layer in active.engaged_layers}
+        interventions = layer_lists(active.interventions)
+        for layer in active.engaged_layers:
             for item in interventions[layer]:
-                item.count(row.raised.get(layer, 0), row.reported)
+                item.count(row.raised.get(layer, 0), seen)
         self.ended[reason] += 1
-        request.on_event(EndEvent(reason, text, fed, row.projections, engaged, len(request.prompt_ids), error, means))
+        request.on_event(EndEvent(reason, text, fed, row.projections, engaged, len(request.prompt_ids), error, means,
+                                  row.guard_fired_at))
 
     def _shrink(self) -> None:
         keep = [s for s, row in enumerate(self.rows) if row is not None]

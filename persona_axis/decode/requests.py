@@ -42,18 +42,21 @@ class Sampling:
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token as it is fed: its id, the text it adds, its watched projection (None without
-    watch) and the layers whose cap raised it."""
+    watch), the layers whose cap raised it, and whether the request's guard fired on it (its interventions
+    act from the next token on)."""
 
     token_id: int
     text: str
     projection: float | None
     capped_layers: tuple[int, ...]
+    guard_fired: bool = False
 
 
 @dataclass(frozen=True)
 class EndEvent:
     """A request's end. reason: "stop" (end of turn or a stop text), "length" (max_new_tokens),
-    "cancelled" or "error" (then `error` says why). engaged: {layer: share of its tokens the cap raised}.
+    "cancelled" or "error" (then `error` says why). engaged: {layer: share of its tokens the cap raised}
+    (for a guard's caps: of the tokens after it fired).
     means: the reply's per-layer mean activations [capture layers, hidden] float32 on the CPU, when the
     request asked for them."""
 
@@ -65,6 +68,7 @@ class EndEvent:
     prompt_tokens: int
     error: str = ""
     means: Tensor | None = None
+    guard_fired_at: int | None = None  # the reply token (0-based) on which the guard fired, if it did
 
 
 Event = TokenEvent | EndEvent
@@ -87,7 +91,8 @@ class Request:
     @property
     def reads_activations(self) -> bool:
         """Whether anything reads the activations of the reply's tokens (so a cut reply's last token is fed)."""
-        return self.capture or self.settings.watch is not None or bool(self.settings.engaged_layers)
+        return (self.capture or self.settings.watch is not None or bool(self.settings.engaged_layers)
+                or self.settings.guard is not None)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -109,6 +114,17 @@ class Row:
     cut_text: str | None = None  # the reply's text when a stop text ended it
     projections: list[float] = field(default_factory=list)
     raised: dict[int, int] = field(default_factory=dict)
+    settings: RowSettings | None = None  # what acts now: the request's, or its guarded form once the guard fired
+    guard_fired_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.settings is None:
+            self.settings = self.request.settings
+
+    @property
+    def active(self) -> RowSettings:
+        assert self.settings is not None
+        return self.settings
 
 
 @dataclass

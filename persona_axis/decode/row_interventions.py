@@ -25,15 +25,45 @@ from torch import Tensor
 
 from persona_axis.decode.hooks import LayerOp
 from persona_axis.decode.interventions import POSITIONS, Intervention, layer_lists, position_mask
+from persona_axis.errors import PersonaAxisError
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Interventions held back while a reply stays itself: they start acting once the running mean of the
+    watched projection over the reply's tokens falls below `threshold` (from its `min_tokens`-th token on),
+    and act for the rest of the reply."""
+
+    threshold: float
+    interventions: Mapping[int, Sequence[Intervention]]
+    min_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if self.min_tokens < 1 or not self.interventions:
+            raise PersonaAxisError("a guard needs interventions to turn on and min_tokens >= 1")
 
 
 @dataclass(frozen=True)
 class RowSettings:
-    """One request's interventions {layer: [intervention, ...]} (any kind of decode/interventions.py) and its watch:
-    (layer, unit direction [hidden]) whose projection every token reports, or None."""
+    """One request's interventions {layer: [intervention, ...]} (any kind of decode/interventions.py), its watch:
+    (layer, unit direction [hidden]) whose projection every token reports, or None, and an optional guard
+    (which needs the watch: it reads the watched projection)."""
 
     interventions: Mapping[int, Sequence[Intervention]] = field(default_factory=dict)
     watch: tuple[int, Tensor] | None = None
+    guard: Guard | None = None
+
+    def __post_init__(self) -> None:
+        if self.guard is not None and self.watch is None:
+            raise PersonaAxisError("a guard reads the watched projection: give the request a watch")
+
+    def guarded(self) -> RowSettings:
+        """These settings with the guard's interventions acting beside the others (and no guard left)."""
+        assert self.guard is not None
+        merged = {layer: list(items) for layer, items in layer_lists(self.interventions).items()}
+        for layer, items in layer_lists(self.guard.interventions).items():
+            merged.setdefault(layer, []).extend(items)
+        return RowSettings(merged, self.watch)
 
     @property
     def engaged_layers(self) -> list[int]:

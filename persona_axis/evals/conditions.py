@@ -72,7 +72,7 @@ class Condition:
 def pc1_axis(run_dir: str | Path, axis: Axis) -> Axis:
     """PC1 of the run's role vectors at every layer, signed toward the axis -> Axis [layers, hidden] (unit rows).
 
-    Role vectors are vectors.safetensors' tensors other than "default" ([layers, hidden] each); PC1
+    Role vectors are the run's vector file's tensors (RunLayout.vectors) other than "default" ([layers, hidden] each); PC1
     is persona_axis.build.persona_space.pca's first component per layer; its sign is flipped where
     PC1 · axis < 0, so a higher PC1 projection is more Assistant-like, as on the axis.
     """
