@@ -3,6 +3,9 @@
 Routes: POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models, GET /health,
 GET /v1/persona_axis (the axis, layers and capping experiments the dashboard needs), GET /metrics and GET /
 (the dashboard, static files under persona_axis/apps/static). Requests share decode steps in one `engine.Engine`.
+/v1/persona_axis: {model, name, n_layers, context, default_layer, experiments: [{id, caps: [{layer, floor,
+default_mean}]}]}, default_mean being the calibrated mean default-Assistant projection at that cap's layer
+(CapLayer.stats, null where calibration did not record it); the dashboard's alert threshold defaults to it.
 
 The request extension `"persona_axis": {...}` (all fields optional):
   cap: a capping experiment id of the server's config (e.g. "layers_21:26-p0.25"), or null for none;
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import uuid
 from collections import OrderedDict
@@ -153,6 +157,11 @@ def _integer(value: Any, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise BadRequest(f"'{what}' must be an integer >= {low}, not {value!r}")
     return value
+
+
+def _finite(value: Any) -> float | None:
+    """A finite number as a float, else None (JSON has no NaN)."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def _content(message: Any, i: int) -> Message:
@@ -340,7 +349,8 @@ class PersonaServer:
 
     def info(self) -> dict[str, Any]:
         experiments = [] if self.config is None else [
-            {"id": e.id, "caps": [{"layer": c.layer, "floor": c.floor} for c in e.caps]}
+            {"id": e.id, "caps": [{"layer": c.layer, "floor": c.floor, "default_mean": _finite(c.stats.get("default_mean"))}
+                                  for c in e.caps]}
             for e in self.config.experiments.values()]
         return {"model": self.model_id, "name": self.lm.name, "n_layers": self.lm.n_layers, "context": self.context,
                 "default_layer": measured_layer(self.axis, []), "experiments": experiments}

@@ -35,7 +35,8 @@ from persona_axis.apps.user_simulators import DomainPersona, LocalUserSimulator,
 from persona_axis.axis import Axis
 from persona_axis.build.executors import Executor, LocalExecutor, executor_or_local
 from persona_axis.decode.generate import generate
-from persona_axis.decode.interventions import InterventionMap
+from persona_axis.decode.interventions import InterventionMap, layer_lists
+from persona_axis.decode.row_interventions import Guard
 from persona_axis.errors import PersonaAxisError
 from persona_axis.measurement import measured_layer
 from persona_axis.model.loading import LoadedModel, Message
@@ -48,6 +49,8 @@ TURNS = "turns"  # the finished turns of conversations not finished yet, one rec
 # position in the batch) are read by load_simulations and drift-report but never resumed.
 SIMULATION_FORMAT = 2
 Record = dict[str, Any]  # one simulated conversation, or one turn of it (see `simulate`)
+META_KEYS = ("id", "domain", "persona_id", "capped", "layer")  # a conversation's fields every turn record repeats
+GUARD_KEYS = ("guard", "guarded", "guard_fired_at")  # a guarded simulation's per-turn fields (see `_converse`)
 
 
 def _digest(obj: Any) -> str:
@@ -84,19 +87,63 @@ def turn_seed(seed: int, conversation: str, turn: int, side: str) -> int:
 
 def _turn_records(record: Record) -> list[Record]:
     """A whole conversation record split into its turn records (see `_converse`)."""
-    meta = {k: record[k] for k in ("id", "domain", "persona_id", "capped", "layer")}
+    meta = {k: record[k] for k in META_KEYS}
     messages = record["messages"]
-    return [{**meta, "turn": k + 1, "user": messages[2 * k]["content"], "reply": messages[2 * k + 1]["content"],
-             "projection": value} for k, value in enumerate(record["projections"])]
+    turns = [{**meta, "turn": k + 1, "user": messages[2 * k]["content"], "reply": messages[2 * k + 1]["content"],
+              "projection": value} for k, value in enumerate(record["projections"])]
+    if record.get("guard") is not None:
+        for k, turn in enumerate(turns):
+            turn.update(guard=record["guard"], guarded=record["guarded"][k], guard_fired_at=record["guard_fired_at"][k])
+    return turns
 
 
 def _conversation(turns: Sequence[Record]) -> Record:
     """The conversation record of turn records 1..k of one conversation, in order."""
-    meta = {k: turns[0][k] for k in ("id", "domain", "persona_id", "capped", "layer")}
+    meta = {k: turns[0][k] for k in META_KEYS}
     messages: list[Message] = []
     for turn in turns:
         messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn["reply"]}]
-    return {**meta, "messages": messages, "projections": [turn["projection"] for turn in turns]}
+    record = {**meta, "messages": messages, "projections": [turn["projection"] for turn in turns]}
+    if turns[0].get("guard") is not None:
+        record.update(guard=turns[0]["guard"], guarded=[t["guarded"] for t in turns],
+                      guard_fired_at=[t["guard_fired_at"] for t in turns])
+    return record
+
+
+def _guard_on(done: Sequence[Record]) -> bool:
+    """Whether a conversation's guard has fired in one of these turn records (its later turns are capped)."""
+    return any(turn.get("guarded") or turn.get("guard_fired_at") is not None for turn in done)
+
+
+def _replies(target: LoadedModel, histories: list[list[Message]], seeds: list[int], layer: int, axis: Axis,
+             interventions: InterventionMap, guard: Guard | None, fired: list[bool],
+             generation: dict[str, Any]) -> tuple[list[str], list[list[int]], list[float], list[int | None]]:
+    """One turn's target replies: (texts, token ids, mean projections at `layer`, the token each guard fired on).
+
+    Without a guard, one generate call under `interventions`. With one, conversations whose guard fired in an
+    earlier turn reply under `interventions` and the guard's, from their first token; the rest under
+    `interventions` with the guard waiting (watching `layer`)."""
+    groups: list[tuple[list[int], InterventionMap, Guard | None]] = [(list(range(len(histories))), interventions, None)]
+    if guard is not None:
+        merged = {layer_: list(items) for layer_, items in layer_lists(interventions).items()}
+        for layer_, items in layer_lists(guard.interventions).items():
+            merged.setdefault(layer_, []).extend(items)
+        groups = [([i for i, on in enumerate(fired) if on], merged, None),
+                  ([i for i, on in enumerate(fired) if not on], interventions, guard)]
+    texts, ids, values = [""] * len(histories), [[] for _ in histories], [0.0] * len(histories)  # type: ignore[var-annotated]
+    fired_at: list[int | None] = [None] * len(histories)
+    for rows, acting, waiting in groups:
+        if not rows:
+            continue
+        result = generate(target, [histories[i] for i in rows], capture=[layer], interventions=acting, guard=waiting,
+                          watch=(layer, axis.unit(layer)) if waiting is not None else None,
+                          **{**generation, "seed": [seeds[i] for i in rows]})
+        projected = axis.project(result.captured_means()[:, 0], layer).tolist()
+        for k, i in enumerate(rows):
+            texts[i], ids[i], values[i] = result.texts[k], result.token_ids[k], projected[k]
+            if result.guard_fired_at is not None:
+                fired_at[i] = result.guard_fired_at[k]
+    return texts, ids, values, fired_at
 
 
 def _stored_turns(records: Sequence[Record], finished: set[str]) -> dict[str, list[Record]]:
@@ -116,7 +163,7 @@ def _stored_turns(records: Sequence[Record], finished: set[str]) -> dict[str, li
 
 def _converse(target: LoadedModel, axis: Axis, simulator: UserSimulator, plan: list[tuple[str, DomainPersona]],
               turns: int, layer: int, interventions: InterventionMap, generation: dict[str, Any],
-              stored: Sequence[Sequence[Record]]) -> Iterator[list[Record]]:
+              stored: Sequence[Sequence[Record]], guard: Guard | None = None) -> Iterator[list[Record]]:
     """Run a batch of conversations to `turns` exchanges; one target generate and one simulator call per turn.
 
     stored[i]: the turn records conversation i already has (1..k_i, possibly all `turns`). The batch
@@ -126,11 +173,15 @@ def _converse(target: LoadedModel, axis: Axis, simulator: UserSimulator, plan: l
     "user", "reply", "projection" (None for an empty reply)}. The target's reply to turn t of
     conversation c samples from the stream turn_seed(seed, c, t, "target"), the user's message from
     turn_seed(seed, c, t, "user"), whatever the batch, the executor or the turn the batch resumed at.
+    With a `guard` (the serving drift guard), the records also hold "guard" (its threshold), "guarded" (the
+    guard fired in an earlier turn, so this reply was capped from its first token) and "guard_fired_at" (the
+    reply token on which it fired in this turn, or None).
     """
     personas = [persona for _, persona in plan]
     meta = [{"id": cid, "domain": p.domain, "persona_id": p.id, "capped": bool(interventions), "layer": layer}
             for cid, p in plan]
     have = [len(done) for done in stored]
+    fired = [_guard_on(done[:min(have)]) for done in stored] if have else []
     start = min(have) if have else turns
     histories: list[list[Message]] = [_conversation(done[:start])["messages"] if start else [] for done in stored]
     for turn in range(start + 1, turns + 1):
@@ -142,15 +193,18 @@ def _converse(target: LoadedModel, axis: Axis, simulator: UserSimulator, plan: l
             for history, text in zip(histories, simulator.next_messages(personas, histories, seeds=seeds)):
                 history.append({"role": "user", "content": text})
         seeds = [turn_seed(generation["seed"], cid, turn, "target") for cid, _ in plan]
-        result = generate(target, histories, capture=[layer], interventions=interventions, **{**generation,
-                                                                                                "seed": seeds})
-        values = axis.project(result.captured_means()[:, 0], layer).tolist()
+        texts, token_ids, values, fired_at = _replies(target, histories, seeds, layer, axis, interventions, guard,
+                                                      fired, generation)
         made = []
-        for i, (history, text, ids, value) in enumerate(zip(histories, result.texts, result.token_ids, values)):
+        for i, (history, text, ids, value) in enumerate(zip(histories, texts, token_ids, values)):
             history.append({"role": "assistant", "content": text})
             if have[i] < turn:  # an empty reply has no tokens to average
                 made.append({**meta[i], "turn": turn, "user": history[-2]["content"], "reply": text,
-                             "projection": value if ids else None})
+                             "projection": value if ids else None,
+                             **({"guard": guard.threshold, "guarded": fired[i], "guard_fired_at": fired_at[i]}
+                                if guard is not None else {})})
+        if guard is not None:
+            fired = [on or at is not None for on, at in zip(fired, fired_at)]
         yield made
 
 
@@ -167,12 +221,13 @@ class ConversationBatch:
     interventions: InterventionMap
     generation: dict[str, Any]
     stored: tuple[tuple[Record, ...], ...] = ()  # per conversation of `plan`; () : nothing stored
+    guard: Guard | None = None
 
     def __call__(self, lm: LoadedModel) -> Iterator[list[Record]]:
         simulator = self.simulator.build(lm) if isinstance(self.simulator, UserSpec) else self.simulator
         stored = self.stored or tuple(() for _ in self.plan)
         return _converse(lm, self.axis, simulator, self.plan, self.turns, self.layer, self.interventions,
-                         self.generation, stored)
+                         self.generation, stored, self.guard)
 
 
 @dataclass(frozen=True)
@@ -204,7 +259,8 @@ def _refuse_old_format(store: RunStore) -> None:
 def simulate(target: LoadedModel | None, axis: Axis, simulator: UserSimulator | UserSpec, domain: str, turns: int,
              n: int, layer: int | None = None, interventions: InterventionMap | None = None,
              max_new_tokens: int = 96, seed: int = 0, out: str | Path | None = None, progress: bool = False, *,
-             temperature: float = 0.0, batch_size: int = 32, executor: Executor | None = None) -> list[Record]:
+             temperature: float = 0.0, batch_size: int = 32, executor: Executor | None = None,
+             guard: Guard | None = None) -> list[Record]:
     """Simulate n conversations of `turns` exchanges per domain ("all": every domain) with the target.
 
     Turn 1 is each persona's opening; later user turns come from `simulator` (an object, or a
@@ -221,6 +277,9 @@ def simulate(target: LoadedModel | None, axis: Axis, simulator: UserSimulator | 
     middle layer, or the layer `measurement.measured_layer` picks outside the interventions.
     With `out`, every finished turn is saved and a re-run continues where the last one stopped (see
     the module docstring); a directory holding a run with other settings is refused.
+    guard: the serving drift guard (decode/row_interventions.Guard) read at `layer`: its interventions start
+    once a reply's running mean projection falls below its threshold, and act on the conversation's later
+    replies from their first token; records then carry the fields named in `_converse`.
     """
     executor = _executor_for(target, executor, simulator)
     model = executor.model_identity()
@@ -228,7 +287,7 @@ def simulate(target: LoadedModel | None, axis: Axis, simulator: UserSimulator | 
     if turns < 1 or n < 1 or batch_size < 1:
         raise PersonaAxisError(f"turns, n and batch_size must be at least 1, got {turns}, {n} and {batch_size}")
     interventions = interventions or {}
-    layer = measured_layer(axis, interventions, layer)
+    layer = measured_layer(axis, [*interventions, *(guard.interventions if guard is not None else {})], layer)
     plan = conversation_plan(domain, n)
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     with RunStore.open(out) if out is not None else nullcontext() as store:
@@ -240,14 +299,16 @@ def simulate(target: LoadedModel | None, axis: Axis, simulator: UserSimulator | 
                         "model_hash": model.source_hash, "axis_sha256": _digest(axis.vectors), "domain": domain,
                         "turns": turns, "n": n, "personas_sha256": _digest([asdict(p) for _, p in plan]),
                         "layer": layer, "capping": _interventions_digest(interventions),
-                        "simulator": _simulator_id(executor, simulator), "batch_size": batch_size, **generation}
+                        "simulator": _simulator_id(executor, simulator), "batch_size": batch_size, **generation,
+                        **({"guard": [guard.threshold, guard.min_tokens, _interventions_digest(guard.interventions)]}
+                           if guard is not None else {})}
             store.claim(identity, {"axis_metadata": axis.metadata})
             done = {r["id"]: r for r in store.records(CONVERSATIONS)}
             partial = _stored_turns(store.records(TURNS), set(done))
         batches = [plan[start:start + batch_size] for start in range(0, len(plan), batch_size)]
         jobs = [ConversationBatch(axis, simulator, batch, turns, layer, interventions, generation,
                                   tuple(tuple(_turn_records(done[cid]) if cid in done else partial.get(cid, []))
-                                        for cid, _ in batch))
+                                        for cid, _ in batch), guard)
                 for batch in batches if any(cid not in done for cid, _ in batch)]
         left = sum(turns - len(stored) for job in jobs for stored in job.stored)
         with tqdm(total=left, desc=f"simulating ({executor.name})", unit="reply", disable=not progress) as bar:

@@ -143,7 +143,7 @@ def step_scores(store: RunStore, judges: dict[str, Judge], catalog: Catalog, pro
 VECTOR_FILES = {"roles": RunLayout.VECTORS, "traits": RunLayout.TRAIT_VECTORS, "all_answers": RunLayout.ALL_ANSWER_VECTORS}
 
 
-def _accumulate(store: RunStore, judges: dict[str, str]) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, int]]]:
+def accumulate_vectors(store: RunStore, judges: dict[str, str]) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, int]]]:
     """One pass over the activation chunks: float64 sums [layers, hidden] and counts per set and name.
 
     Sets: "roles" (score-3 role answers, plus "default" for every default answer), "traits"
@@ -182,7 +182,7 @@ def step_vectors(store: RunStore, roles: tuple[Role, ...], judges: dict[str, str
     the VECTORS file (default + kept roles), TRAIT_VECTORS (kept traits) and ALL_ANSWER_VECTORS (every
     role with an answer, no judge involved) of store.RunLayout.
     """
-    sums, counts = _accumulate(store, judges)
+    sums, counts = accumulate_vectors(store, judges)
     if DEFAULT_ROLE not in sums["roles"]:
         raise PersonaAxisError("no default-Assistant rollouts found: the rollouts step did not finish")
     used = [r.name for r in roles if counts["roles"].get(r.name, 0) >= min_score3]

@@ -7,11 +7,20 @@ layer (the middle one unless told, as `persona-axis analyze` chooses it), each r
 and, over the roles both runs kept, the Spearman correlation of their axis projections and of their
 PC1 loadings and how many roles the two runs share at each end of those rankings.
 PC1 is computed in the activations' own coordinates (no standardising), in float64.
+
+`split_half` reports the same figures within one run: its default and role rollouts are split by
+question (the plan's questions with an even index make half A, those with an odd index half B; every
+sample of a question goes with it), and each half's default vector, role vectors and axis are rebuilt
+from its own answers as the run's vectors step builds them: the run's judge, the run's activations,
+a role kept when it has at least ceil(min_score3 / 2) score-3 answers in the half. Each half has half
+the answers, so the halves' agreement understates that of the full run (and of two full runs).
+Both forms compare two in-memory sides (`RunVectors`) with `compare`, one code path for the figures.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from persona_axis.axis import Axis, cosine_per_layer, load_axis
+from persona_axis.axis import Axis, compute_axis, cosine_per_layer, load_axis
+from persona_axis.build.persona_space import analyze_persona_space, pca
+from persona_axis.build.pipeline import accumulate_vectors
+from persona_axis.catalog import DEFAULT_ROLE
 from persona_axis.errors import PersonaAxisError
 from persona_axis.measurement import check_layer_index
-from persona_axis.build.persona_space import analyze_persona_space, pca
-from persona_axis.store import RunLayout, RunStore, load_tensors
+from persona_axis.store import RunLayout, RunStore, load_tensors, rollout_kind
 from persona_axis.vectors import cosine
 
 DEFAULT_ENDS = 10  # roles compared at each end of a ranking (fewer when the runs share fewer than twice this)
@@ -32,14 +43,24 @@ MIN_SHARED_ROLES = 3
 
 
 @dataclass(frozen=True)
-class _Run:
-    """What one run contributes: its model (name and weights hash), axis and kept role vectors."""
+class RunVectors:
+    """One side of a comparison, a whole run or half of one: its model (name and weights hash), axis and kept
+    role vectors, and what they were built from.
 
-    root: Path
+    questions: the questions its default and role rollouts answer (0 when a run's manifest does not list them);
+    n_default: the default-Assistant replies in its default vector; n_answers: the score-3 role answers in its
+    kept role vectors; record_ids: the rollouts a split half was built from (empty for a whole run).
+    """
+
+    label: str
     model: str
     model_hash: str
     axis: Axis
     roles: dict[str, Tensor]  # name -> [layers, hidden]
+    questions: int
+    n_default: int
+    n_answers: int
+    record_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -65,9 +86,11 @@ class RankAgreement:
 
 @dataclass(frozen=True)
 class Stability:
-    """Agreement of run A and run B (see the module docstring); per-layer lists are [layers].
+    """Agreement of run A and run B, or of the two halves of one run (see the module docstring); per-layer lists are [layers].
 
-    cos_axis_pc1_a and _b are each run's |cos(axis, PC1)| per layer, as `analyze` reports them (unstandardised).
+    cos_axis_pc1_a and _b are each side's |cos(axis, PC1)| per layer, as `analyze` reports them (unstandardised).
+    split_half: A and B are the even- and odd-question halves of one run. questions_*, defaults_*, answers_*:
+    the questions each side's rollouts answer, its default replies, and the score-3 role answers in its kept roles.
     """
 
     run_a: str
@@ -84,6 +107,13 @@ class Stability:
     roles_a: int
     roles_b: int
     roles_shared: int
+    split_half: bool
+    questions_a: int
+    questions_b: int
+    defaults_a: int
+    defaults_b: int
+    answers_a: int
+    answers_b: int
     axis_projection: RankAgreement
     pc1_loading: RankAgreement
 
@@ -107,7 +137,12 @@ class Stability:
         model = self.model_a if self.model_a == self.model_b else f"{self.model_a} (A), {self.model_b} (B)"
         rows = [f"{self.run_a} (A) vs {self.run_b} (B): {model}, {self.layers} layers, hidden {self.hidden}; "
                 f"roles kept {self.roles_a} and {self.roles_b}, {self.roles_shared} by both",
-                "layer  cos(axis A, axis B)  |cos(PC1 A, PC1 B)|  |cos(axis, PC1)| A  |cos(axis, PC1)| B"]
+                f"built from: A {self.questions_a} questions, {self.defaults_a} default replies, {self.answers_a} score-3 "
+                f"role answers; B {self.questions_b} questions, {self.defaults_b} default replies, {self.answers_b}"]
+        if self.split_half:
+            rows.append("split half: A and B are the halves of one run by question (even and odd plan index); each has "
+                        "half the run's answers, so their agreement understates that of the full run")
+        rows += ["layer  cos(axis A, axis B)  |cos(PC1 A, PC1 B)|  |cos(axis, PC1)| A  |cos(axis, PC1)| B"]
         for i in range(self.layers):
             mark = " <" if i == self.layer else ""
             rows.append(f"{i:>5}  {self.axis_cos[i]:>19.3f}  {self.pc1_abs_cos[i]:>19.3f}  "
@@ -123,8 +158,9 @@ class Stability:
         return "\n".join(rows)
 
 
-def _read_run(root: Path) -> _Run:
-    """A finished run's model identity, axis and kept role vectors; a one-line error when a file is missing."""
+def _read_run(root: Path) -> tuple[RunVectors, dict[str, Any]]:
+    """A finished run's model identity, axis and kept role vectors, and its vectors step's summary;
+    a one-line error when a file is missing."""
     layout = RunLayout(root)
     vectors_path = layout.require_vectors("stability")
     if not layout.axis.is_file():
@@ -134,20 +170,85 @@ def _read_run(root: Path) -> _Run:
     if "summary" not in meta:
         raise PersonaAxisError(f"{vectors_path} does not say which roles the run kept (no summary): "
                                "recompute it with `persona-axis run`")
-    kept = json.loads(meta["summary"])["roles_used"]
-    identity = RunStore(root).read_manifest().get("identity", {})
-    return _Run(root, str(identity.get("model", "")), str(identity.get("model_hash", "")), load_axis(layout.axis),
-                {name: tensors[name] for name in kept})
+    summary = json.loads(meta["summary"])
+    kept = summary["roles_used"]
+    manifest = RunStore(root).read_manifest()
+    identity, listed = manifest.get("identity", {}), manifest.get("questions", {})
+    run = RunVectors(str(root), str(identity.get("model", "")), str(identity.get("model_hash", "")), load_axis(layout.axis),
+                     {name: tensors[name] for name in kept},
+                     questions=len({*listed.get("default", []), *listed.get("role", [])}),
+                     n_default=int(summary.get("n_default", 0)), n_answers=sum(summary.get("score3_counts", {}).values()))
+    return run, summary
 
 
-def _check_same_model(a: _Run, b: _Run) -> None:
+class _HalfStore(RunStore):
+    """A run's store showing only some of its rollouts and their scores: `accumulate_vectors` skips the other rows."""
+
+    def __init__(self, root: Path, rollouts: list[dict[str, Any]], scores: list[dict[str, Any]]) -> None:
+        super().__init__(root)
+        self._shown = {"rollouts": rollouts, "scores": scores}
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        return self._shown[name] if name in self._shown else super().records(name)
+
+
+def _question_order(manifest: dict[str, Any], rollouts: list[dict[str, Any]]) -> list[str]:
+    """The questions the default and role rollouts answer, in plan order (as the manifest lists them; a run whose
+    manifest does not: in the order the records first name them)."""
+    listed = manifest.get("questions", {})
+    return list(dict.fromkeys([*listed.get("default", []), *listed.get("role", []),
+                               *(r["question_id"] for r in rollouts)]))
+
+
+def _half(root: Path, whole: RunVectors, summary: dict[str, Any], rollouts: list[dict[str, Any]],
+          scores: list[dict[str, Any]], questions: list[str], label: str) -> RunVectors:
+    """One half of a run: its default vector, kept role vectors and axis from the rollouts answering `questions`."""
+    asked = set(questions)
+    mine = [r for r in rollouts if r["question_id"] in asked]
+    ids = frozenset(r["id"] for r in mine)
+    judge, need = summary["judge"], math.ceil(summary["min_score3"] / 2)
+    sums, counts = accumulate_vectors(_HalfStore(root, mine, [r for r in scores if r["id"] in ids]), {"role": judge})
+    where = f"the {label} half of {root} ({len(questions)} of its questions)"
+    if DEFAULT_ROLE not in sums["roles"]:
+        raise PersonaAxisError(f"{where} has no default-Assistant replies with activations: the run is incomplete")
+    candidates = [*summary["roles_used"], *summary["roles_dropped"]]
+    kept = {name: (sums["roles"][name] / counts["roles"][name]).float()
+            for name in candidates if counts["roles"].get(name, 0) >= need}
+    if len(kept) < MIN_SHARED_ROLES:
+        raise PersonaAxisError(f"{where} keeps {len(kept)} roles with at least {need} score-3 answers from {judge}; "
+                               f"a split half needs {MIN_SHARED_ROLES} in each half: run more questions or prompts")
+    default = (sums["roles"][DEFAULT_ROLE] / counts["roles"][DEFAULT_ROLE]).float()
+    return RunVectors(f"{root} {label}", whole.model, whole.model_hash,
+                      Axis(compute_axis(default, torch.stack(list(kept.values())))), kept, questions=len(questions),
+                      n_default=counts["roles"][DEFAULT_ROLE], n_answers=sum(counts["roles"][name] for name in kept),
+                      record_ids=ids)
+
+
+def split_halves(run: str | Path) -> tuple[RunVectors, RunVectors]:
+    """The even- and odd-question halves of a finished run (see the module docstring), each rebuilt from its own
+    default and role rollouts (trait rollouts are left out). An unfinished run, one whose rollouts answer fewer
+    than 2 questions, or a half keeping fewer than MIN_SHARED_ROLES roles is a PersonaAxisError."""
+    root = Path(run)
+    whole, summary = _read_run(root)
+    store = RunStore(root)
+    rollouts = [r for r in store.records("rollouts") if rollout_kind(r) in ("default", "role")]
+    questions = _question_order(store.read_manifest(), rollouts)
+    if len(questions) < 2:
+        raise PersonaAxisError(f"the default and role rollouts of {root} answer {len(questions)} question: a split half "
+                               "needs at least 2 (a preset with more questions)")
+    scores = store.records("scores")
+    return (_half(root, whole, summary, rollouts, scores, questions[0::2], "even questions"),
+            _half(root, whole, summary, rollouts, scores, questions[1::2], "odd questions"))
+
+
+def _check_same_model(a: RunVectors, b: RunVectors) -> None:
     """Refuse runs of different models: different weights, or axes of different shapes."""
     if a.model_hash and b.model_hash and a.model_hash != b.model_hash:
-        raise PersonaAxisError(f"{a.root} is a run of {a.model or 'one model'} and {b.root} of {b.model or 'another'} "
+        raise PersonaAxisError(f"{a.label} is a run of {a.model or 'one model'} and {b.label} of {b.model or 'another'} "
                                "(different weights): stability compares two runs of one model")
     shape_a, shape_b = tuple(a.axis.vectors.shape), tuple(b.axis.vectors.shape)
     if shape_a != shape_b:
-        raise PersonaAxisError(f"{a.root} has an axis of shape {list(shape_a)} and {b.root} one of {list(shape_b)} "
+        raise PersonaAxisError(f"{a.label} has an axis of shape {list(shape_a)} and {b.label} one of {list(shape_b)} "
                                "[layers, hidden]: stability compares two runs of one model")
 
 
@@ -192,33 +293,47 @@ def _agreement(a: dict[str, float], b: dict[str, float], shared: list[str], n: i
     )
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path, layer: int | None = None, ends: int = DEFAULT_ENDS) -> Stability:
-    """Agreement of two finished runs of one model (see the module docstring).
+def compare(a: RunVectors, b: RunVectors, layer: int | None = None, ends: int = DEFAULT_ENDS,
+            split_half: bool = False) -> Stability:
+    """Agreement of two sides of one model (see the module docstring); split_half marks them as halves of one run.
 
     layer: where projections, loadings and their rankings are compared (default: the middle layer,
-    layers // 2). ends: roles compared at each end, at most half the shared roles. Runs of different
-    models, a missing axis or vectors file, or fewer than MIN_SHARED_ROLES roles kept by both runs
-    are a PersonaAxisError.
+    layers // 2). ends: roles compared at each end, at most half the shared roles. Sides of different
+    models or fewer than MIN_SHARED_ROLES roles kept by both are a PersonaAxisError.
     """
     if ends < 1:
         raise PersonaAxisError(f"ends must be at least 1 role; got {ends}")
-    a, b = _read_run(Path(run_a)), _read_run(Path(run_b))
     _check_same_model(a, b)
     index = check_layer_index(a.axis.layer_or_middle(layer), a.axis.n_layers, "layer")
     shared = sorted(set(a.roles) & set(b.roles))
     if len(shared) < MIN_SHARED_ROLES:
-        raise PersonaAxisError(f"{a.root} and {b.root} kept {len(shared)} roles in common; stability needs at least "
-                               f"{MIN_SHARED_ROLES}: run both with the same roles")
+        hint = "the run needs more questions or prompts" if split_half else "run both with the same roles"
+        raise PersonaAxisError(f"{a.label} and {b.label} kept {len(shared)} roles in common; stability needs at least "
+                               f"{MIN_SHARED_ROLES}: {hint}")
     space_a = analyze_persona_space(a.roles, a.axis.vectors, index)
     space_b = analyze_persona_space(b.roles, b.axis.vectors, index)
     pc1_cos = cosine_per_layer(_pc1_directions(a.roles), _pc1_directions(b.roles)).abs()
     n = min(ends, len(shared) // 2)
     return Stability(
-        run_a=str(run_a), run_b=str(run_b), model_a=a.model, model_b=b.model,
+        run_a=a.label, run_b=b.label, model_a=a.model, model_b=b.model,
         layers=a.axis.n_layers, hidden=a.axis.hidden_size, layer=index,
         axis_cos=cosine_per_layer(a.axis.vectors, b.axis.vectors).tolist(), pc1_abs_cos=pc1_cos.tolist(),
         cos_axis_pc1_a=list(space_a.cos_axis_pc1), cos_axis_pc1_b=list(space_b.cos_axis_pc1),
-        roles_a=len(a.roles), roles_b=len(b.roles), roles_shared=len(shared),
+        roles_a=len(a.roles), roles_b=len(b.roles), roles_shared=len(shared), split_half=split_half,
+        questions_a=a.questions, questions_b=b.questions, defaults_a=a.n_default, defaults_b=b.n_default,
+        answers_a=a.n_answers, answers_b=b.n_answers,
         axis_projection=_agreement(space_a.axis_projection, space_b.axis_projection, shared, n, "axis projections"),
         pc1_loading=_agreement(space_a.pc1_loadings, space_b.pc1_loadings, shared, n, "PC1 loadings"),
     )
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, layer: int | None = None, ends: int = DEFAULT_ENDS) -> Stability:
+    """Agreement of two finished runs of one model (see `compare`); a missing axis or vectors file is a PersonaAxisError."""
+    return compare(_read_run(Path(run_a))[0], _read_run(Path(run_b))[0], layer, ends)
+
+
+def split_half(run: str | Path, layer: int | None = None, ends: int = DEFAULT_ENDS) -> Stability:
+    """Agreement of the even- and odd-question halves of one finished run (see `split_halves` and `compare`)."""
+    if ends < 1:
+        raise PersonaAxisError(f"ends must be at least 1 role; got {ends}")
+    return compare(*split_halves(run), layer, ends, split_half=True)

@@ -115,9 +115,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_stability(args: argparse.Namespace) -> None:
-    from persona_axis.build.stability import compare_runs
+    from persona_axis.build.stability import compare_runs, split_half
+    from persona_axis.errors import PersonaAxisError
 
-    result = compare_runs(args.run_a, args.run_b, layer=args.layer, ends=args.ends)
+    if args.split_half and args.run_b is not None:
+        raise PersonaAxisError("stability --split-half takes one run directory (RUN); got two")
+    if not args.split_half and args.run_b is None:
+        raise PersonaAxisError("stability needs two run directories (RUN_A RUN_B), or one with --split-half")
+    result = (split_half(args.run_a, layer=args.layer, ends=args.ends) if args.split_half
+              else compare_runs(args.run_a, args.run_b, layer=args.layer, ends=args.ends))
     if args.json:
         print_json(result.to_json())
         return
@@ -186,10 +192,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     analyze.add_argument("--json", action="store_true", help="print one JSON object")
     analyze.set_defaults(func=cmd_analyze)
 
-    stability = sub.add_parser("stability", help="how far two runs of one model agree: axis and PC1 cosines per layer, "
-                                                 "rank correlation and shared ends of their roles")
+    stability = sub.add_parser("stability", help="how far two runs of one model (or the two halves of one run by "
+                                                 "question) agree: axis and PC1 cosines per layer, rank correlation "
+                                                 "and shared ends of their roles")
     stability.add_argument("run_a", metavar="RUN_A", help="run directory")
-    stability.add_argument("run_b", metavar="RUN_B", help="run directory of the same model (another seed, judge, ...)")
+    stability.add_argument("run_b", metavar="RUN_B", nargs="?",
+                           help="run directory of the same model (another seed, judge, ...); omitted with --split-half")
+    stability.add_argument("--split-half", action="store_true",
+                           help="compare the halves of RUN_A by question (even and odd plan index), each rebuilt from "
+                                "its own answers; each has half the answers, so this understates the full run's agreement")
     stability.add_argument("--layer", type=int, help="layer for role rankings and cos(axis, PC1) (default: the middle layer)")
     stability.add_argument("--ends", type=int, default=10,
                            help="roles compared at each end of a ranking (default 10, at most half the shared roles)")

@@ -31,15 +31,32 @@ def _bench(name: str) -> Callable[[argparse.Namespace], None]:
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
+    from persona_axis.apps.server import parse_guard
     from persona_axis.axis import load_axis
     from persona_axis.bench.serve import bench_serve
     from persona_axis.control.capping import load_config
+    from persona_axis.errors import PersonaAxisError
+    from persona_axis.evals.guard import PRESETS, guard_vs_always
 
+    guard = parse_guard(args.guard) if args.guard is not None else None
+    if args.guard_eval is not None and (args.axis is None or args.config is None):
+        raise PersonaAxisError("--guard-eval compares a real cap with its guard: give --axis RUN and --config")
+    if args.no_load and args.guard_eval is None:
+        raise PersonaAxisError("--no-load leaves nothing to measure without --guard-eval")
     lm = load_model_from(args)
     axis = load_axis(args.axis) if args.axis else None
     config = load_config(args.config) if args.config else None
-    _report(bench_serve(lm, axis, config, clients=args.clients, requests_per_client=args.requests,
-                        new_tokens=args.new_tokens), args.json)
+    report = {} if args.no_load else bench_serve(lm, axis, config, clients=args.clients,
+                                                 requests_per_client=args.requests, new_tokens=args.new_tokens)
+    if args.guard_eval is not None:
+        assert axis is not None and config is not None
+        found = guard_vs_always(lm, axis, next(iter(config.experiments.values())), PRESETS[args.guard_eval],
+                                threshold=None if guard is None else guard.below, run_dir=args.axis,
+                                layer=None if guard is None else guard.layer, out=args.guard_out,
+                                progress=not args.json)
+        report.update({key: value for key, value in found.items() if key.startswith("guard_vs_always")})
+        report["guard_eval"] = found
+    _report(report, args.json)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +80,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="comma-separated concurrent client counts")
     serve.add_argument("--requests", type=int, default=2, help="streamed requests each client sends in turn")
     serve.add_argument("--new-tokens", type=int, default=64, help="tokens per reply (end-of-turn ignored)")
+    serve.add_argument("--guard-eval", choices=["smoke", "standard"],
+                       help="also compare the config's first cap always on with its drift guard: benign cost (KL, "
+                            "over-refusal, IFBench) and lift of the lowest-decile turns of simulated conversations "
+                            "(evals/guard.py; needs --axis RUN and --config)")
+    serve.add_argument("--guard", metavar="BELOW[@LAYER]",
+                       help="the guard's threshold (default: halfway down the axis at the layer the simulations read)")
+    serve.add_argument("--guard-out", metavar="DIR", help="save the guard comparison's simulations here (resumable)")
+    serve.add_argument("--no-load", action="store_true", help="skip the load test (with --guard-eval)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
     serve.set_defaults(func=_bench_serve)
 

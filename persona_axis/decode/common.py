@@ -15,6 +15,7 @@ from torch import Tensor
 
 from persona_axis.decode.capture import StepMeanRecorder, StepProjectionRecorder
 from persona_axis.decode.interventions import Cap, Intervention
+from persona_axis.decode.row_interventions import Guard
 from persona_axis.model.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ class DecodeSpec:
     interventions, in the order they act}, checked against the model. watch: (layer, direction
     [hidden]) for per-token projections. stops: the end-of-turn ids (empty: every reply runs to
     max_new_tokens). share_prefixes: the engine prefills a prompt beginning shared by several prompts
-    once (decode/prefix_cache.py).
+    once (decode/prefix_cache.py). guard: interventions held back until the watched projection's running mean
+    falls below its threshold (decode/row_interventions.Guard; engine only).
     """
 
     max_new_tokens: int
@@ -45,6 +47,7 @@ class DecodeSpec:
     on_token: TokenCallback | None
     stops: frozenset[int]
     share_prefixes: bool = True
+    guard: Guard | None = None
 
     @property
     def caps(self) -> tuple[Cap, ...]:
@@ -67,13 +70,15 @@ class DecodeSpec:
 @dataclass
 class Reply:
     """One generated reply. means: [len(layers), hidden] float32 on the CPU (None without capture);
-    projections: per-token projections on the watched direction (None without watch)."""
+    projections: per-token projections on the watched direction (None without watch); guard_fired_at: the reply
+    token (0-based) on which its guard fired, or None."""
 
     text: str
     token_ids: list[int]
     finished: bool
     means: Tensor | None
     projections: list[float] | None
+    guard_fired_at: int | None = None
 
     def captured_means(self) -> Tensor:
         """`means` [layers, hidden]; raises ValueError when the reply was generated without capture."""

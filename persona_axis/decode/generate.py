@@ -40,7 +40,7 @@ from persona_axis.decode.hooks import layer_hooks, merge_ops
 from persona_axis.decode.interventions import Intervention, InterventionMap, check_vector, layer_lists
 from persona_axis.decode.kv import supports_slots
 from persona_axis.decode.requests import EndEvent, Event, Sampling, TokenEvent
-from persona_axis.decode.row_interventions import RowSettings
+from persona_axis.decode.row_interventions import Guard, RowSettings
 from persona_axis.decode.sampling import pick_tokens, reply_generator, stream_seed
 from persona_axis.errors import PersonaAxisError
 from persona_axis.model.loading import LoadedModel, Message
@@ -56,6 +56,7 @@ class GenerationResult:
     means: [n, len(layers), hidden] float32 per-layer means over each response's tokens, or None
     when nothing was captured. finished[i] is False when reply i was cut by max_new_tokens.
     projections[i]: per-token projections of reply i on the watched direction (when `watch` is set).
+    guard_fired_at[i]: the token of reply i on which the guard fired, or None (when a guard was given).
     """
 
     texts: list[str]
@@ -64,6 +65,7 @@ class GenerationResult:
     means: Tensor | None
     layers: list[int]
     projections: list[list[float]] | None = None
+    guard_fired_at: list[int | None] | None = None
 
     def captured_means(self) -> Tensor:
         """`means` [n, len(layers), hidden]; raises ValueError when generate ran without capture."""
@@ -94,16 +96,20 @@ def _checked(lm: LoadedModel, interventions: InterventionMap) -> dict[int, list[
 def decode_spec(lm: LoadedModel, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                 capture: bool | Sequence[int] = True, interventions: InterventionMap | None = None,
                 watch: tuple[int, Tensor] | None = None, on_token: TokenCallback | None = None,
-                stop_at_eos: bool = True, share_prefixes: bool = True) -> DecodeSpec:
+                stop_at_eos: bool = True, share_prefixes: bool = True, guard: Guard | None = None) -> DecodeSpec:
     """Validate generate's options against the model (see `generate`) and bundle them for a decode loop."""
     if max_new_tokens < 1:
         raise PersonaAxisError("max_new_tokens must be at least 1")
+    if guard is not None and watch is None:
+        raise PersonaAxisError("a guard reads the watched projection: pass watch=(layer, direction) with it")
+    if guard is not None:
+        guard = Guard(guard.threshold, _checked(lm, guard.interventions), guard.min_tokens)
     if watch is not None:
         watch = (lm.check_layer(watch[0]), check_vector(watch[1], lm.hidden_size, "watched direction"))
     return DecodeSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       layers=_capture_layers(lm, capture), interventions=_checked(lm, interventions or {}), watch=watch,
                       on_token=on_token, stops=frozenset(stop_token_ids(lm) if stop_at_eos else []),
-                      share_prefixes=share_prefixes)
+                      share_prefixes=share_prefixes, guard=guard)
 
 
 def stream_replies(lm: LoadedModel, conversations: Sequence[list[Message]], spec: DecodeSpec, *,
@@ -127,6 +133,9 @@ def stream_replies(lm: LoadedModel, conversations: Sequence[list[Message]], spec
         return iter(())
     if continuous and supports_slots(lm.model):
         return _engine_replies(lm, prompt_ids, seeds, spec, batch_size)
+    if spec.guard is not None:
+        raise PersonaAxisError("a drift guard needs the decode engine: this model's cache (or continuous=False) "
+                               "runs the static loop")
     return _static_replies(lm, prompt_ids, seeds, spec, batch_size)
 
 
@@ -137,7 +146,7 @@ def _engine_replies(lm: LoadedModel, prompt_ids: list[list[int]], seeds: list[in
                     prefill_chunk=max(len(p) for p in prompt_ids), capture_layers=spec.layers,
                     share_prefixes=spec.share_prefixes, shrink_patience=1, keep_conversations=False)
     watch = (spec.watch[0], unit_vector(spec.watch[1], "watched direction")) if spec.watch is not None else None
-    settings = RowSettings(spec.interventions, watch)
+    settings = RowSettings(spec.interventions, watch, spec.guard)
     sampling = Sampling(spec.max_new_tokens, spec.temperature, spec.top_p, ignore_eos=not spec.stops)
     ended: list[tuple[int, Reply]] = []
 
@@ -164,7 +173,7 @@ def _engine_replies(lm: LoadedModel, prompt_ids: list[list[int]], seeds: list[in
 
 def _reply(end: EndEvent, spec: DecodeSpec) -> Reply:
     return Reply(text=end.text, token_ids=end.token_ids, finished=end.reason == "stop", means=end.means,
-                 projections=end.projections if spec.watch is not None else None)
+                 projections=end.projections if spec.watch is not None else None, guard_fired_at=end.guard_fired_at)
 
 
 def generate(
@@ -184,6 +193,7 @@ def generate(
     progress: bool = False,
     continuous: bool = True,
     share_prefixes: bool = True,
+    guard: Guard | None = None,
 ) -> GenerationResult:
     """Generate the assistant's next reply for each conversation, capturing activations as it goes.
 
@@ -198,14 +208,17 @@ def generate(
     work in every variant). continuous=False runs the static loop (for comparisons). share_prefixes:
     the continuous loop prefills a prompt beginning shared by several conversations once (a role's
     system prompt, a jailbreak's; decode/prefix_cache.py): the same replies up to float rounding, faster.
+    guard: interventions that start acting on a reply once the running mean of its watched projection falls
+    below the guard's threshold (needs `watch`; the serving drift guard, offline).
     """
     spec = decode_spec(lm, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, capture=capture,
                        interventions=interventions, watch=watch, on_token=on_token, stop_at_eos=stop_at_eos,
-                       share_prefixes=share_prefixes)
+                       share_prefixes=share_prefixes, guard=guard)
     n = len(conversations)
     texts, tokens, finished = [""] * n, [[] for _ in range(n)], [False] * n  # type: ignore[var-annotated]
     means = torch.zeros(n, len(spec.layers), lm.hidden_size) if spec.layers else None
     projections: list[list[float]] | None = [[] for _ in range(n)] if watch is not None else None
+    fired: list[int | None] | None = [None] * n if guard is not None else None
     with tqdm(total=n, desc="generating", unit="reply", disable=not progress) as bar:
         for i, reply in stream_replies(lm, conversations, spec, seed=seed, batch_size=batch_size, continuous=continuous):
             texts[i], tokens[i], finished[i] = reply.text, reply.token_ids, reply.finished
@@ -213,9 +226,11 @@ def generate(
                 means[i] = reply.means
             if projections is not None and reply.projections is not None:
                 projections[i] = reply.projections
+            if fired is not None:
+                fired[i] = reply.guard_fired_at
             bar.update(1)
     return GenerationResult(texts=texts, token_ids=tokens, finished=finished, means=means, layers=spec.layers,
-                            projections=projections)
+                            projections=projections, guard_fired_at=fired)
 
 
 def _static_replies(lm: LoadedModel, prompt_ids: list[list[int]], seeds: list[int], spec: DecodeSpec,

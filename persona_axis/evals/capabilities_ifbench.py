@@ -29,8 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from persona_axis.decode.generate import generate
 from persona_axis.decode.interventions import InterventionMap
+from persona_axis.decode.row_interventions import Guard
 from persona_axis.errors import PersonaAxisError
 from persona_axis.model.loading import LoadedModel
 
@@ -183,8 +186,10 @@ def ifbench(lm: LoadedModel, n: int = 48, *, interventions: InterventionMap | No
 
 
 def ifbench_prompts(lm: LoadedModel, prompts: Sequence[IFBenchPrompt], *, interventions: InterventionMap | None = None,
-                    max_new_tokens: int = 256, batch_size: int = 16, progress: bool = False) -> IFBenchResult:
+                    max_new_tokens: int = 256, batch_size: int = 16, progress: bool = False,
+                    guard: Guard | None = None, watch: tuple[int, Tensor] | None = None) -> IFBenchResult:
     """Answer these IFBench prompts (chosen by select_prompts, here or on another machine) and score the replies.
+    guard and watch: a drift guard and the projection it reads, as `generate` takes them.
 
     Refuses a prompt whose checkers cannot run here (missing NLTK data): its instructions would be
     scored as failed, and the sample would no longer be the one chosen.
@@ -194,7 +199,8 @@ def ifbench_prompts(lm: LoadedModel, prompts: Sequence[IFBenchPrompt], *, interv
         raise PersonaAxisError(f"IFBench prompts {', '.join(unsupported)} need checkers that cannot run on this machine "
                                f"(NLTK data {', '.join(_NLTK_RESOURCES)}): install the same data on every machine")
     replies = generate(lm, [[{"role": "user", "content": p.prompt}] for p in prompts], max_new_tokens=max_new_tokens,
-                       capture=False, interventions=interventions, batch_size=batch_size, progress=progress)
+                       capture=False, interventions=interventions, batch_size=batch_size, progress=progress,
+                       guard=guard, watch=watch)
     items, outcomes = [], []
     for prompt, text, finished in zip(prompts, replies.texts, replies.finished):
         scored = score_reply(prompt, text)
