@@ -85,7 +85,7 @@ def test_guard_vs_always_reports_every_cost_and_the_ratios(tokenizer: Any, tmp_p
     _, config = tiny_axis_and_config(lm)
     settings = guard_eval.PRESETS["smoke"]
     report = guard_eval.guard_vs_always(lm, axis, config.experiments[EXPERIMENT], settings, threshold=math.inf,
-                                        out=tmp_path)
+                                        run_dir=tmp_path, out=tmp_path)
     assert report["layer"] == 0 and report["threshold_rule"] == "given"
     assert set(report["over_refusal"]) == set(report["low_decile"]) == {"none", "always", "guard"}
     assert report["guard_fired_share_default"] == 1 and report["guard_capped_share_turns"] == 1

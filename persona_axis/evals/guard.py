@@ -210,6 +210,7 @@ def guard_vs_always(lm: LoadedModel, axis: Axis, experiment: Experiment, setting
     simulations (resumable turn by turn; without it nothing is saved)."""
     caps: dict[int, list[Intervention]] = {layer_: [cap] for layer_, cap in experiment.interventions().items()}
     layer = measured_layer(axis, caps, layer)
+    rule = "given" if threshold is not None else THRESHOLD_RULE
     if threshold is None:
         if run_dir is None or not Path(run_dir).is_dir():
             raise PersonaAxisError("the guard needs a threshold: give one, or the axis's run directory (its default "
@@ -218,7 +219,7 @@ def guard_vs_always(lm: LoadedModel, axis: Axis, experiment: Experiment, setting
     watch = (layer, axis.unit(layer))
     guard = Guard(threshold, caps, settings.min_tokens)
     report: dict[str, Any] = {"experiment": experiment.id, "layer": layer, "threshold": threshold,
-                              "threshold_rule": THRESHOLD_RULE if run_dir is not None else "given",
+                              "threshold_rule": rule,
                               "settings": asdict(settings)}
     catalog = load_catalog()
     report.update(kl_costs(lm, default_conversations(catalog, settings.kl_prompts), caps, watch, threshold,
