@@ -35,7 +35,7 @@ from persona_axis.apps.user_simulators import DomainPersona, LocalUserSimulator,
 from persona_axis.axis import Axis
 from persona_axis.build.executors import Executor, LocalExecutor, executor_or_local
 from persona_axis.decode.generate import generate
-from persona_axis.decode.interventions import InterventionMap, layer_lists
+from persona_axis.decode.interventions import InterventionMap
 from persona_axis.decode.row_interventions import Guard
 from persona_axis.errors import PersonaAxisError
 from persona_axis.measurement import measured_layer
@@ -50,7 +50,6 @@ TURNS = "turns"  # the finished turns of conversations not finished yet, one rec
 SIMULATION_FORMAT = 2
 Record = dict[str, Any]  # one simulated conversation, or one turn of it (see `simulate`)
 META_KEYS = ("id", "domain", "persona_id", "capped", "layer")  # a conversation's fields every turn record repeats
-GUARD_KEYS = ("guard", "guarded", "guard_fired_at")  # a guarded simulation's per-turn fields (see `_converse`)
 
 
 def _digest(obj: Any) -> str:
@@ -125,10 +124,7 @@ def _replies(target: LoadedModel, histories: list[list[Message]], seeds: list[in
     `interventions` with the guard waiting (watching `layer`)."""
     groups: list[tuple[list[int], InterventionMap, Guard | None]] = [(list(range(len(histories))), interventions, None)]
     if guard is not None:
-        merged = {layer_: list(items) for layer_, items in layer_lists(interventions).items()}
-        for layer_, items in layer_lists(guard.interventions).items():
-            merged.setdefault(layer_, []).extend(items)
-        groups = [([i for i, on in enumerate(fired) if on], merged, None),
+        groups = [([i for i, on in enumerate(fired) if on], guard.acting_with(interventions), None),
                   ([i for i, on in enumerate(fired) if not on], interventions, guard)]
     texts, ids, values = [""] * len(histories), [[] for _ in histories], [0.0] * len(histories)  # type: ignore[var-annotated]
     fired_at: list[int | None] = [None] * len(histories)

@@ -42,6 +42,13 @@ class Guard:
         if self.min_tokens < 1 or not self.interventions:
             raise PersonaAxisError("a guard needs interventions to turn on and min_tokens >= 1")
 
+    def acting_with(self, interventions: Mapping[int, Intervention | Sequence[Intervention]]) -> dict[int, list[Intervention]]:
+        """{layer: `interventions` there, then this guard's}: what acts once the guard has fired."""
+        merged = {layer: list(items) for layer, items in layer_lists(interventions).items()}
+        for layer, items in layer_lists(self.interventions).items():
+            merged.setdefault(layer, []).extend(items)
+        return merged
+
 
 @dataclass(frozen=True)
 class RowSettings:
@@ -60,10 +67,7 @@ class RowSettings:
     def guarded(self) -> RowSettings:
         """These settings with the guard's interventions acting beside the others (and no guard left)."""
         assert self.guard is not None
-        merged = {layer: list(items) for layer, items in layer_lists(self.interventions).items()}
-        for layer, items in layer_lists(self.guard.interventions).items():
-            merged.setdefault(layer, []).extend(items)
-        return RowSettings(merged, self.watch)
+        return RowSettings(self.guard.acting_with(self.interventions), self.watch)
 
     @property
     def engaged_layers(self) -> list[int]:

@@ -134,11 +134,15 @@ def kl_costs(lm: LoadedModel, conversations: Sequence[list[Message]], caps: dict
             "guard_fired_share_default": fired / len(conversations)}
 
 
-def _guard_kwargs(condition: str, caps: dict[int, list[Intervention]], guard: Guard,
-                  watch: tuple[int, torch.Tensor]) -> dict[str, Any]:
-    kwargs: dict[str, dict[str, Any]] = {"none": {}, "always": {"interventions": caps},
-                                         "guard": {"guard": guard, "watch": watch}}
-    return kwargs[condition]
+def _condition(condition: str, caps: dict[int, list[Intervention]], guard: Guard) -> dict[str, Any]:
+    """The options of `simulate` (and `generate`, which also needs the guard's watch) for one condition."""
+    options: dict[str, dict[str, Any]] = {"none": {}, "always": {"interventions": caps}, "guard": {"guard": guard}}
+    return options[condition]
+
+
+def _generate_options(condition: str, caps: dict[int, list[Intervention]], guard: Guard,
+                      watch: tuple[int, torch.Tensor]) -> dict[str, Any]:
+    return {**_condition(condition, caps, guard), **({"watch": watch} if condition == "guard" else {})}
 
 
 def benign_persona_conversations(n: int) -> list[list[Message]]:
@@ -153,7 +157,7 @@ def over_refusal(lm: LoadedModel, conversations: Sequence[list[Message]], caps: 
     out: dict[str, Any] = {"over_refusal": {}, "benign_n": len(conversations)}
     for condition in CONDITIONS:
         result = generate(lm, conversations, max_new_tokens=max_new_tokens, capture=False,
-                          **_guard_kwargs(condition, caps, guard, watch))
+                          **_generate_options(condition, caps, guard, watch))
         out["over_refusal"][condition] = sum(map(refusal_cue, result.texts)) / len(conversations)
         if result.guard_fired_at is not None:
             out["guard_fired_share_benign"] = sum(at is not None for at in result.guard_fired_at) / len(conversations)
@@ -167,14 +171,14 @@ def ifbench_accuracy(lm: LoadedModel, n: int, caps: dict[int, list[Intervention]
         return {}
     prompts = select_prompts(n)
     return {"ifbench_strict": {c: ifbench_prompts(lm, prompts, max_new_tokens=max_new_tokens,
-                                                  **_guard_kwargs(c, caps, guard, watch)).instruction_strict
+                                                  **_generate_options(c, caps, guard, watch)).instruction_strict
                                for c in CONDITIONS}, "ifbench_n": n}
 
 
 def lowest_decile_mean(values: Sequence[float]) -> float:
     """Mean of the lowest tenth of `values` (at least one value)."""
-    ordered = sorted(values)
-    return sum(ordered[: max(1, math.ceil(len(ordered) / 10))]) / max(1, math.ceil(len(ordered) / 10))
+    lowest = sorted(values)[: max(1, math.ceil(len(values) / 10))]
+    return sum(lowest) / len(lowest)
 
 
 def drift_lift(lm: LoadedModel, axis: Axis, caps: dict[int, list[Intervention]], guard: Guard, layer: int,
@@ -183,11 +187,10 @@ def drift_lift(lm: LoadedModel, axis: Axis, caps: dict[int, list[Intervention]],
     user = LocalUserSimulator(lm)
     lows, fired_turns, n_turns = {}, 0, 0
     for condition in CONDITIONS:
-        options: dict[str, dict[str, Any]] = {"none": {}, "always": {"interventions": caps}, "guard": {"guard": guard}}
-        kwargs = options[condition]
         records = simulate(lm, axis, user, "all", settings.turns, settings.conversations, layer=layer,
                            max_new_tokens=settings.max_new_tokens, progress=progress,
-                           out=None if out is None else out / f"simulate-{condition}", **kwargs)
+                           out=None if out is None else out / f"simulate-{condition}",
+                           **_condition(condition, caps, guard))
         values = [v for r in records for v in r["projections"] if v is not None]
         lows[condition] = lowest_decile_mean(values)
         if condition == "guard":
