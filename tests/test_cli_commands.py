@@ -33,7 +33,7 @@ def tiny_run(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     lm = load_model(tiny_model_dir, dtype="float32")
     run_pipeline(out, lm, load_catalog(), preset_settings("smoke", max_new_tokens=6), EveryOtherJudge(),
-                 progress=False)
+                 progress=False, model_spec=tiny_model_dir)
     return out
 
 
@@ -148,6 +148,30 @@ def test_generate_labels_steering_and_scales_it_by_the_run(tiny_run: Path, tiny_
     assert main([*args, "--axis", str(bare), "--steer=-0.5n@2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "give --axis as a run directory" in err
+
+
+def test_a_run_names_its_model_so_commands_on_it_need_no_model_option(
+        tiny_run: Path, tiny_model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert json.loads((tiny_run / "manifest.json").read_text())["model_spec"] == tiny_model_dir
+    file = tmp_path / "prompts.jsonl"
+    file.write_text(json.dumps([{"role": "user", "content": "Who are you?"}]) + "\n")
+    args = ["generate", str(file), "--axis", str(tiny_run), "--dtype", "float32", "--max-new-tokens", "3", "--json"]
+    assert main(args) == 0  # the tiny model the run recorded, not the embedded one
+    assert len(json.loads(capsys.readouterr().out)["conversations"]) == 1
+    assert main([*args, "--model", "default"]) == 2  # an explicit --model still wins: the embedded model's shape
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_run_records_its_model_for_resuming_and_calibrating_without_model(
+        tiny_model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    settings = ["--preset", "smoke", "--max-new-tokens", "4", "--dtype", "float32", "--no-progress", "--out", str(out)]
+    assert main(["run", "--model", tiny_model_dir, *settings]) == 0
+    assert json.loads((out / "manifest.json").read_text())["model_spec"] == tiny_model_dir
+    assert main(["run", *settings]) == 0  # resumes: the embedded model would be refused as a different run
+    assert main(["calibrate", str(out), "--layers", "1:3", "--samples", "1", "--max-new-tokens", "2",
+                 "--dtype", "float32", "--json"]) == 0  # engagement samples need the run's model
+    capsys.readouterr()
 
 
 def test_generate_rejects_conversation_ending_with_assistant(tiny_run: Path, tiny_model_dir: str, tmp_path: Path,

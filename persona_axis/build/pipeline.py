@@ -241,6 +241,7 @@ def run_pipeline(
     progress: bool = True,
     trait_judge: Judge | None = None,
     executor: Executor | None = None,
+    model_spec: str | None = None,
 ) -> Path:
     """Run (or resume) every step into `out`; returns the run directory. Refuses a directory whose run differs.
 
@@ -248,7 +249,8 @@ def run_pipeline(
     `{model_name}` in the catalogue's prompts becomes the model's short name. `executor` generates
     the rollouts (default: this process, on `lm`; a RayExecutor loads the model on each of its actors,
     so `lm` may then be None); the result does not depend on it, so a run started on one executor
-    resumes on another.
+    resumes on another. `model_spec` (the `--model` value that loads the model again) is recorded in the
+    manifest, outside the identity, so later commands on the run need no `--model` (`recorded_model_spec`).
     """
     executor = executor_or_local(executor, lm, "run_pipeline")
     model = executor.model_identity()
@@ -263,12 +265,23 @@ def run_pipeline(
     with RunStore.open(out) as store:
         identity = _engine_identity(store, identity)
         store.claim(identity, {"preset": preset, "versions": _versions(), "catalog_source": catalog.source,
-                               "questions": question_ids_by_kind(plan), "traits": [t.name for t in traits]})
+                               "questions": question_ids_by_kind(plan), "traits": [t.name for t in traits],
+                               **({"model_spec": model_spec} if model_spec else {})})
         step_rollouts(store, executor, plan, settings, progress)
         step_scores(store, judges, catalog, progress)
         summary = step_vectors(store, roles, {k: j.id for k, j in judges.items()}, settings.min_score3, traits)
         step_axis(store, model, summary["roles_used"])
     return Path(out)
+
+
+def recorded_model_spec(run_dir: str | Path) -> str | None:
+    """The `--model` spec a run directory's manifest records (None: not a run, or made before runs recorded it)."""
+    try:
+        manifest = RunStore(Path(run_dir)).read_manifest() if Path(run_dir).is_dir() else {}
+    except (OSError, ValueError):
+        return None  # an unreadable manifest: the command that reads the run says what is wrong
+    spec = manifest.get("model_spec") if isinstance(manifest, dict) else None
+    return spec if isinstance(spec, str) else None
 
 
 def run_catalog(run_dir: str | Path) -> Catalog:

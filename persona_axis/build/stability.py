@@ -172,6 +172,9 @@ def _read_run(root: Path) -> tuple[RunVectors, dict[str, Any]]:
                                "recompute it with `persona-axis run`")
     summary = json.loads(meta["summary"])
     kept = summary["roles_used"]
+    if any(name not in tensors for name in kept):
+        raise PersonaAxisError(f"{vectors_path} lacks the role vectors its summary lists (a built-in axis ships only "
+                               "the default vector): give the run directory itself")
     manifest = RunStore(root).read_manifest()
     identity, listed = manifest.get("identity", {}), manifest.get("questions", {})
     run = RunVectors(str(root), str(identity.get("model", "")), str(identity.get("model_hash", "")), load_axis(layout.axis),

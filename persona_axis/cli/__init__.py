@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from persona_axis.cli.options import resolve_run_arguments
+
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        resolve_run_arguments(args)
         args.func(args)
     except PersonaAxisError as exc:
         print(f"persona-axis: error: {exc}", file=sys.stderr)

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persona_axis.cli.options import executor_from, executor_options, judge_options, load_model_from, model_options, print_json
+from persona_axis.cli.options import (
+    executor_from,
+    executor_options,
+    judge_options,
+    load_model_from,
+    model_options,
+    portable_model_spec,
+    print_json,
+)
 
 if TYPE_CHECKING:
     from persona_axis.build.persona_space import RunAnalysis
@@ -88,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     trait_judge = make_judge(args.judge, traits=catalog.traits, **options)
     with executor_from(args, progress=not args.no_progress) as executor:
         run_pipeline(args.out, None, catalog, settings, judge, role_names=_role_list(args.roles), preset=args.preset,
-                     progress=not args.no_progress, trait_judge=trait_judge, executor=executor)
+                     progress=not args.no_progress, trait_judge=trait_judge, executor=executor,
+                     model_spec=portable_model_spec(args.model))
     print(headline(analyze_run(args.out)))
     print(f"report: {Path(args.out) / 'report.html'}")
 

@@ -27,7 +27,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = sub.add_parser("export", help="write the axis for other runtimes: a llama.cpp control vector (GGUF, adds "
                                            "the axis; llama.cpp cannot cap) or the reference implementation's .pt")
-    export.add_argument("axis", metavar="RUN_DIR_OR_AXIS", help="a run directory or an axis file (.safetensors or .pt)")
+    export.add_argument("axis", metavar="RUN_DIR_OR_AXIS",
+                        help="a run directory, an axis file (.safetensors or .pt) or a built-in axis (smollm2)")
     export.add_argument("--format", choices=("gguf", "pt"), required=True,
                         help="gguf: llama.cpp control vector (llama-cli --control-vector); pt: torch tensor [layers, hidden]")
     export.add_argument("--out", required=True, help="the file to write")

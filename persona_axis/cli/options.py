@@ -6,6 +6,7 @@ import argparse
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,13 +17,38 @@ from persona_axis.model.int8 import FAST_PATHS
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default', a .gguf file, a model directory or a hub id")
+    p.add_argument("--model", help="'default', a packaged model, a .gguf file, a model directory or a hub id "
+                                   "(default: the model the run given as --axis or RUN was made with, else 'default')")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where fast), float32, bfloat16 or float16")
     p.add_argument("--fast-path", default="exact", choices=("auto", *FAST_PATHS),
                    help="exact (default): the model as loaded; int8: weight-only int8 linears on CPU, faster "
                         "decoding with a bounded loss (docs/fast-path.md); auto: int8 on CPU, else exact")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--device-map", help="auto: shard a model larger than one GPU over the GPUs, then CPU (accelerate)")
+
+
+def portable_model_spec(spec: str) -> str:
+    """A --model spec as a run records it: a path made absolute; "default", a packaged model's name (which
+    load_model reads as such before any path) and a hub id as given."""
+    from persona_axis.model.sources import PACKAGED_MODELS
+
+    if spec == "default" or spec in PACKAGED_MODELS or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def resolve_run_arguments(args: argparse.Namespace) -> None:
+    """Fill in what a run names: a built-in --axis becomes its directory, and a missing --model the spec
+    the run given as --axis (or RUN, or `run --out`) recorded, else "default"."""
+    from persona_axis.build.pipeline import recorded_model_spec
+    from persona_axis.builtin_axes import resolve_axis
+
+    if getattr(args, "axis", None):
+        args.axis = resolve_axis(args.axis, getattr(args, "model", None))
+    if hasattr(args, "model") and args.model is None:
+        runs = [getattr(args, "axis", None), getattr(args, "run", None),
+                args.out if args.command == "run" else None]
+        args.model = next((spec for run in runs if run and (spec := recorded_model_spec(run))), "default")
 
 
 def load_model_from(args: argparse.Namespace, progress: bool = True) -> LoadedModel:
@@ -35,7 +61,8 @@ def load_model_from(args: argparse.Namespace, progress: bool = True) -> LoadedMo
 
 def axis_options(p: argparse.ArgumentParser) -> None:
     model_options(p)
-    p.add_argument("--axis", required=True, help="a run directory or an axis file (.safetensors or torch file)")
+    p.add_argument("--axis", required=True, help="a run directory, an axis file (.safetensors or torch file) or a "
+                                                   "built-in axis: smollm2 (the embedded model's)")
 
 
 def intervention_options(p: argparse.ArgumentParser) -> None:

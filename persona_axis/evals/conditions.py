@@ -80,7 +80,11 @@ def pc1_axis(run_dir: str | Path, axis: Axis) -> Axis:
 
     path = RunLayout(run_dir).require_vectors("--direction pc1")
     tensors, _ = load_tensors(path)
-    roles = torch.stack([t.float() for name, t in sorted(tensors.items()) if name != "default"])  # [roles, L, H]
+    role_tensors = [t.float() for name, t in sorted(tensors.items()) if name != "default"]
+    if not role_tensors:
+        raise PersonaAxisError(f"{path} holds no role vectors (a built-in axis ships only the default vector): "
+                               "give the run directory the axis came from")
+    roles = torch.stack(role_tensors)  # [roles, L, H]
     if tuple(roles.shape[1:]) != (axis.n_layers, axis.hidden_size):
         raise PersonaAxisError(f"{path} role vectors {tuple(roles.shape[1:])} do not fit the axis: use its own run")
     rows = []

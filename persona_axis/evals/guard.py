@@ -35,8 +35,8 @@ from persona_axis.apps.simulate import simulate
 from persona_axis.apps.user_simulators import LocalUserSimulator
 from persona_axis.axis import Axis
 from persona_axis.catalog import default_conversations, load_catalog
-from persona_axis.control.calibration import run_projections
 from persona_axis.control.capping import Experiment
+from persona_axis.control.spec import run_defaults
 from persona_axis.decode.generate import generate
 from persona_axis.decode.interventions import Intervention, steer
 from persona_axis.decode.row_interventions import Guard
@@ -75,8 +75,10 @@ PRESETS = {"smoke": GuardEvalSettings(conversations=1, turns=2, max_new_tokens=1
 
 def halfway_threshold(run_dir: str | Path, axis: Axis, layer: int) -> float:
     """The default threshold (THRESHOLD_RULE): halfway between the run's default-Assistant mean projection and
-    its role vectors' mean (which lies one axis norm below it, the axis being their difference)."""
-    default_mean = float(run_projections(run_dir, axis, [layer], "default").mean())
+    its role vectors' mean (which lies one axis norm below it, the axis being their difference). The mean
+    default projection is the default vector's (the mean of every default answer), so a built-in axis, which
+    ships that vector but no activations, has one too."""
+    default_mean = float(run_defaults(run_dir)[layer] @ axis.unit(layer))
     return default_mean - 0.5 * float(axis.vectors[layer].norm())
 
 
