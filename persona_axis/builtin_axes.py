@@ -20,7 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from persona_axis.catalog import DEFAULT_ROLE
 from persona_axis.control.capping import CappingConfig, load_config, save_config
+from persona_axis.control.spec import run_defaults
 from persona_axis.errors import PersonaAxisError
 from persona_axis.store import RunLayout, RunStore, load_tensors
 
@@ -70,7 +72,7 @@ def package_run(run_dir: str | Path, dest: str | Path, configs: Sequence[str | P
                 provenance: dict[str, Any]) -> list[Path]:
     """Write the built-in form of a finished run into `dest`; return the files written.
 
-    Copies the axis, writes a vectors file with only "default" [layers, hidden], merges the experiments of
+    Copies the axis, writes a vectors file with only the default vector [layers, hidden], merges the experiments of
     `configs` (capping config stems or files of this run) into one config `dest/capping`, so every shipped
     experiment is a `--cap` away, and writes the run's manifest with `model_spec` (the --model that loads the
     axis's model on a user's machine: what commands on the axis default to) and {"builtin": provenance} (how
@@ -81,13 +83,12 @@ def package_run(run_dir: str | Path, dest: str | Path, configs: Sequence[str | P
         raise PersonaAxisError(f"{src.axis} is not there: package a finished run")
     if not configs:
         raise PersonaAxisError("give at least one capping config to ship with the axis")
-    vectors, metadata = load_tensors(src.require_vectors("packaging a built-in axis"))
-    if "default" not in vectors:
-        raise PersonaAxisError(f"{src.vectors} holds no 'default' vector: re-run the vectors step")
+    default = run_defaults(src.root)  # [layers, hidden]; a one-line error when the run has none
+    _, metadata = load_tensors(src.vectors)  # the vectors step's summary, kept for provenance
     merged = _merged([load_config(config) for config in configs])
     out.root.mkdir(parents=True, exist_ok=True)
     store = RunStore(out.root)
-    store.save_tensors(RunLayout.VECTORS, {"default": vectors["default"].float()}, metadata)
+    store.save_tensors(RunLayout.VECTORS, {DEFAULT_ROLE: default}, metadata)
     shutil.copyfile(src.axis, out.axis)
     save_config(merged, out.capping)
     store.write_manifest({**RunStore(src.root).read_manifest(), "model_spec": model_spec, "builtin": provenance})
