@@ -28,7 +28,10 @@ from persona_axis.model.loading import LoadedModel, load_model
 from persona_axis.store import RunStore
 
 CAP = "layers_1:3-p0.5"
-N_ITEMS, N_PERSONA, N_PLAIN, N_ROLE_PRIMED = 28, 15, 3, 5  # the smoke eval set
+N_ITEMS, N_PERSONA, N_PLAIN, N_ROLE_PRIMED, N_PROBES = 34, 15, 3, 5, 6  # the smoke eval set
+N_GENERATED = N_ROLE_PRIMED + N_PROBES  # items whose first turn the model writes (role_primed and role_probe)
+N_PROBE_ROLES = 3  # the probes' roles: a role's probes share one first turn
+N_TURNS = N_ROLE_PRIMED + N_PROBE_ROLES  # the distinct first turns the model writes per condition and sample
 REQUIRED = ("harm_rate", "harm_rate_ci", "harm_reduction", "mcnemar_p", "over_refusal", "ifbench_strict",
             "bigbench_accuracy", "kl_default", "n", "refusal_rate", "refusal_rate_ci")
 
@@ -101,7 +104,7 @@ def full_run(tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet, tmp_path_
 def test_chunks_batch_similar_prompt_lengths(tiny_lm: LoadedModel, smoke_set: EvalSet) -> None:
     in_file_order = [tiny_lm.prompt_length(list(i.messages)) for i in smoke_set.items]
     chunks = chunks_by_length(in_file_order, smoke_set.items, 4)
-    assert [len(c) for c in chunks] == [4] * 7
+    assert [len(c) for c in chunks] == [4] * 8 + [2]
     chunked = [tiny_lm.prompt_length(list(i.messages)) for c in chunks for i in c]
     assert sorted(i.id for c in chunks for i in c) == sorted(i.id for i in smoke_set.items)
     assert chunked == sorted(in_file_order) != in_file_order
@@ -147,6 +150,9 @@ def test_report_json_keys_and_html(full_run: Path, capsys: pytest.CaptureFixture
                                  "axis does not separate jailbroken from plain replies", "cap does not bind",
                                  "cap binds without changing behaviour")
     assert report["correlation"]["n"] == N_PERSONA + N_PLAIN
+    roles = report["role_correlation"]  # the smoke set's 3 probe roles x 2 requests, read from the replies' first turns
+    assert roles["n_roles"] == 3 and roles["n_replies"] == N_PROBES and roles["r"] is None and "fewer than 4" in roles["note"]
+    assert all(isinstance(r["projection"], float) for r in roles["roles"].values())
     assert (full_run / "report.html").read_text().count("<tr>") >= 5
     assert (full_run / "figures" / "eval_pareto.png").stat().st_size > 0
 
@@ -339,43 +345,55 @@ def _assert_same_records(run: Path, full_run: Path) -> None:
 
 
 def test_role_primed_replies_store_their_first_turn(full_run: Path, smoke_set: EvalSet) -> None:
-    """Every condition answered each role_primed item's first question, stored it, then answered the request."""
+    """Every condition answered each role_primed item's first question and each probed role's one first question,
+    stored it once, then answered every request that follows it."""
+    from persona_axis.evals.harm_set import first_turn_key
+
     items = {i.id: i for i in smoke_set.items}
-    primed = {i for i, item in items.items() if item.family == "role_primed"}
-    assert len(primed) == N_ROLE_PRIMED
+    primed = {i for i, item in items.items() if item.generated_turn is not None}
+    assert len(primed) == N_GENERATED
     store = RunStore(full_run)
-    firsts = {(r["condition"], r["item"]): r for r in store.records("first_turns")}
+    records = store.records("first_turns")
+    firsts = {(r["condition"], r["turn"]): r for r in records}
+    assert len(firsts) == len(records) == 4 * N_TURNS
     replies = store.records("replies")
-    assert set(firsts) == {(r["condition"], r["item"]) for r in replies if r["item"] in primed}
-    assert len(firsts) == 4 * N_ROLE_PRIMED
+    assert set(firsts) == {(r["condition"], first_turn_key(items[r["item"]])) for r in replies if r["item"] in primed}
     for r in replies:
         assert r["family"] == items[r["item"]].family
         if r["item"] not in primed:
             assert r["first_turn"] is None
             continue
-        first = firsts[(r["condition"], r["item"])]
-        assert r["first_turn"] == {k: first[k] for k in ("text", "n_tokens", "finished")}
-        assert 0 < first["n_tokens"] <= PRESETS["smoke"].first_turn_max_new_tokens and first["chunk"] == r["chunk"]
+        first = firsts[(r["condition"], first_turn_key(items[r["item"]]))]
+        assert r["first_turn"] == {k: first[k] for k in ("text", "n_tokens", "finished", "projection", "projections")}
+        assert first["layer"] == r["layer"] and first["projection"] == first["projections"][r["layer"]]
+        assert isinstance(first["projection"], float)
+        assert [v is None for v in first["projections"]] == [v is None for v in r["projections"]]
+        assert 0 < first["n_tokens"] <= PRESETS["smoke"].first_turn_max_new_tokens
         assert set(first["cap_counts"]) == set(r["cap_counts"])  # the same condition's caps, counted apart
         assert all(seen > 0 for _, seen in first["cap_counts"].values())  # and they acted on the first turn
 
 
 class GenerateSpy:
-    """Wraps evals.run's generate: records first-turn calls (capture=False) and reply calls; can fail once."""
+    """Wraps evals.run's generate: records first-turn calls (the smoke preset's first-turn length) and reply calls;
+    can fail at the first-turn call number `fail_at_first_turn_call` or at the first reply call."""
 
-    def __init__(self, fail_reply_after_first_turns: bool = False) -> None:
+    def __init__(self, fail_at_first_turn_call: int | None = None, fail_at_first_reply: bool = False) -> None:
         from persona_axis.decode.generate import generate
 
-        self.real, self.fail = generate, fail_reply_after_first_turns
+        self.real, self.fail_turn, self.fail_reply = generate, fail_at_first_turn_call, fail_at_first_reply
         self.first_turns: list[tuple[list[dict[str, str]], str, dict]] = []
+        self.first_turn_calls = 0
         self.replies: list[list[dict[str, str]]] = []
 
     def __call__(self, lm: LoadedModel, conversations: Sequence[list[dict[str, str]]], **kw: object):
-        if kw.get("capture") is False:
+        if kw.get("max_new_tokens") == PRESETS["smoke"].first_turn_max_new_tokens:
+            self.first_turn_calls += 1
+            if self.first_turn_calls == self.fail_turn:
+                raise PersonaAxisError("killed among the first turns")
             result = self.real(lm, conversations, **kw)
             self.first_turns += [(list(c), text, kw) for c, text in zip(conversations, result.texts)]
             return result
-        if self.fail and self.first_turns:
+        if self.fail_reply:
             raise PersonaAxisError("killed between the two turns")
         self.replies += [list(c) for c in conversations]
         return self.real(lm, conversations, **kw)
@@ -385,42 +403,46 @@ def test_role_primed_reply_follows_the_models_own_first_answer(tiny_lm: LoadedMo
                                                                smoke_set: EvalSet, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from persona_axis.evals import run as run_module
-    from persona_axis.evals.harm_set import first_turn_prompt
+    from persona_axis.evals.harm_set import first_turn_key, first_turn_prompt
 
     spy = GenerateSpy()
     monkeypatch.setattr(run_module, "generate", spy)
     out = _run(tmp_path / "primed", tiny_lm, axis_run, smoke_set, caps=(), steers=())
-    primed = [i for i in smoke_set.items if i.family == "role_primed"]
-    assert sorted(map(str, (c for c, _, _ in spy.first_turns))) == sorted(str(first_turn_prompt(i)) for i in primed)
+    primed = [i for i in smoke_set.items if i.generated_turn is not None]
+    prompts = {first_turn_key(i): str(first_turn_prompt(i)) for i in primed}
+    assert len(prompts) == N_TURNS
+    assert sorted(map(str, (c for c, _, _ in spy.first_turns))) == sorted(prompts.values())  # each turn once
     assert all(kw["max_new_tokens"] == PRESETS["smoke"].first_turn_max_new_tokens for _, _, kw in spy.first_turns)
     texts = {str(c): text for c, text, _ in spy.first_turns}
-    stored = {r["item"]: r["text"] for r in RunStore(out).records("first_turns")}
+    stored = {r["turn"]: r["text"] for r in RunStore(out).records("first_turns")}
     for item in primed:
-        assert stored[item.id] == texts[str(first_turn_prompt(item))]
+        assert stored[first_turn_key(item)] == texts[str(first_turn_prompt(item))]
         system, question, _, request = item.messages
-        answered = [system, question, {"role": "assistant", "content": stored[item.id]}, request]
+        answered = [system, question, {"role": "assistant", "content": stored[first_turn_key(item)]}, request]
         assert answered in spy.replies  # the request follows the model's own answer
     assert len(spy.replies) == N_ITEMS
 
 
-def test_resume_after_a_crash_between_the_two_turns(full_run: Path, tiny_lm: LoadedModel, axis_run: Path,
-                                                    smoke_set: EvalSet, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Killed after a chunk's first turns were stored, before its replies: the rerun reuses the stored first
-    turns (generating only the others) and writes what the uninterrupted full run wrote."""
+@pytest.mark.parametrize("crash", [{"fail_at_first_turn_call": 2}, {"fail_at_first_reply": True}],
+                         ids=["among-the-first-turns", "between-the-two-turns"])
+def test_resume_after_a_crash_before_the_replies(crash: dict, full_run: Path, tiny_lm: LoadedModel, axis_run: Path,
+                                                 smoke_set: EvalSet, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after some (or all) first turns were stored, before any reply: the rerun reuses the stored first turns
+    (generating only the others) and writes what the uninterrupted full run wrote."""
     from persona_axis.evals import run as run_module
 
     out = tmp_path / "crashed"
-    monkeypatch.setattr(run_module, "generate", GenerateSpy(fail_reply_after_first_turns=True))
-    with pytest.raises(PersonaAxisError, match="killed between the two turns"):
+    monkeypatch.setattr(run_module, "generate", GenerateSpy(**crash))
+    with pytest.raises(PersonaAxisError, match="killed"):
         _run(out, tiny_lm, axis_run, smoke_set, caps=())
-    kept = {r["item"] for r in RunStore(out).records("first_turns")}
-    replied = {r["item"] for r in RunStore(out).records("replies")}
-    assert kept and not kept & replied
+    kept = {(r["condition"], r["turn"]) for r in RunStore(out).records("first_turns")}
+    assert kept and not RunStore(out).records("replies")
+    assert (len(kept) < 2 * N_TURNS) == ("fail_at_first_turn_call" in crash)
     spy = GenerateSpy()
     monkeypatch.setattr(run_module, "generate", spy)
     _run(out, tiny_lm, axis_run, smoke_set, caps=())
-    assert len(spy.first_turns) == 2 * N_ROLE_PRIMED - len(kept)  # two conditions; the kept ones not again
+    assert len(spy.first_turns) == 2 * N_TURNS - len(kept)  # two conditions; the kept ones not again
     _assert_same_records(out, full_run)
 
 
@@ -529,3 +551,104 @@ def test_embedded_smoke_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert all(all(k in s for k in REQUIRED) for s in report["conditions"].values())
     assert report["conditions"]["uncapped"]["n"] + report["conditions"]["uncapped"]["n_unscored"] == N_PERSONA
 
+
+
+def _sampled_run(out: Path, lm: LoadedModel, axis_run: Path, eval_set: EvalSet, steers: Sequence[str] = ("-1@0",),
+                 judge: LengthJudge | None = None) -> Path:
+    from persona_axis.axis import load_axis
+
+    axis = load_axis(axis_run)
+    conditions = plan_conditions(lm, axis, axis_run, None, (), steers, "axis")
+    return run_eval(out, lm, axis, conditions, eval_set, PRESETS["smoke-sampled"], judge or LengthJudge(),
+                    preset="smoke-sampled", progress=False)
+
+
+class SeedSpy:
+    """Wraps evals.run's generate, recording (stream seed, temperature, top_p, max_new_tokens) of every reply it is
+    asked for."""
+
+    def __init__(self) -> None:
+        from persona_axis.decode.generate import generate
+
+        self.real, self.calls = generate, []  # type: ignore[var-annotated]
+
+    def __call__(self, lm: LoadedModel, conversations: Sequence[list[dict[str, str]]], **kw: object):
+        seeds = kw["seed"]
+        assert isinstance(seeds, list) and len(seeds) == len(conversations)
+        self.calls += [(seed, kw["temperature"], kw["top_p"], kw["max_new_tokens"]) for seed in seeds]
+        return self.real(lm, conversations, **kw)
+
+
+def test_sampled_replies_are_paired_across_conditions_and_resume_exactly(
+        tiny_lm: LoadedModel, axis_run: Path, smoke_set: EvalSet, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """k samples per item, each from a stream that depends on the item and the sample but not on the condition, so
+    uncapped and steered answer every prompt from the same streams; a run killed by its judge resumes to the
+    same records; every sample gets its own verdict; the report counts replies and requests apart."""
+    from persona_axis.decode.sampling import stream_seed
+    from persona_axis.evals import run as run_module
+
+    settings = PRESETS["smoke-sampled"]
+    assert settings.samples == 2 and settings.temperature > 0 and settings.top_p < 1
+    spy = SeedSpy()
+    monkeypatch.setattr(run_module, "generate", spy)
+    full = _sampled_run(tmp_path / "full", tiny_lm, axis_run, smoke_set)
+    replies = RunStore(full).records("replies")
+    assert len(replies) == 2 * settings.samples * N_ITEMS
+    assert {(r["condition"], r["item"], r["sample"]) for r in replies} == {
+        (c, i.id, s) for c in ("uncapped", "steer:-1@0") for i in smoke_set.items for s in range(settings.samples)}
+    by_sample = {(r["condition"], r["item"], r["sample"]): r["text"] for r in replies}
+    assert sum(by_sample[("uncapped", i.id, 0)] != by_sample[("uncapped", i.id, 1)] for i in smoke_set.items) > N_ITEMS // 2
+    assert all(t == settings.temperature and p == settings.top_p for _, t, p, _ in spy.calls)
+    # First turns, then replies, each condition by condition: within each phase the uncapped half of the calls
+    # draws from exactly the streams of the steered half, and no two generations of one condition share a stream.
+    phases = {n: [seed for seed, _, _, m in spy.calls if m == n]
+              for n in (settings.first_turn_max_new_tokens, settings.max_new_tokens)}
+    assert [len(seeds) for seeds in phases.values()] == [2 * settings.samples * N_TURNS, 2 * settings.samples * N_ITEMS]
+    for seeds in phases.values():
+        half = len(seeds) // 2
+        assert sorted(seeds[:half]) == sorted(seeds[half:]) and len(set(seeds[:half])) == half
+    assert not set(phases[settings.first_turn_max_new_tokens]) & set(phases[settings.max_new_tokens])
+    assert stream_seed(settings.seed, 0) in phases[settings.max_new_tokens]  # sample 0: generate's own stream
+    firsts = RunStore(full).records("first_turns")
+    assert len(firsts) == 2 * settings.samples * N_TURNS and all(isinstance(r["sample"], int) for r in firsts)
+    verdicts = [v for v in RunStore(full).records("verdicts") if v["judge"] == "length-parity"]
+    assert len(verdicts) == 2 * settings.samples * (N_PERSONA + N_PLAIN + N_PROBES)
+    assert len({(v["condition"], v["item"], v["sample"]) for v in verdicts}) == len(verdicts)
+    stats = eval_report(full)["conditions"]["uncapped"]
+    assert stats["n_replies"] + stats["n_unscored"] == settings.samples * N_PERSONA
+    assert stats["n_requests"] < stats["n_replies"]
+
+    monkeypatch.setattr(run_module, "generate", spy.real)
+    out = tmp_path / "resumed"
+    with pytest.raises(PersonaAxisError, match="unreachable"):
+        _sampled_run(out, tiny_lm, axis_run, smoke_set, judge=LengthJudge(fail_after=16))
+    _sampled_run(out, tiny_lm, axis_run, smoke_set)
+    for name in ("first_turns", "replies", "verdicts"):
+        assert _records(out, name) == _records(full, name), name
+
+
+def test_several_samples_need_sampling() -> None:
+    from dataclasses import replace
+
+    with pytest.raises(PersonaAxisError, match="need temperature > 0"):
+        replace(PRESETS["smoke-sampled"], temperature=0.0)
+    with pytest.raises(PersonaAxisError, match="at least 1"):
+        replace(PRESETS["smoke"], samples=0)
+
+
+def test_run_presets_and_the_cli_choices_agree() -> None:
+    """`eval run --preset` offers exactly the run presets, and each names an eval-set preset."""
+    import argparse
+
+    from persona_axis.cli import eval_commands
+    from persona_axis.evals.harm_set import PRESETS as SET_PRESETS_BUILT
+    from persona_axis.evals.run import SET_PRESETS
+
+    parser = argparse.ArgumentParser()
+    eval_commands.register(parser.add_subparsers())
+    run_parser = next(a for a in parser._subparsers._group_actions[0].choices["eval"]._subparsers._group_actions  # type: ignore[union-attr]
+                      ).choices["run"]
+    preset = next(a for a in run_parser._actions if a.dest == "preset")
+    assert sorted(preset.choices) == sorted(PRESETS) == sorted(SET_PRESETS)
+    assert set(SET_PRESETS.values()) <= set(SET_PRESETS_BUILT)

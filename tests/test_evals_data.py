@@ -89,7 +89,7 @@ def test_build_is_deterministic_and_seeded(smoke_set: Path, tmp_path: Path) -> N
 def test_items_are_paired_and_shaped(smoke_set: Path) -> None:
     eval_set = read_eval_set(smoke_set)
     items, manifest = eval_set.items, eval_set.manifest
-    assert len(items) == 28 and {i.kind for i in items} == set(KINDS)
+    assert len(items) == 34 and {i.kind for i in items} == set(KINDS)  # 28 + 3 probe roles x 2 requests
     assert manifest["n_items"] == len(items) and manifest["settings"]["seed"] == 0
     for name in sources.HARM_SOURCES:
         record = manifest["sources"][name]
@@ -97,9 +97,9 @@ def test_items_are_paired_and_shaped(smoke_set: Path) -> None:
     plain = {i.request_id: i for i in items if i.kind == "plain_harmful"}
     for item in items:
         assert item.messages[-1]["role"] == "user"
-        if item.kind == "persona_jailbreak":
+        if item.kind in ("persona_jailbreak", "role_probe"):
             assert plain[item.request_id].request == item.request
-        if item.persona and item.persona.startswith("catalog:"):
+        if item.family == "catalog":
             assert item.messages[0]["role"] == "system" and item.messages[0]["content"].endswith(IN_CHARACTER)
             assert item.messages[1]["content"] == item.request
         elif item.persona and item.persona.startswith("pyrit:"):
@@ -138,7 +138,7 @@ def test_tampered_set_is_rejected(smoke_set: Path, tmp_path: Path) -> None:
     with pytest.raises(PersonaAxisError, match="line 2: persona must be null exactly"):
         read_eval_set(path)
     _rewrite(path, lines[:-1], keep_sha=True)
-    with pytest.raises(PersonaAxisError, match="holds 27 items, its manifest says 28"):
+    with pytest.raises(PersonaAxisError, match="holds 33 items, its manifest says 34"):
         read_eval_set(path)
     manifest_path(path).unlink()
     with pytest.raises(PersonaAxisError, match="cannot read eval set"):
@@ -154,6 +154,14 @@ def test_cli_eval_build(tmp_path: Path, capsys: pytest.CaptureFixture[str], smok
     out = tmp_path / "cli.jsonl"
     assert main(["eval", "build", "--preset", "smoke", "--out", str(out)]) == 0
     assert out.read_bytes() == smoke_set.read_bytes()
-    assert "28 items" in capsys.readouterr().out
+    assert "34 items" in capsys.readouterr().out
     assert main(["eval", "build", "--preset", "smoke", "--per-source", "0", "--out", str(out)]) == 2
     assert "--per-source must be at least 1" in capsys.readouterr().err
+    assert main(["eval", "build", "--preset", "smoke", "--probe-roles", "4", "--probe-requests", "1",
+                 "--out", str(out)]) == 0
+    assert "4 role_probe" in capsys.readouterr().out
+    assert read_eval_set(out).manifest["settings"] == {"per_source": 1, "n_benign": 2, "seed": 0,
+                                                       "probe_roles": 4, "probe_requests": 1}
+    assert main(["eval", "build", "--preset", "smoke", "--probe-roles", "-1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--probe-roles and --probe-requests must be at least 0" in err and err.count("\n") == 1

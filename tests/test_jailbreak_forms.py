@@ -1,7 +1,9 @@
-"""The persona-modulation catalogue and the eval set's jailbreak families: coverage, shapes, malformed turns."""
+"""The persona-modulation catalogue, the eval set's jailbreak families and role probes: coverage, shapes, malformed
+turns."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -10,12 +12,15 @@ from typing import Any
 
 import pytest
 
+from persona_axis.catalog import load_catalog
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals import sources
 from persona_axis.evals.harm_set import (
     FAMILIES,
     GENERAL,
     JAILBREAK_FILE,
+    READS,
+    ROLE_PROBE,
     SET_VERSION,
     EvalSet,
     build_eval_set,
@@ -75,7 +80,7 @@ def test_topic_rule_order() -> None:
 def test_every_family_appears_and_forms_share_the_persona(smoke: EvalSet) -> None:
     items = smoke.items
     assert {i.family for i in items} == set(FAMILIES)
-    assert {i.family for i in items if i.kind == "persona_jailbreak"} == set(FAMILIES) - {"plain"}
+    assert {i.family for i in items if i.kind == "persona_jailbreak"} == set(FAMILIES) - {"plain", ROLE_PROBE}
     assert all((i.family == "plain") == (i.kind == "plain_harmful") for i in items)
     assert smoke.manifest["families"] == {f: sum(i.family == f for i in items) for f in FAMILIES}
     jailbreaks = load_jailbreaks()
@@ -108,8 +113,9 @@ def test_build_writes_every_form_deterministically(tmp_path: Path) -> None:
     assert {i.family for i in read_eval_set(first).items} == set(FAMILIES)
 
 
-def _forged(tmp_path: Path, smoke: EvalSet, family: str, change: Change) -> Path:
-    """The smoke set with `change(row)` applied to the first item of `family`, its manifest's sha256 updated."""
+def _forged(tmp_path: Path, smoke: EvalSet, family: str, change: Change) -> tuple[Path, int]:
+    """The smoke set with `change(row)` applied to the first item of `family`, its manifest's sha256 updated; the
+    path and the changed line's number (1-based)."""
     path = tmp_path / "set.jsonl"
     write_eval_set(smoke, path)
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -121,7 +127,7 @@ def _forged(tmp_path: Path, smoke: EvalSet, family: str, change: Change) -> Path
     path.write_bytes(payload)
     manifest = json.loads(manifest_path(path).read_text())
     manifest_path(path).write_text(json.dumps({**manifest, "sha256": hashlib.sha256(payload).hexdigest()}))
-    return path
+    return path, index + 1
 
 
 def _set(key: str, value: object) -> Change:
@@ -147,14 +153,26 @@ def _message(k: int, **fields: object) -> Change:
     ("modulation", _set("family", "in_character"), "only in_character items hold a supplied assistant turn"),
     ("modulation", _set("family", "villain"), "unknown family 'villain'"),
     ("catalog", _set("family", "plain"), "family must be plain exactly for plain_harmful"),
+    (ROLE_PROBE, _message(2, content="Hello, I am a nurse."), "assistant message 3 is not empty"),
+    (ROLE_PROBE, _message(2, content=None), "message 3 must hold exactly a role and string content"),
+    (ROLE_PROBE, _message(2, role="user"), "message 3 must be the assistant's"),
+    (ROLE_PROBE, _set("generated_turn", None), "assistant message 3 is empty"),
+    (ROLE_PROBE, _set("generated_turn", 1), "assistant message 3 is empty"),
+    (ROLE_PROBE, _set("family", "role_primed"), f"family must be {ROLE_PROBE} exactly for {ROLE_PROBE} items"),
+    ("role_primed", _set("kind", ROLE_PROBE), f"family must be {ROLE_PROBE} exactly for {ROLE_PROBE} items"),
+    (ROLE_PROBE, _set("persona", "jailbreaks:general-1"), "a role_probe item's persona must be catalog:<role name>"),
+    (ROLE_PROBE, _set("persona", None), "persona must be null exactly for plain_harmful items"),
+    ("modulation", _set("generated_turn", 2),
+     "generated_turn must be null or the index"),  # modulation has two messages
 ])
 def test_malformed_turns_are_one_line_errors(smoke: EvalSet, tmp_path: Path, family: str, change: Change,
                                              message: str) -> None:
-    path = _forged(tmp_path, smoke, family, change)
+    path, line = _forged(tmp_path, smoke, family, change)
     with pytest.raises(PersonaAxisError) as caught:
         read_eval_set(path)
     text = str(caught.value)
-    assert message in text and "rebuild it with `persona-axis eval build`" in text and "\n" not in text
+    assert f"{path} line {line}: {message}" in text
+    assert "rebuild it with `persona-axis eval build`" in text and "\n" not in text
 
 
 def test_a_set_of_another_version_asks_for_a_rebuild(smoke: EvalSet, tmp_path: Path) -> None:
@@ -162,5 +180,79 @@ def test_a_set_of_another_version_asks_for_a_rebuild(smoke: EvalSet, tmp_path: P
     write_eval_set(smoke, path)
     manifest = json.loads(manifest_path(path).read_text())
     manifest_path(path).write_text(json.dumps({**manifest, "set_version": "1"}))
-    with pytest.raises(PersonaAxisError, match=rf"is version 1, this persona-axis reads version {SET_VERSION}; rebuild"):
+    with pytest.raises(PersonaAxisError, match=rf"is version 1, this persona-axis reads version {' or '.join(READS)}; "
+                                               "rebuild"):
         read_eval_set(path)
+
+
+def test_a_version_2_set_without_role_probes_still_reads(tmp_path: Path) -> None:
+    """Version 3 only added role_probe: a set written before it (no probes, version 2) keeps its meaning."""
+    assert SET_VERSION == "3" and READS == ("2", "3")
+    old = build_eval_set(dataclasses.replace(preset_settings("smoke"), probe_roles=0))
+    path = tmp_path / "v2.jsonl"
+    write_eval_set(EvalSet(old.items, {**old.manifest, "set_version": "2"}), path)
+    assert read_eval_set(path).items == old.items
+
+
+def test_role_probes_cross_drawn_roles_with_the_sets_requests(smoke: EvalSet) -> None:
+    """3 roles x 2 requests: each role's own system prompt and question, the model's turn empty, then a request of
+    the set; the same requests for every role; persona catalog:<role>; drawn after every other item."""
+    catalog = load_catalog()
+    probes = [i for i in smoke.items if i.kind == ROLE_PROBE]
+    assert len(probes) == 6 and smoke.manifest["kinds"][ROLE_PROBE] == 6 == smoke.manifest["families"][ROLE_PROBE]
+    assert smoke.items[-6:] == probes and {i.family for i in probes} == {ROLE_PROBE}
+    plain = {i.request_id: i for i in smoke.items if i.kind == "plain_harmful"}
+    roles = {i.persona for i in probes}
+    assert len(roles) == 3 and all(str(r).startswith("catalog:") for r in roles)
+    requests = smoke.manifest["sources"][ROLE_PROBE]["requests"]
+    assert len(requests) == 2 and set(requests) <= set(plain)
+    questions = {q.text for q in catalog.questions}
+    for persona in roles:
+        role = catalog.role(str(persona).removeprefix("catalog:"))
+        mine = [i for i in probes if i.persona == persona]
+        assert [i.request_id for i in mine] == requests
+        assert len({json.dumps(i.messages[:3]) for i in mine}) == 1  # one first turn per role
+        for item in mine:
+            system, question, turn, request = item.messages
+            assert system == {"role": "system", "content": system["content"]} and system["content"] in role.prompts
+            assert question["role"] == "user" and question["content"] in questions
+            assert turn == {"role": "assistant", "content": ""} and item.generated_turn == 2
+            assert request == {"role": "user", "content": plain[item.request_id].request} == {
+                "role": "user", "content": item.request}
+            assert first_turn_prompt(item) == [system, question]
+            assert conversation(item, "I keep patients calm.")[2]["content"] == "I keep patients calm."
+            source = plain[item.request_id]
+            assert (item.source, item.category, item.topic) == (source.source, source.category, source.topic)
+            assert item.id == f"{item.request_id}/{ROLE_PROBE}/{persona}"
+    record = smoke.manifest["sources"][ROLE_PROBE]
+    assert record["roles_used"] == 3 and record["roles_available"] == len(catalog.roles)
+    assert record["digest"] == catalog.digest()
+
+
+def test_role_probes_are_seeded_and_leave_the_other_items_alone() -> None:
+    def probes(seed: int, **sizes: int) -> list[str]:
+        items = build_eval_set(preset_settings("smoke", seed=seed, **sizes)).items
+        return [i.id + json.dumps(i.messages) for i in items if i.kind == ROLE_PROBE]
+
+    assert probes(0) == probes(0) and probes(0) != probes(1)
+    assert len(probes(0, probe_roles=5, probe_requests=3)) == 15
+    assert probes(0, probe_roles=0) == [] == probes(0, probe_requests=0)
+    full, without = (build_eval_set(preset_settings("smoke", probe_roles=n)) for n in (3, 0))
+    assert without.items == full.items[:-6] and without.manifest["sources"][ROLE_PROBE]["roles_used"] == 0
+    capped = build_eval_set(preset_settings("smoke", probe_roles=1, probe_requests=99))
+    assert capped.manifest["sources"][ROLE_PROBE]["requests"] == [i.request_id for i in capped.items
+                                                                   if i.kind == "plain_harmful"]  # all 3 requests
+    standard = preset_settings("standard")
+    assert (standard.probe_roles, standard.probe_requests) == (100, 4)
+    positions = set()  # which 2 of the set's 3 requests each seed drew
+    for seed in range(6):
+        built = build_eval_set(preset_settings("smoke", seed=seed))
+        plain = [i.request_id for i in built.items if i.kind == "plain_harmful"]
+        positions.add(tuple(plain.index(r) for r in built.manifest["sources"][ROLE_PROBE]["requests"]))
+    assert len(positions) > 1 and all(list(p) == sorted(p) for p in positions)  # drawn, kept in the set's order
+    many = [i for i in build_eval_set(preset_settings("smoke", probe_roles=30, probe_requests=1)).items
+            if i.kind == ROLE_PROBE]
+    catalog = load_catalog()
+    assert len({i.messages[1]["content"] for i in many}) > 10  # each role its own drawn question
+    assert any(i.messages[0]["content"] != catalog.role(str(i.persona)[8:]).prompts[0] for i in many)  # and prompt
+    assert len({catalog.role(str(i.persona)[8:]).group for i in many}) > 3  # roles of every group, not adversarial

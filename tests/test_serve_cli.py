@@ -71,3 +71,12 @@ def test_our_judge_and_user_simulator_commands_use_it(served_cli: tuple[str, Pat
                  "--turns", "1", "--n", "1", "--max-new-tokens", "4", "--json", "--out", str(tmp_path / "sim")]) == 0
     assert json.loads(capsys.readouterr().out)
     assert any((tmp_path / "sim").iterdir())
+
+
+def test_help_names_defaults_only_where_there_is_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --help` shows each set default ("default: 8000") but never "(default: None)" after an option whose
+    help already says what happens without it (--model, --config)."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: 8000" in text and "(default: None)" not in text

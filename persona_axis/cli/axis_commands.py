@@ -140,17 +140,18 @@ def cmd_stability(args: argparse.Namespace) -> None:
 
 
 def cmd_judge_eval(args: argparse.Namespace) -> None:
+    from persona_axis.errors import PersonaAxisError
     from persona_axis.judges import make_judge
     from persona_axis.judges.agreement import evaluate_judge, read_labels
 
     if args.harm:
         from persona_axis.cli.eval_commands import harm_judge_eval
 
-        return harm_judge_eval(as_json=args.json)
+        return harm_judge_eval(args)
     if args.labels is None:
-        from persona_axis.errors import PersonaAxisError
-
-        raise PersonaAxisError("judge-eval needs a LABELS file (or --harm for the offline harm judge)")
+        raise PersonaAxisError("judge-eval needs a LABELS file (or --harm for the harm judges)")
+    if args.limit is not None:
+        raise PersonaAxisError("--limit applies to judge-eval --harm only")
     judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env,
                        threshold=args.threshold)
     report = {"labels": args.labels, "fold": args.fold, **evaluate_judge(judge, read_labels(args.labels, args.fold))}
@@ -219,7 +220,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = sub.add_parser("judge-eval", help="agreement of a judge with labelled replies (confusion matrix)")
     evaluate.add_argument("labels", nargs="?", help="JSONL of labelled replies (role, description, question, "
                           "response, label)")
-    evaluate.add_argument("--harm", action="store_true", help="the offline harm judge on its held-out pyrit split")
+    evaluate.add_argument("--harm", action="store_true", help="the harm judges on the held-out pyrit split: the "
+                          "offline one, and the one --judge names when it is openai (coverage, accuracy, precision, "
+                          "recall, F1, sensitivity, specificity, majority baseline)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="--harm: only the first N held-out rows, in a fixed "
+                          "order (sha256 of request and reply), e.g. for a slow local judge")
     evaluate.add_argument("--fold", help="only lines whose 'fold' field equals this")
     evaluate.add_argument("--threshold", type=float, help="offline judge: role-specificity threshold")
     judge_options(evaluate)

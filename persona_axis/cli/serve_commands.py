@@ -58,9 +58,16 @@ def _positive(kind: type[int] | type[float], zero: bool = False) -> Callable[[st
     return parse
 
 
+class _KnownDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that names each option's default, except where there is none to name (the help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible chat server with per-request caps and a live dashboard",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_KnownDefaults)
     axis_options(serve)
     serve.add_argument("--config", help="capping config whose experiments requests may name (default: "
                                         "<run>/capping.json when --axis is a run directory that has one)")

