@@ -188,3 +188,5 @@ def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str],
     assert "unknown harm judge 'offline-learned'" in one_line_error(
         capsys, ["judge-eval", "--harm", "--judge", "offline-learned"])
     assert "--limit applies to judge-eval --harm only" in one_line_error(capsys, ["judge-eval", "x.jsonl", "--limit", "3"])
+    for extra in (["x.jsonl"], ["--fold", "B"], ["--threshold", "1.5"]):
+        assert "it takes no LABELS, --fold or --threshold" in one_line_error(capsys, ["judge-eval", "--harm", *extra])

@@ -175,6 +175,31 @@ def test_malformed_turns_are_one_line_errors(smoke: EvalSet, tmp_path: Path, fam
     assert "rebuild it with `persona-axis eval build`" in text and "\n" not in text
 
 
+def test_probes_of_one_role_that_open_differently_are_refused(smoke: EvalSet, tmp_path: Path) -> None:
+    """A role's probes share one generated first turn, so they must open with the same chat: a set whose second
+    probe of a role asks another first question is refused at that probe's line, not answered with the first's
+    turn."""
+    probes = [i for i in smoke.items if i.kind == ROLE_PROBE]
+    first = probes[0]
+    second = next(i for i in probes[1:] if i.persona == first.persona)
+    path = tmp_path / "set.jsonl"
+    write_eval_set(smoke, path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    line = next(k for k, text in enumerate(lines) if json.loads(text)["id"] == second.id)
+    row = json.loads(lines[line])
+    row["messages"][1]["content"] = "A different first question?"
+    lines[line] = json.dumps(row)
+    payload = "".join(text + "\n" for text in lines).encode()
+    path.write_bytes(payload)
+    manifest = json.loads(manifest_path(path).read_text())
+    manifest_path(path).write_text(json.dumps({**manifest, "sha256": hashlib.sha256(payload).hexdigest()}))
+    with pytest.raises(PersonaAxisError) as caught:
+        read_eval_set(path)
+    text = str(caught.value)
+    assert f"line {line + 1}: it shares the first turn {ROLE_PROBE}/{first.persona} with {first.id}" in text
+    assert "\n" not in text
+
+
 def test_a_set_of_another_version_asks_for_a_rebuild(smoke: EvalSet, tmp_path: Path) -> None:
     path = tmp_path / "old.jsonl"
     write_eval_set(smoke, path)

@@ -193,6 +193,9 @@ def test_eval_run_killed_in_replies_capabilities_and_verdicts_then_resumed(tmp_p
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     log = _write_log(command(whole), tmp_path / "writes.log")
     rng = random.Random(SEED + 1)
+    # A chunk of first turns torn: its stored lines are kept and the chunk is generated again whole.
+    _kill(command(killed), "first_turns.jsonl", _point(rng, log, "first_turns.jsonl"), torn=True)
+    assert _torn_tail(killed / "first_turns.jsonl")
     _kill(command(killed), "replies.jsonl", _point(rng, log, "replies.jsonl"), torn=True)
     assert _torn_tail(killed / "replies.jsonl")
     _kill(command(killed), "capabilities.jsonl", _point(rng, log, "capabilities.jsonl"), torn=False)
@@ -201,7 +204,7 @@ def test_eval_run_killed_in_replies_capabilities_and_verdicts_then_resumed(tmp_p
     _finish(command(killed))
     # Verdicts too, scores exactly: the offline harm judge pads each batch (a batch of other replies moves a score
     # by up to ~1e-7), so a batch torn by the kill is judged again whole, never as a batch of its remainder.
-    _same_records(whole, killed, ["replies", "capabilities", "verdicts"])
+    _same_records(whole, killed, ["first_turns", "replies", "capabilities", "verdicts"])
 
 
 # -- simulate ---------------------------------------------------------------------------------------------------

@@ -147,6 +147,9 @@ def cmd_judge_eval(args: argparse.Namespace) -> None:
     if args.harm:
         from persona_axis.cli.eval_commands import harm_judge_eval
 
+        if args.labels is not None or args.fold is not None or args.threshold is not None:
+            raise PersonaAxisError("judge-eval --harm measures on the held-out pyrit rows: it takes no LABELS, "
+                                   "--fold or --threshold")
         return harm_judge_eval(args)
     if args.labels is None:
         raise PersonaAxisError("judge-eval needs a LABELS file (or --harm for the harm judges)")

@@ -465,17 +465,24 @@ def read_eval_set(path: str | Path) -> EvalSet:
     if not isinstance(manifest, dict) or hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
         raise PersonaAxisError(f"eval set {path} does not match the sha256 in its manifest (edited or truncated?); "
                                f"{REBUILD}")
-    items, seen = [], set()
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    openers: dict[str, EvalItem] = {}  # first_turn_key -> the first item that opens with it
     for number, line in enumerate(payload.decode("utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
         except ValueError:
             row = None
         why = _check_item(row) or ("duplicate id" if row["id"] in seen else None)
-        if why:
+        item = None if why else EvalItem(**row)
+        if item is not None and item.generated_turn is not None:
+            opener = openers.setdefault(first_turn_key(item), item)
+            if first_turn_prompt(opener) != first_turn_prompt(item):
+                why = f"it shares the first turn {first_turn_key(item)} with {opener.id} but opens differently"
+        if why or item is None:
             raise PersonaAxisError(f"malformed eval set {path} line {number}: {why}; {REBUILD}")
-        seen.add(row["id"])
-        items.append(EvalItem(**row))
+        seen.add(item.id)
+        items.append(item)
     if len(items) != manifest.get("n_items"):
         raise PersonaAxisError(f"eval set {path} holds {len(items)} items, its manifest says "
                                f"{manifest.get('n_items')}; {REBUILD}")

@@ -220,7 +220,8 @@ class FirstTurnChunk:
     of a role share) answered under one condition, `settings.samples` per turn, with their mean projections on the
     axis (None at the condition's intervened layers). Chunk k of the turns is seeded seed + k, sample s of the
     turn at position p draws from stream_seed(reply_stream(seed + k, p, s), FIRST_TURN_STREAM): never from the
-    condition's name. Yields the records of the (turn, sample) pairs not in `done`.
+    condition's name. Yields the records of the whole chunk (generated whole, like ReplyChunk, so a chunk torn by
+    a crash is batched as in an uninterrupted run).
     """
 
     condition: Condition
@@ -228,12 +229,10 @@ class FirstTurnChunk:
     turns: list[tuple[str, EvalItem]]  # (turn key, an item that opens with it)
     axis: Axis
     settings: EvalSettings
-    done: frozenset[Reply] = frozenset()
 
     def __call__(self, lm: LoadedModel) -> Iterator[list[dict[str, Any]]]:
         settings, base = self.settings, self.settings.seed + self.index
-        pending = [(p, key, item, s) for p, (key, item) in enumerate(self.turns) for s in range(settings.samples)
-                   if (key, s) not in self.done]
+        pending = [(p, key, item, s) for p, (key, item) in enumerate(self.turns) for s in range(settings.samples)]
         interventions = self.condition.interventions()
         result = generate(lm, [first_turn_prompt(item) for _, _, item, _ in pending],
                           max_new_tokens=settings.first_turn_max_new_tokens, temperature=settings.temperature,
@@ -326,15 +325,15 @@ def step_first_turns(store: RunStore, executor: Executor, axis: Axis, conditions
     chunks = [[(keys[k], openers[keys[k]]) for k in order[start : start + settings.batch_size]]
               for start in range(0, len(order), settings.batch_size)]
     wanted = [[(key, s) for key, _ in chunk for s in range(settings.samples)] for chunk in chunks]
-    jobs = [FirstTurnChunk(condition, index, chunk, axis, settings,
-                           frozenset(t for t in wanted[index] if (condition.name, t) in stored))
+    jobs = [FirstTurnChunk(condition, index, chunk, axis, settings)
             for condition in conditions for index, chunk in enumerate(chunks)
             if not all((condition.name, t) in stored for t in wanted[index])]
     bar = tqdm(total=len(chunks) * len(conditions), initial=len(chunks) * len(conditions) - len(jobs),
                desc=f"first turns ({executor.name})", unit="batch", disable=not progress)
     for _, records in executor.run_jobs(jobs):
-        store.append("first_turns", records)
-        stored.update({(r["condition"], _turn(r)): r for r in records})
+        new = [r for r in records if (r["condition"], _turn(r)) not in stored]
+        store.append("first_turns", new)
+        stored.update({(r["condition"], _turn(r)): r for r in new})
         bar.update(1)
     bar.close()
     return stored
