@@ -39,6 +39,8 @@ class RunLayout:
     AXIS = "axis.safetensors"
     CAPPING = "capping"  # stem of the capping config: capping.json + capping.safetensors
     PERSONA_SPACE = "persona_space.json"
+    REAL_CHAT = "real_chat.json"  # persona space against real conversations (`persona-axis real-chat`)
+    REAL_CHAT_CHUNKS = "real_chat/chunk-*.safetensors"  # their response means [n, layers, hidden] + token norms
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -52,6 +54,15 @@ class RunLayout:
     def chunk_file(index: int) -> str:
         """Relative path of activation chunk `index` (the unit of resumable rollout work)."""
         return f"activations/chunk-{index:05d}.safetensors"
+
+    @staticmethod
+    def real_chat_chunk_file(index: int) -> str:
+        """Relative path of real-chat activation chunk `index` (the unit of resumable `real-chat` work)."""
+        return f"real_chat/chunk-{index:05d}.safetensors"
+
+    @property
+    def real_chat(self) -> Path:
+        return self.root / self.REAL_CHAT
 
     @property
     def vectors(self) -> Path:

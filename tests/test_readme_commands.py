@@ -1,6 +1,6 @@
 """Every `persona-axis ...` command the documentation shows parses with the real command-line parser.
 
-Commands are taken from the ```bash blocks of README.md and docs/results.md (continuation lines
+Commands are taken from the ```bash blocks of README.md, docs/results.md and docs/real-chat.md (continuation lines
 joined, comments dropped, `a && b` split) and from inline code spans that start with `persona-axis `
 or `.venv/bin/persona-axis `. Each is parsed by `persona_axis.cli.build_parser()` without running
 anything, and every `--option` it names must be an option of that subcommand spelled in full
@@ -26,7 +26,7 @@ from persona_axis.control.spec import ablate_item, cap_item, steer_item
 from persona_axis.errors import PersonaAxisError
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md", ROOT / "docs" / "real-chat.md"]
 EMBEDDED_LAYERS = 30  # SmolLM2-135M-Instruct, the embedded model ("default")
 FENCE = re.compile(r"^```(\w*)\s*$")
 INLINE = re.compile(r"`((?:\.venv/bin/)?persona-axis [^`]+)`")
@@ -148,7 +148,7 @@ def test_readme_request_caps_name_the_default_block() -> None:
 
 
 def test_readme_links_to_files_that_exist() -> None:
-    """Relative links in README.md and docs/results.md name files of the repository (anchors not checked)."""
+    """Relative links in the documents of DOCS name files of the repository (anchors not checked)."""
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):

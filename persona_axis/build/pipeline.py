@@ -20,13 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from persona_axis.axis import Axis, axis_metadata, compute_axis, load_axis, save_axis
-from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
-from persona_axis.errors import PersonaAxisError
 from persona_axis.build.executors import Executor, ModelIdentity, executor_or_local
-from persona_axis.decode.generate import Reply
-from persona_axis.judges.base import Judge, JudgeItem
-from persona_axis.measurement import check_layer_index
-from persona_axis.model.loading import LoadedModel
 from persona_axis.build.persona_space import (
     RunAnalysis,
     UnjudgedAlignment,
@@ -47,6 +41,12 @@ from persona_axis.build.plan import (
     select_traits,
     trait_record_name,
 )
+from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role, short_model_name
+from persona_axis.decode.generate import Reply
+from persona_axis.errors import PersonaAxisError
+from persona_axis.judges.base import Judge, JudgeItem
+from persona_axis.measurement import check_layer_index
+from persona_axis.model.loading import LoadedModel
 from persona_axis.store import RunLayout, RunStore, load_tensors, rollout_kind
 
 

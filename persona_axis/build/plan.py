@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role
 from persona_axis.build.executors import Executor
+from persona_axis.catalog import DEFAULT_ROLE, Catalog, Role
 from persona_axis.decode.generate import Reply, decode_spec, stream_replies
-from persona_axis.model.loading import LoadedModel, Message
 from persona_axis.decode.sampling import stream_seed
+from persona_axis.model.loading import LoadedModel, Message
 
 
 @dataclass(frozen=True)

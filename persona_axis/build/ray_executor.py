@@ -15,8 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from persona_axis.errors import PersonaAxisError, import_optional
 from persona_axis.build.executors import Job, ModelIdentity, Piece
+from persona_axis.errors import PersonaAxisError, import_optional
 
 if TYPE_CHECKING:
     from persona_axis.model.loading import LoadedModel

@@ -1,7 +1,8 @@
 """Figures and a self-contained HTML (plus Markdown) report of a persona-space analysis.
 
-The input is a run's analysis (persona_axis.build.persona_space.RunAnalysis, as pipeline.analyze_run returns it). Figures are built as
-matplotlib Figure objects directly (no pyplot state), so importing this module switches no backend.
+The input is a run's analysis (persona_axis.build.persona_space.RunAnalysis, as pipeline.analyze_run returns it).
+Figures are built as matplotlib Figure objects directly (no pyplot state), so importing this module switches no
+backend.
 """
 
 from __future__ import annotations

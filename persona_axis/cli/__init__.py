@@ -34,13 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         export_commands,
         model_commands,
         monitor_commands,
+        real_chat_commands,
         serve_commands,
     )
 
     parser = argparse.ArgumentParser(prog="persona-axis", description="Find, monitor and cap the Assistant Axis.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (axis_commands, capping_commands, monitor_commands, drift_commands, bench_commands, model_commands,
-                   eval_commands, serve_commands, export_commands):
+                   eval_commands, serve_commands, export_commands, real_chat_commands):
         module.register(sub)
     return parser
 

@@ -74,7 +74,9 @@ def intervention_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steer", action="append", default=[], metavar="COEF@LAYER",
                    help="add COEF x axis at LAYER (repeatable; COEF in units of the axis length), or with "
                         "COEFn@LAYER (e.g. -0.5n@15) COEF x the norm of the run's mean default-Assistant activation "
-                        "at LAYER x the unit axis (needs --axis to be a run directory); write a negative COEF "
+                        "at LAYER x the unit axis (needs --axis to be a run directory), or with COEFr@LAYER (e.g. "
+                        "0.1r@15) COEF x the real-chat activation norm at LAYER x the unit axis (needs the run's "
+                        "real_chat.json: `persona-axis real-chat RUN`); write a negative COEF "
                         "as --steer=-0.5n@15; append /last (the prompt's last token and the reply) or /reply "
                         "(the reply's tokens only)")
     p.add_argument("--ablate", action="append", default=[], metavar="LAYER[=VALUE]",

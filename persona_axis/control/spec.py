@@ -4,15 +4,17 @@ Every source becomes request items — {"kind": name, ...} dicts — and `build_
 items into {layer: [intervention, ...]} through each kind's `from_request` (decode/interventions.py). The
 built-in kinds and their fields:
 
-  {"kind": "steer", "layer": L, "coef": C, "units": "axis" | "norm"}   add C × the axis row at L; with
-      "norm", C × the norm of the run's mean default-Assistant activation at L × the unit axis
+  {"kind": "steer", "layer": L, "coef": C, "units": "axis" | "norm" | "real"}   add C × the axis row at L; with
+      "norm", C × the norm of the run's mean default-Assistant activation at L × the unit axis; with "real",
+      C × the mean per-token activation norm at L of real conversations (the run's real_chat.json) × the unit axis
   {"kind": "ablate", "layer": L, "value": V | "default"}   set the axis component at L to V (default 0), or
       to the default-Assistant mean's projection (a mean ablation)
   {"kind": "cap", "experiment": ID}   the caps of a capping-config experiment (floors on the projection)
   {"kind": "cap", "layer": L, "floor": F | "default"}   one floor on the axis at L
 
 each with an optional "positions": "all" (default), "last" or "reply" (decode/interventions.py says which tokens).
-On the command line: `--steer COEF@LAYER` or `COEFn@LAYER` (norm units), `--ablate LAYER[=VALUE|default]`,
+On the command line: `--steer COEF@LAYER`, `COEFn@LAYER` (norm units) or `COEFr@LAYER` (real-chat norm units),
+`--ablate LAYER[=VALUE|default]`,
 `--cap EXPERIMENT`; any of them may end in `/POSITIONS`, e.g. `--steer=-0.5n@15/last`.
 """
 
@@ -34,7 +36,8 @@ from persona_axis.model.loading import ModelShape
 from persona_axis.store import RunLayout, load_tensors
 
 _NUMBER = r"[-+]?\d*\.?\d+(?:e[-+]?\d+)?"
-_STEER = re.compile(rf"\s*({_NUMBER})(n?)\s*@\s*(\d+)\s*")
+_STEER = re.compile(rf"\s*({_NUMBER})([nr]?)\s*@\s*(\d+)\s*")
+_STEER_UNITS = {"": "axis", "n": "norm", "r": "real"}
 _ABLATE = re.compile(rf"\s*(\d+)\s*(?:=\s*({_NUMBER}|default)\s*)?")
 
 
@@ -45,14 +48,15 @@ def _split_positions(text: str) -> tuple[str, dict[str, str]]:
 
 
 def steer_item(text: str) -> dict[str, Any]:
-    """'COEF@LAYER' (axis units, e.g. '-2@15') or 'COEFn@LAYER' (norm units, e.g. '-0.5n@15'), '/POSITIONS' optional."""
+    """'COEF@LAYER' (axis units, e.g. '-2@15'), 'COEFn@LAYER' (default-norm units, e.g. '-0.5n@15') or 'COEFr@LAYER'
+    (real-chat norm units, e.g. '0.1r@15'), '/POSITIONS' optional."""
     spec, extra = _split_positions(text)
     match = _STEER.fullmatch(spec)
     if not match:
-        raise PersonaAxisError(f"--steer expects COEF@LAYER (axis units, e.g. -2@15) or COEFn@LAYER (units of the "
-                               f"default activation norm, e.g. -0.5n@15), optionally /last or /reply, not {text!r}")
-    return {"kind": "steer", "layer": int(match[3]), "coef": float(match[1]), "units": "norm" if match[2] else "axis",
-            **extra}
+        raise PersonaAxisError(f"--steer expects COEF@LAYER (axis units, e.g. -2@15), COEFn@LAYER (units of the "
+                               f"default activation norm, e.g. -0.5n@15) or COEFr@LAYER (units of the real-chat "
+                               f"activation norm, e.g. 0.1r@15), optionally /last or /reply, not {text!r}")
+    return {"kind": "steer", "layer": int(match[3]), "coef": float(match[1]), "units": _STEER_UNITS[match[2]], **extra}
 
 
 def ablate_item(text: str) -> dict[str, Any]:
@@ -80,8 +84,9 @@ def cli_items(cap: str | None = None, steer: Sequence[str] = (), ablate: Sequenc
 @dataclass
 class SpecContext:
     """What items are built against: the model's shape and axis, the capping config (read from `config_path`,
-    else <run_dir>/capping, when an item first needs it) and the run's mean default-Assistant activation
-    [layers, hidden] (given, or read from <run_dir>'s vectors when an item first needs it)."""
+    else <run_dir>/capping, when an item first needs it), the run's mean default-Assistant activation
+    [layers, hidden] (given, or read from <run_dir>'s vectors when an item first needs it) and the real-chat
+    activation norms [layers] (given, or read from <run_dir>'s real_chat.json when an item first needs them)."""
 
     model: ModelShape
     axis: Axis
@@ -89,6 +94,7 @@ class SpecContext:
     config: CappingConfig | None = None
     config_path: Path | None = None
     defaults: Tensor | None = None
+    real_norms: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.axis.check_model(self.model.n_layers, self.model.hidden_size, self.model.name)
@@ -100,8 +106,10 @@ class SpecContext:
     def axis_vector(self, layer: int) -> Tensor:
         return self.axis.vectors[layer]
 
-    def steering_vector(self, layer: int, relative: bool) -> Tensor:
-        return steering_vector(self.axis, layer, self._defaults().norm(dim=-1) if relative else None)
+    def steering_vector(self, layer: int, units: str = "axis") -> Tensor:
+        if units == "real":
+            return steering_vector(self.axis, layer, self._real_norms())
+        return steering_vector(self.axis, layer, self._defaults().norm(dim=-1) if units == "norm" else None)
 
     def default_projection(self, layer: int) -> float:
         return float(self._defaults()[layer].float() @ self.axis.unit(layer))
@@ -131,6 +139,16 @@ class SpecContext:
                                    f"is {self.axis.n_layers} x {self.axis.hidden_size}: use the run the axis came from")
         return self.defaults
 
+    def _real_norms(self) -> Tensor:
+        if self.real_norms is None:
+            if self.run_dir is None:
+                raise PersonaAxisError("real-chat-relative steering (COEFr) reads the run's real_chat.json: give --axis "
+                                       "as a run directory (`persona-axis real-chat RUN` writes the file)")
+            from persona_axis.build.real_chat import real_chat_norms
+
+            self.real_norms = real_chat_norms(self.run_dir)
+        return self.real_norms
+
 
 def run_defaults(run_dir: str | Path) -> Tensor:
     """The run's mean default-Assistant activation per layer -> [layers, hidden] float32 (vectors' "default")."""
@@ -150,11 +168,12 @@ def default_norms(run_dir: str | Path) -> Tensor:
 
 
 def steering_vector(axis: Axis, layer: int, norms: Tensor | None = None) -> Tensor:
-    """What coef = 1 adds at `layer` [hidden]: the axis row, or with norms [layers] norms[layer] × the unit axis."""
+    """What coef = 1 adds at `layer` [hidden]: the axis row, or with norms [layers] (default_norms, or the
+    real-chat ones) norms[layer] × the unit axis."""
     if norms is None:
         return axis.vectors[layer]
     if norms.shape != (axis.n_layers,):
-        raise PersonaAxisError(f"default norms have shape {tuple(norms.shape)} but the axis has "
+        raise PersonaAxisError(f"activation norms have shape {tuple(norms.shape)} but the axis has "
                                f"{axis.n_layers} layers: use the run directory the axis came from")
     return float(norms[layer]) * axis.unit(layer)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -73,13 +73,17 @@ class StepMeanRecorder:
 class MaskedMeanRecorder:
     """Per-layer means over the positions a [batch, seq] mask selects, within one forward pass.
 
-    `means()` returns [batch, layers, hidden] float32.
+    `means()` returns [batch, layers, hidden] float32. With `norms=True` it also sums each selected position's L2
+    norm: `norms()` returns [batch, layers] float32, the typical size of one token's residual stream (not the norm
+    of the mean, which averaging shrinks).
     """
 
-    def __init__(self, layers: Sequence[int], mask: Tensor) -> None:
+    def __init__(self, layers: Sequence[int], mask: Tensor, norms: bool = False) -> None:
         self.layers = list(layers)
         self.mask = mask.float()
+        self.with_norms = norms
         self._sums: dict[int, Tensor] = {}
+        self._norm_sums: dict[int, Tensor] = {}
 
     def ops(self) -> dict[int, list[LayerOp]]:
         return {layer: [self._summer(layer)] for layer in self.layers}
@@ -87,13 +91,41 @@ class MaskedMeanRecorder:
     def _summer(self, layer: int) -> LayerOp:
         def record(hidden: Tensor) -> None:
             # .to(): on a device-mapped model, layers live on different devices; the sums gather on the mask's.
-            self._sums[layer] = torch.einsum("bth,bt->bh", hidden.float(), self.mask.to(hidden.device)).to(self.mask.device)
+            mask = self.mask.to(hidden.device)
+            self._sums[layer] = torch.einsum("bth,bt->bh", hidden.float(), mask).to(self.mask.device)
+            if self.with_norms:
+                self._norm_sums[layer] = (hidden.float().norm(dim=-1) * mask).sum(1).to(self.mask.device)
 
         return record
 
+    def _counts(self) -> Tensor:
+        return self.mask.sum(1).clamp_min(1.0)[:, None]
+
     def means(self) -> Tensor:
-        counts = self.mask.sum(1).clamp_min(1.0)[:, None]
-        return torch.stack([self._sums[layer] / counts for layer in self.layers], dim=1)
+        return torch.stack([self._sums[layer] / self._counts() for layer in self.layers], dim=1)
+
+    def norms(self) -> Tensor:
+        if not self.with_norms:
+            raise ValueError("this recorder was made with norms=False")
+        return torch.stack([self._norm_sums[layer] for layer in self.layers], dim=1) / self._counts()
+
+
+def _padded_batches(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                    batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Batches of prompt+response, left-padded: (ids, attention mask, response mask), each [batch, width]."""
+    pad = lm.tokenizer.pad_token_id
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=lm.device)
+        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in responses], device=lm.device)
+        yield ids, attention, mask
+
+
+def _forward(lm: LoadedModel, ids: Tensor, attention: Tensor) -> None:
+    lm.model.base_model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0))
 
 
 @torch.inference_mode()
@@ -110,21 +142,32 @@ def response_means_by_forward(
     the same means in one pass. Returns [n, len(layers), hidden] float32.
     """
     results = []
-    pad = lm.tokenizer.pad_token_id
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
-        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=lm.device)
-        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in responses], device=lm.device)
+    for ids, attention, mask in _padded_batches(lm, prompt_ids, response_ids, batch_size):
         recorder = MaskedMeanRecorder(layers, mask)
         with layer_hooks(lm.layers, recorder.ops()):
-            lm.model.base_model(
-                input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0)
-            )
+            _forward(lm, ids, attention)
         results.append(recorder.means().cpu())
     return torch.cat(results)
+
+
+@torch.inference_mode()
+def response_means_and_norms_by_forward(
+    lm: LoadedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    batch_size: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """As `response_means_by_forward` (teacher-forced), and in the same pass the mean L2 norm of the response
+    tokens' hidden states. Returns means [n, len(layers), hidden] and token norms [n, len(layers)], float32."""
+    means, norms = [], []
+    for ids, attention, mask in _padded_batches(lm, prompt_ids, response_ids, batch_size):
+        recorder = MaskedMeanRecorder(layers, mask, norms=True)
+        with layer_hooks(lm.layers, recorder.ops()):
+            _forward(lm, ids, attention)
+        means.append(recorder.means().cpu())
+        norms.append(recorder.norms().cpu())
+    return torch.cat(means), torch.cat(norms)
 
 
 class StepProjectionRecorder:

@@ -101,9 +101,10 @@ class RequestContext(Protocol):
     def axis_vector(self, layer: int) -> Tensor:
         """The axis row at `layer` [hidden]."""
 
-    def steering_vector(self, layer: int, relative: bool) -> Tensor:
-        """What coef = 1 adds at `layer` [hidden]: the axis row, or (relative) the norm of the run's mean
-        default-Assistant activation at `layer` × the unit axis."""
+    def steering_vector(self, layer: int, units: str = "axis") -> Tensor:
+        """What coef = 1 adds at `layer` [hidden]: the axis row ("axis"), or the norm of the run's mean
+        default-Assistant activation ("norm") or the real-chat per-token activation norm ("real") at `layer`
+        × the unit axis."""
 
     def default_projection(self, layer: int) -> float:
         """Projection of the run's mean default-Assistant activation on the unit axis at `layer`."""
@@ -232,12 +233,12 @@ class Addition(Intervention):
 
     @classmethod
     def from_request(cls, item: Item, ctx: RequestContext) -> list[tuple[int, Intervention]]:
-        """{"layer", "coef", "units": "axis" (coef × the axis row) or "norm" (coef × the default-Assistant
-        activation norm × the unit axis)}."""
+        """{"layer", "coef", "units": "axis" (coef × the axis row), "norm" (coef × the default-Assistant
+        activation norm × the unit axis) or "real" (coef × the real-chat activation norm × the unit axis)}."""
         layer, coef, units = item_layer(item, ctx), item_number(item, "coef"), item.get("units", "axis")
-        if units not in ("axis", "norm"):
-            raise PersonaAxisError(f"steer units must be 'axis' or 'norm', not {units!r}")
-        vector = ctx.steering_vector(layer, relative=units == "norm")
+        if units not in ("axis", "norm", "real"):
+            raise PersonaAxisError(f"steer units must be 'axis', 'norm' or 'real', not {units!r}")
+        vector = ctx.steering_vector(layer, units=units)
         return [(layer, cls(vector, coef, positions=item_positions(item)))]
 
 
