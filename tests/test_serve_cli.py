@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,24 @@ from persona_axis.model.loading import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@contextmanager
+def serve_command(*args: str) -> Iterator[tuple[str, str]]:
+    """(API base URL, the announcement line) of a `persona-axis serve ARGS --port 0` subprocess; stopped at the end."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "persona_axis.cli", "serve", *args, "--port", "0"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        assert "serving" in line, line + process.stderr.read()
+        yield line.split(" at ")[1].split()[0], line  # http://127.0.0.1:PORT/v1
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
 @pytest.fixture(scope="module")
 def served_cli(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(API base URL, axis file) of a `persona-axis serve` subprocess; stopped at the end."""
@@ -29,22 +48,34 @@ def served_cli(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
     axis, config = tiny_axis_and_config(load_model(tiny_model_dir, dtype="float32"))
     save_axis(axis, work / "axis.safetensors")
     save_config(config, work / "capping")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "persona_axis.cli", "serve", "--model", tiny_model_dir, "--dtype", "float32",
-         "--axis", str(work / "axis.safetensors"), "--config", str(work / "capping"), "--port", "0"],
-        stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert process.stderr is not None
-        line = process.stderr.readline()
-        assert "serving" in line, line + process.stderr.read()
-        url = line.split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+    with serve_command("--model", tiny_model_dir, "--dtype", "float32", "--axis", str(work / "axis.safetensors"),
+                       "--config", str(work / "capping")) as (url, _):
         yield url, work / "axis.safetensors"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        if process.stderr is not None:
-            process.stderr.close()
+
+
+def test_without_an_axis_it_serves_plain_chat_and_refuses_persona_axis_requests(
+        tiny_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --model M` alone (e.g. as a --judge openai endpoint): plain completions, streamed or not, the
+    official fields only; a persona_axis request is a one-line 400; options that need an axis are refused."""
+    with serve_command("--model", tiny_model_dir, "--dtype", "float32") as (url, line):
+        assert "no --axis" in line
+        info = httpx.get(url + "/persona_axis").json()
+        assert info["axis"] is False and info["default_layer"] is None and info["experiments"] == []
+        body = {"model": "persona-axis", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                "temperature": 0}
+        reply = httpx.post(url + "/chat/completions", timeout=60, json=body).json()
+        assert reply["usage"]["completion_tokens"] > 0 and isinstance(reply["choices"][0]["message"]["content"], str)
+        assert "projections" not in reply.get("persona_axis", {})
+        for extension, field in (({"cap": "layers_1:3-p0.5"}, "cap"), ({"steer": ["1@1"]}, "steer"),
+                                 ({"projections": "token"}, "projections")):
+            refused = httpx.post(url + "/chat/completions", timeout=60, json={**body, "persona_axis": extension})
+            message = refused.json()["error"]["message"]
+            assert refused.status_code == 400 and f"has no axis (started without --axis): persona_axis.{field}" \
+                in message and "\n" not in message
+    for flags in (["--config", "x"], ["--guard", "5"], ["--alert-below", "1"]):
+        assert main(["serve", "--model", tiny_model_dir, *flags]) == 2
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert f"{flags[0]} need(s) --axis" in error
 
 
 def test_the_command_serves_the_api_and_the_page(served_cli: tuple[str, Path]) -> None:

@@ -3,7 +3,8 @@
 Routes: POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models, GET /health,
 GET /v1/persona_axis (the axis, layers and capping experiments the dashboard needs), GET /metrics and GET /
 (the dashboard, static files under persona_axis/apps/static). Requests share decode steps in one `engine.Engine`.
-/v1/persona_axis: {model, name, n_layers, context, default_layer, experiments: [{id, caps: [{layer, floor,
+/v1/persona_axis: {model, name, n_layers, context, axis (false: started without one, plain completions only),
+default_layer, experiments: [{id, caps: [{layer, floor,
 default_mean}]}]}, default_mean being the calibrated mean default-Assistant projection at that cap's layer
 (CapLayer.stats, null where calibration did not record it); the dashboard's alert threshold defaults to it.
 
@@ -176,19 +177,21 @@ def _content(message: Any, i: int) -> Message:
 
 
 class PersonaServer:
-    """The model, its axis and capping config behind the HTTP routes, with one engine thread."""
+    """The model, its axis and capping config behind the HTTP routes, with one engine thread. Without an axis
+    (None) it serves plain chat completions: a request's persona_axis object is refused."""
 
-    def __init__(self, lm: LoadedModel, axis: Axis, config: CappingConfig | None = None,
+    def __init__(self, lm: LoadedModel, axis: Axis | None, config: CappingConfig | None = None,
                  limits: ServerLimits | None = None, model_id: str = "persona-axis",
                  defaults: Tensor | None = None, guard: GuardDefault | None = None) -> None:
         """defaults [layers, hidden]: the run's mean default-Assistant activation (norm-relative steering and
         'default' values need it; spec.run_defaults reads it from a run directory). guard: the drift guard
         requests with a cap get unless they say otherwise."""
-        axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
+        if axis is None and (config is not None or guard is not None):
+            raise PersonaAxisError("a capping config or a drift guard needs an axis")
         if config is not None:
             config.check_model(lm)
         self.lm, self.axis, self.config, self.model_id = lm, axis, config, model_id
-        self.spec = SpecContext(lm, axis, config=config, defaults=defaults)
+        self.spec = None if axis is None else SpecContext(lm, axis, config=config, defaults=defaults)
         self.limits = limits or ServerLimits()
         self.context = context_length(lm)
         self.engine = Engine(lm, self.limits.max_rows, self.limits.max_waiting, self.limits.prefill_chunk)
@@ -257,6 +260,11 @@ class PersonaServer:
         unknown = set(ext) - set(EXTENSION_FIELDS)
         if unknown:
             raise BadRequest(f"unknown persona_axis field(s) {sorted(unknown)}: use {', '.join(EXTENSION_FIELDS)}")
+        if self.spec is None or self.axis is None:
+            if set(ext) - {"ignore_eos"}:
+                raise BadRequest(f"this server has no axis (started without --axis): persona_axis.{sorted(ext)[0]} "
+                                 f"needs one")
+            return RowSettings({}, None), {}, {}, None, None, None, None
         items: list[Any] = []
         cap = ext.get("cap")
         if cap is not None and self.config is None:
@@ -353,4 +361,6 @@ class PersonaServer:
                                   for c in e.caps]}
             for e in self.config.experiments.values()]
         return {"model": self.model_id, "name": self.lm.name, "n_layers": self.lm.n_layers, "context": self.context,
-                "default_layer": measured_layer(self.axis, []), "experiments": experiments}
+                "axis": self.axis is not None,
+                "default_layer": None if self.axis is None else measured_layer(self.axis, []),
+                "experiments": experiments}

@@ -59,10 +59,11 @@ def load_model_from(args: argparse.Namespace, progress: bool = True) -> LoadedMo
                       fast_path=args.fast_path, progress=progress)
 
 
-def axis_options(p: argparse.ArgumentParser) -> None:
+def axis_options(p: argparse.ArgumentParser, required: bool = True, without: str = "") -> None:
+    """--model and its options, and --axis (`without`: what the command does when --axis is optional and absent)."""
     model_options(p)
-    p.add_argument("--axis", required=True, help="a run directory, an axis file (.safetensors or torch file) or a "
-                                                   "built-in axis: smollm2 (the embedded model's)")
+    p.add_argument("--axis", required=required, help="a run directory, an axis file (.safetensors or torch file) or "
+                                                       "a built-in axis: smollm2 (the embedded model's)" + without)
 
 
 def intervention_options(p: argparse.ArgumentParser) -> None:

@@ -19,25 +19,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from persona_axis.axis import load_axis
     from persona_axis.control.capping import load_config
     from persona_axis.control.spec import run_defaults
+    from persona_axis.errors import PersonaAxisError
     from persona_axis.store import RunLayout
 
     keys = ApiKeys.gather(args.api_key or (), os.environ.get(API_KEY_ENV), args.api_key_file)
     check_exposure(args.host, keys, args.allow_unauthenticated)  # before the model loads or anything is bound
-    axis = load_axis(args.axis)
-    default_config = RunLayout(args.axis).capping_json
-    config_path = args.config or (default_config if default_config.exists() else None)
-    config = load_config(config_path) if config_path is not None else None
+    if args.axis is None:
+        given = [flag for flag, value in (("--config", args.config), ("--guard", args.guard),
+                                          ("--alert-below", args.alert_below)) if value is not None]
+        if given:
+            raise PersonaAxisError(f"{' and '.join(given)} need(s) --axis (a run or axis file of the served model)")
+        axis, config, defaults = None, None, None
+    else:
+        axis = load_axis(args.axis)
+        layout = RunLayout(args.axis)
+        config_path = args.config or (layout.capping_json if layout.capping_json.exists() else None)
+        config = load_config(config_path) if config_path is not None else None
+        defaults = run_defaults(layout.root) if layout.vectors.is_file() else None
     lm = load_model_from(args)
     limits = ServerLimits(max_rows=args.max_batch, max_waiting=args.max_queue, timeout_s=args.timeout,
                           prefill_chunk=args.prefill_chunk, max_body=args.max_body, max_tokens=args.max_tokens_limit,
                           per_key=args.max_concurrent_per_key, read_timeout_s=args.read_timeout,
                           write_timeout_s=args.write_timeout)
     options = HttpOptions(keys, args.log_file or sys.stderr, args.alert_below, args.allow_unauthenticated)
-    layout = RunLayout(args.axis)
-    defaults = run_defaults(layout.root) if layout.vectors.is_file() else None
     server = PersonaServer(lm, axis, config, limits, model_id=args.served_model_name, defaults=defaults,
                            guard=parse_guard(args.guard) if args.guard is not None else None)
-    experiments = ", ".join(config.experiments) if config is not None else "none (no capping config)"
+    experiments = (", ".join(config.experiments) if config is not None else "none (no capping config)") \
+        if axis is not None else "none (no --axis: plain chat completions)"
     access = f"{len(keys.digests)} API key(s)" if keys else "no API key"
 
     def announce(url: str) -> None:
@@ -68,7 +76,8 @@ class _KnownDefaults(argparse.ArgumentDefaultsHelpFormatter):
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible chat server with per-request caps and a live dashboard",
                            formatter_class=_KnownDefaults)
-    axis_options(serve)
+    axis_options(serve, required=False, without="; without it the server answers plain chat completions (no caps, "
+                 "steering or projections), e.g. as a --judge openai endpoint")
     serve.add_argument("--config", help="capping config whose experiments requests may name (default: "
                                         "<run>/capping.json when --axis is a run directory that has one)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; one beyond loopback needs an API key "
