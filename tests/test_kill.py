@@ -193,8 +193,9 @@ def test_eval_run_killed_in_replies_capabilities_and_verdicts_then_resumed(tmp_p
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     log = _write_log(command(whole), tmp_path / "writes.log")
     rng = random.Random(SEED + 1)
-    # A chunk of first turns torn: its stored lines are kept and the chunk is generated again whole.
-    _kill(command(killed), "first_turns.jsonl", _point(rng, log, "first_turns.jsonl"), torn=True)
+    # The capped condition's chunk of first turns (the last write there) torn: its stored lines are kept and the
+    # chunk is generated again whole (generating only its missing turns would batch them apart: other cap counts).
+    _kill(command(killed), "first_turns.jsonl", sum(fnmatch(name, "first_turns.jsonl") for name in log), torn=True)
     assert _torn_tail(killed / "first_turns.jsonl")
     _kill(command(killed), "replies.jsonl", _point(rng, log, "replies.jsonl"), torn=True)
     assert _torn_tail(killed / "replies.jsonl")
