@@ -63,10 +63,21 @@ def test_at_most_concurrency_requests_in_flight(server: FakeServer) -> None:
 
 
 def test_rejected_replies_are_retried_then_unparsed(server: FakeServer) -> None:
-    server.play(Reply("seven"))
+    server.play(Reply("seven"), Reply("eight"), Reply("nine"), Reply("ten"))
     [answer] = client_at(server, max_attempts=4).ask_all([question(1)], number)
     assert isinstance(answer, Unparsed) and answer.attempts == 4 and "invalid literal" in answer.why
     assert len(server.requests) == 4
+
+
+@pytest.mark.parametrize("temperature, requests", [(0.0, 2), (0.7, 4)])
+def test_a_rejected_reply_repeated_at_temperature_0_is_not_asked_again(server: FakeServer, temperature: float,
+                                                                       requests: int) -> None:
+    """A deterministic server (temperature 0) answers a request the same way every time: once a rejected reply
+    comes back word for word the attempts end; sampled, every attempt is used."""
+    server.play(Reply("seven"))
+    [answer] = client_at(server, max_attempts=4, temperature=temperature).ask_all([question(1)], number)
+    assert isinstance(answer, Unparsed) and answer.attempts == requests and len(server.requests) == requests
+    assert ("the same reply twice at temperature 0" in answer.why) == (temperature == 0)
 
 
 def test_a_fatal_error_stops_a_waiting_retry_and_is_the_one_raised(server: FakeServer) -> None:

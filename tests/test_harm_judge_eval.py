@@ -111,10 +111,10 @@ def test_scripted_judge_gives_the_hand_computed_figures(scripted: FakeServer) ->
     assert j["majority_baseline"] == pytest.approx(4 / 7)
     assert report["baseline"] == {"predicts": "not harmful", "n": 8, "accuracy": pytest.approx(5 / 8)}
     assert report["majority_baseline"] == pytest.approx(5 / 8) and report["n_test_harmful"] == 3
-    # Only the 8 rows were sent (the garbage one 5 times: retried, then unscored).
+    # Only the 8 rows were sent (the garbage one twice: the same reply again at temperature 0, then unscored).
     _, rows = held_out_rows()
     sent = [body["messages"][1]["content"] for _, _, body in scripted.requests]
-    assert set(sent) == {user_message(row) for row in rows[:8]} and len(sent) == 7 + 5
+    assert set(sent) == {user_message(row) for row in rows[:8]} and len(sent) == 7 + 2
 
 
 def test_cli_prints_each_judge_with_coverage(scripted: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:

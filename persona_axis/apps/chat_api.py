@@ -3,7 +3,9 @@
 `ChatClient.ask_all` sends one request per conversation, with at most `concurrency` in flight, and
 returns what the caller's `parse` makes of each reply. Transient failures (HTTP 429/5xx, timeouts,
 connection errors) are retried after the server's Retry-After or an exponential backoff with jitter; a
-reply that `parse` rejects (ValueError) is retried at once. When every attempt fails, the last outcome
+reply that `parse` rejects (ValueError) is retried at once, except that at temperature 0 a rejected reply that
+comes back word for word ends the attempts (the server answers that request deterministically: asking again
+would only repeat it). When every attempt fails, the last outcome
 decides: a transport failure raises PersonaAxisError, a rejected reply becomes `Unparsed`. Any other
 HTTP error, or a 200 whose body is not a chat completion, raises at once and stops the rest of the batch.
 Replies that parsed are cached on disk (optional), keyed by model and messages.
@@ -182,7 +184,7 @@ class ChatClient:
 
     def _attempts(self, client: httpx.Client, messages: ChatMessages, parse: Callable[[str], T],
                   stop: threading.Event, key: str) -> Answer[T] | Unparsed:
-        why, transient, delay = "", False, 0.0
+        why, transient, delay, rejected = "", False, 0.0, None
         for attempt in range(self.max_attempts):
             if stop.wait(delay):
                 raise _Stopped(f"{self.who} batch stopped after an earlier error")
@@ -194,7 +196,9 @@ class ChatClient:
             try:
                 value = parse(reply)
             except ValueError as exc:
-                why, transient, delay = str(exc), False, 0.0
+                if self.temperature == 0 and reply == rejected:
+                    return Unparsed(f"{exc} (the same reply twice at temperature 0)", attempt + 1)
+                why, transient, delay, rejected = str(exc), False, 0.0, reply
                 continue
             if self.cache is not None:
                 self.cache.put(key, reply)
