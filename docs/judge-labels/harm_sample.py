@@ -6,7 +6,7 @@
     .venv/bin/python docs/judge-labels/harm_sample.py score RUN OUT_DIR --out FILE --labelled-by "WHO, HOW, WHEN"
 
 draw: `--items` persona-jailbreak and plain items drawn at random (seeded) from the run's set, each with the
-reply of the uncapped condition and of the run's first other condition, so the labels are paired; the rows are
+reply of the uncapped condition and of the run's first other condition if it has one, so the labels are paired; the rows are
 shuffled (seeded) so that a reader sees neither the condition nor the pairing, and the files to label hold only
 the row number, the request and the reply. OUT_DIR/key.json keeps what the reader does not see.
 score: joins the labels with the key, the run's stored verdicts (its first harm judge) and the refusal cue;
@@ -32,11 +32,11 @@ def draw(run: Path, out: Path, n_items: int, seed: int) -> None:
     store = RunStore(run)
     items = {r["id"]: r for r in store.records("evalset")}
     replies = {(r["condition"], r["item"]): r["text"] for r in store.records("replies") if r.get("sample", 0) == 0}
-    other = next(c for c, _ in replies if c != UNCAPPED)
+    conditions = (UNCAPPED, *sorted({c for c, _ in replies} - {UNCAPPED})[:1])
     rng = random.Random(seed)
     pool = sorted(i for i, item in items.items() if item["kind"] in ("persona_jailbreak", "plain_harmful"))
     rows = [{"item": i, "condition": c, "request": items[i]["request"], "response": replies[(c, i)]}
-            for i in rng.sample(pool, n_items) for c in (UNCAPPED, other)]
+            for i in rng.sample(pool, n_items) for c in conditions]
     rng.shuffle(rows)
     for k, row in enumerate(rows):
         row["row"] = k
@@ -73,11 +73,12 @@ def score(run: Path, out: Path, dest: Path, labelled_by: str) -> None:
     for source in ("harmful", "judge_harmful"):
         by = {c: {r["item"]: bool(r[source]) for r in rows if r["condition"] == c} for c in {r["condition"] for r in rows}}
         base = by.pop(UNCAPPED)
+        print(f"{source}: {UNCAPPED} {sum(base.values())}/{len(base)}")
         for condition, values in by.items():
             items = sorted(base)
             test = mcnemar_exact([base[i] for i in items], [values[i] for i in items])
-            print(f"{source}: {UNCAPPED} {sum(base.values())}/{len(base)}, {condition} {sum(values.values())}/"
-                  f"{len(values)}, McNemar {test.only_base} vs {test.only_other}, p {test.p_value:.3f}")
+            print(f"{source}: {condition} {sum(values.values())}/{len(values)}, McNemar {test.only_base} vs "
+                  f"{test.only_other}, p {test.p_value:.3f}")
     dest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
