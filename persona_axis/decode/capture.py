@@ -128,6 +128,16 @@ def _forward(lm: LoadedModel, ids: Tensor, attention: Tensor) -> None:
     lm.model.base_model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0))
 
 
+def _recorded(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+              layers: Sequence[int], batch_size: int, norms: bool) -> Iterator[MaskedMeanRecorder]:
+    """One teacher-forced pass per batch of prompt+response; yields each batch's recorder of the response tokens."""
+    for ids, attention, mask in _padded_batches(lm, prompt_ids, response_ids, batch_size):
+        recorder = MaskedMeanRecorder(layers, mask, norms=norms)
+        with layer_hooks(lm.layers, recorder.ops()):
+            _forward(lm, ids, attention)
+        yield recorder
+
+
 @torch.inference_mode()
 def response_means_by_forward(
     lm: LoadedModel,
@@ -141,13 +151,7 @@ def response_means_by_forward(
     This is the two-pass way (generate, then run the texts again); generate.generate captures
     the same means in one pass. Returns [n, len(layers), hidden] float32.
     """
-    results = []
-    for ids, attention, mask in _padded_batches(lm, prompt_ids, response_ids, batch_size):
-        recorder = MaskedMeanRecorder(layers, mask)
-        with layer_hooks(lm.layers, recorder.ops()):
-            _forward(lm, ids, attention)
-        results.append(recorder.means().cpu())
-    return torch.cat(results)
+    return torch.cat([r.means().cpu() for r in _recorded(lm, prompt_ids, response_ids, layers, batch_size, False)])
 
 
 @torch.inference_mode()
@@ -160,14 +164,8 @@ def response_means_and_norms_by_forward(
 ) -> tuple[Tensor, Tensor]:
     """As `response_means_by_forward` (teacher-forced), and in the same pass the mean L2 norm of the response
     tokens' hidden states. Returns means [n, len(layers), hidden] and token norms [n, len(layers)], float32."""
-    means, norms = [], []
-    for ids, attention, mask in _padded_batches(lm, prompt_ids, response_ids, batch_size):
-        recorder = MaskedMeanRecorder(layers, mask, norms=True)
-        with layer_hooks(lm.layers, recorder.ops()):
-            _forward(lm, ids, attention)
-        means.append(recorder.means().cpu())
-        norms.append(recorder.norms().cpu())
-    return torch.cat(means), torch.cat(norms)
+    recorders = list(_recorded(lm, prompt_ids, response_ids, layers, batch_size, True))
+    return torch.cat([r.means().cpu() for r in recorders]), torch.cat([r.norms().cpu() for r in recorders])
 
 
 class StepProjectionRecorder:
