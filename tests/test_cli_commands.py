@@ -214,6 +214,9 @@ def test_steer_sweep_json(tiny_run: Path, tiny_model_dir: str, server: FakeServe
     assert (report["layer"], report["measured_layer"], report["relative"]) == (1, 0, False)
     assert [r["coef"] for r in report["rows"]] == [-1.0, 0.0, 1.0]
     assert all(r["scores"]["3"] == r["n"] == 2 for r in report["rows"])
+    assert all(r["in_role"] == {"value": 1.0, "low": 1.0, "high": 1.0} for r in report["rows"])
+    assert [r["in_role_change"] for r in report["rows"]] == [{"value": 0.0, "low": 0.0, "high": 0.0}, None,
+                                                             {"value": 0.0, "low": 0.0, "high": 0.0}]
     assert main(["steer-sweep", *_model(tiny_model_dir), "--axis", str(tiny_run), "--layer", "0", "--relative",
                  "--coefs=-0.5", "--roles", "1", "--questions", "1", "--max-new-tokens", "2", "--json",
                  "--judge", "openai", "--judge-url", server.base_url, "--judge-model", "m"]) == 0

@@ -65,6 +65,38 @@ def test_steer_sweep_reports_scores_and_projection_moves_with_coef(tiny_llama: L
     assert len(role_play_conversations(load_catalog(), 4, 2)) == 8
 
 
+class ScriptedJudge:
+    """Gives each call's replies the next list of scores (None: unscored), whatever they say."""
+
+    id = "scripted"
+
+    def __init__(self, calls: list[list[int | None]]) -> None:
+        self.calls = list(calls)
+
+    def score(self, items: list[JudgeItem]) -> list[Verdict]:
+        scores = self.calls.pop(0)
+        assert len(scores) == len(items)
+        return [Verdict(s, "scripted", self.id) for s in scores]
+
+
+def test_steer_sweep_share_in_role_and_its_change_from_coef_zero(tiny_llama: LoadedModel) -> None:
+    axis = Axis(torch.ones(3, 64))
+    judge = ScriptedJudge([[3, 3, None, 1], [3, 1, 1, 1], [1, 1, 1, 1]])
+    away, zero, toward = steer_sweep(tiny_llama, axis, load_catalog(), judge, layer=1, coefs=[-1.0, 0.0, 1.0],
+                                     n_roles=2, n_questions=2, max_new_tokens=2).rows
+    assert away.in_role.value == pytest.approx(2 / 3)  # the unscored reply is left out
+    assert zero.in_role.value == pytest.approx(1 / 4) and toward.in_role.value == 0.0
+    assert away.in_role.low is not None and away.in_role.high is not None
+    assert away.in_role.low <= 2 / 3 <= away.in_role.high
+    assert zero.in_role_change is None
+    assert away.in_role_change is not None and toward.in_role_change is not None
+    assert away.in_role_change.value == pytest.approx(2 / 3 - 1 / 4)
+    assert toward.in_role_change.value == pytest.approx(-1 / 4)
+    [row] = steer_sweep(tiny_llama, axis, load_catalog(), ScriptedJudge([[None, None]]), layer=1, coefs=[1.0],
+                        n_roles=2, n_questions=1, max_new_tokens=2).rows
+    assert row.in_role.value is None and row.in_role_change is None and row.mean_score is None  # nothing scored
+
+
 def test_steer_sweep_never_reads_the_steered_layer(tiny_llama: LoadedModel) -> None:
     torch.manual_seed(1)
     v = torch.randn(3, 64)

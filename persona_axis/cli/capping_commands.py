@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persona_axis.cli.options import (
     axis_options,
@@ -16,6 +16,9 @@ from persona_axis.cli.options import (
     number_list,
     print_json,
 )
+
+if TYPE_CHECKING:
+    from persona_axis.evals.stats import Estimate
 
 LAYER_HELP = ("layer whose projection is reported (default: the middle layer, or the layer just below the "
               "interventions when they reach it); an intervened layer is refused")
@@ -201,8 +204,18 @@ def cmd_steer_sweep(args: argparse.Namespace) -> None:
     for row in report.rows:
         s = row.scores
         score = "n/a" if row.mean_score is None else f"{row.mean_score:.2f}"
+        change = "" if row.in_role_change is None else f"  vs coef 0 {_share(row.in_role_change, signed=True)}"
         print(f"coef {row.coef:+6.2f}  scores 0:{s['0']:3d} 1:{s['1']:3d} 2:{s['2']:3d} 3:{s['3']:3d}"
-              f"  mean score {score}  mean projection {row.mean_projection:+.2f}")
+              f"  in role {_share(row.in_role)}{change}  mean score {score}  mean projection {row.mean_projection:+.2f}")
+    print("in role = share of scored replies scored 3, [95 % interval resampling roles]")
+
+
+def _share(estimate: Estimate, signed: bool = False) -> str:
+    """'0.25 [0.10, 0.40]' (signed: '+0.05 [-0.10, +0.20]'); 'n/a' when undefined."""
+    if estimate.value is None or estimate.low is None or estimate.high is None:
+        return "n/a"
+    form = "+.2f" if signed else ".2f"
+    return f"{estimate.value:{form}} [{estimate.low:{form}}, {estimate.high:{form}}]"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -26,6 +26,7 @@ from persona_axis.decode.generate import generate
 from persona_axis.decode.interventions import Addition
 from persona_axis.errors import PersonaAxisError
 from persona_axis.evals.capabilities import next_token_kl
+from persona_axis.evals.stats import Estimate, bootstrap_rate, rate_difference
 from persona_axis.judges.base import Judge, JudgeItem
 from persona_axis.measurement import check_layer_index, layer_after_block, measured_layer
 from persona_axis.model.loading import LoadedModel, Message
@@ -53,13 +54,18 @@ class SweepRow:
 @dataclass(frozen=True)
 class SteerRow:
     """One coefficient of a `steer_sweep`: the judge's score counts ("0".."3", "unscored") over n replies,
-    their mean score (None when none was scored) and the replies' mean projection on the unit axis."""
+    their mean score (None when none was scored), the replies' mean projection on the unit axis, the share
+    of scored replies in role (score 3) with a 95 % interval from resampling roles (a role's replies are
+    not independent), and that share minus the share at coef 0 on the same prompts, resampled by role
+    (None at coef 0 itself and when 0 is not among the coefs)."""
 
     coef: float
     n: int
     scores: dict[str, int]
     mean_score: float | None
     mean_projection: float
+    in_role: Estimate
+    in_role_change: Estimate | None
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,8 @@ class SteerSweep:
     rows: list[SteerRow]
 
     def to_json(self) -> dict[str, object]:
-        """{"layer", "measured_layer", "unit_length", "rows": [{"coef", "n", "scores", "mean_score", "mean_projection"}]}."""
+        """{"layer", "measured_layer", "unit_length", "rows": [{"coef", "n", "scores", "mean_score", "mean_projection",
+        "in_role": {"value", "low", "high"}, "in_role_change": {...} | None}]}."""
         return asdict(self)
 
 
@@ -131,6 +138,28 @@ def _role_shifts(lm: LoadedModel, axis: Axis, plan: list[tuple[Experiment, int]]
     return shifts
 
 
+def _in_role(scores: Sequence[int | None], roles: Sequence[str]) -> tuple[list[bool], list[str]]:
+    """(score == 3 per scored reply, its role): unscored replies are left out."""
+    kept = [(score == 3, role) for score, role in zip(scores, roles) if score is not None]
+    return [k for k, _ in kept], [r for _, r in kept]
+
+
+def _steer_row(coef: float, scores: Sequence[int | None], projection: float, roles: Sequence[str],
+               zero: Sequence[int | None] | None) -> SteerRow:
+    """A SteerRow from one coef's scores [n] (None: unscored), with the in-role change against `zero`'s scores."""
+    counts = Counter("unscored" if s is None else str(s) for s in scores)
+    scored = [s for s in scores if s is not None]
+    in_role, clusters = _in_role(scores, roles)
+    nan = Estimate(None, None, None)
+    share = bootstrap_rate(in_role, clusters) if in_role else nan
+    change = None
+    if zero is not None:
+        base, base_clusters = _in_role(zero, roles)
+        change = rate_difference(in_role, base, clusters, base_clusters) if in_role and base else nan
+    return SteerRow(coef, len(scores), {k: counts.get(k, 0) for k in ("0", "1", "2", "3", "unscored")},
+                    sum(scored) / len(scored) if scored else None, projection, share, change)
+
+
 def pareto_front(rows: Sequence[SweepRow]) -> list[SweepRow]:
     """Rows no other row dominates (role_shift at least as high and default_kl at least as low, one strictly)."""
     return [row for row in rows if not any(other.dominates(row) for other in rows)]
@@ -144,8 +173,9 @@ def steer_sweep(lm: LoadedModel, axis: Axis, catalog: Catalog, judge: Judge, lay
     v is axis[layer], or with norms [layers] (see `spec.default_norms`) norms[layer] × the unit
     axis, so coefs are relative to the default activation norm. Projections are read at
     `measured_layer` (default: `measurement.measured_layer`'s choice, outside the steered layer).
-    Each row holds the judge's score counts, the mean score, and the mean projection of the replies'
-    mean activation on the unit axis at the measured layer.
+    Each row holds the judge's score counts, the mean score, the mean projection of the replies'
+    mean activation on the unit axis at the measured layer, and the share in role (score 3) with its
+    change from coef 0 (see SteerRow): every coef answers the same n_roles × n_questions prompts.
     """
     layer = check_layer_index(layer, lm.n_layers, "steered layer")
     axis.check_model(lm.n_layers, lm.hidden_size, lm.name)
@@ -153,16 +183,16 @@ def steer_sweep(lm: LoadedModel, axis: Axis, catalog: Catalog, judge: Judge, lay
     vector = steering_vector(axis, layer, norms)
     pairs = role_play_conversations(catalog, n_roles, n_questions)
     descriptions = {r.name: r.description for r in catalog.roles}
-    rows = []
+    judged = []
     for coef in tqdm(coefs, desc="steer-sweep", unit="coef", disable=not progress):
         result = generate(lm, [c for _, c in pairs], max_new_tokens=max_new_tokens, capture=[measured],
                           interventions={layer: Addition(vector, coef)} if coef else {})
-        means = result.captured_means()
         verdicts = judge.score([JudgeItem(name, descriptions[name], c[-1]["content"], text)
                                 for (name, c), text in zip(pairs, result.texts)])
-        counts = Counter("unscored" if v.score is None else str(v.score) for v in verdicts)
-        scored = [v.score for v in verdicts if v.score is not None]
-        rows.append(SteerRow(coef, len(pairs), {k: counts.get(k, 0) for k in ("0", "1", "2", "3", "unscored")},
-                             sum(scored) / len(scored) if scored else None,
-                             float(axis.project(means[:, 0], measured).mean())))
+        judged.append(([v.score for v in verdicts],
+                       float(axis.project(result.captured_means()[:, 0], measured).mean())))
+    roles = [name for name, _ in pairs]
+    zero = next((scores for coef, (scores, _) in zip(coefs, judged) if coef == 0), None)
+    rows = [_steer_row(coef, scores, projection, roles, None if coef == 0 else zero)
+            for coef, (scores, projection) in zip(coefs, judged)]
     return SteerSweep(layer, measured, float(vector.norm()), rows)
