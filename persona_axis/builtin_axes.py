@@ -42,7 +42,8 @@ class BuiltinAxis:
 
 
 BUILTIN_AXES: dict[str, BuiltinAxis] = {
-    axis.name: axis for axis in (BuiltinAxis("smollm2", ("default",)),)
+    axis.name: axis for axis in (BuiltinAxis("smollm2", ("default",)),
+                                 BuiltinAxis("qwen2.5-coder-0.5b", ("qwen2.5-coder-0.5b",)))
 }
 
 

@@ -131,3 +131,22 @@ def test_stability_of_a_builtin_axis_asks_for_its_run(packaged: tuple[Path, Path
     assert main(["stability", str(packaged[1]), "--split-half"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "give the run directory itself" in err
+
+
+def test_the_shipped_qwen_axis_is_for_qwen_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    directory = builtin_axis_dir("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b")
+    assert sum(p.stat().st_size for p in directory.iterdir()) < 1_000_000
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["preset"] == "standard" and manifest["model_spec"] == "qwen2.5-coder-0.5b"
+    assert {"command", "dtype", "cpu", "date", "wall_time"} <= set(manifest["builtin"])
+    assert tuple(load_axis(directory).vectors.shape) == (24, 896)
+    assert tuple(run_defaults(directory).shape) == (24, 896)
+    experiments = load_config(directory / "capping").experiments
+    assert {e.rpartition("-")[2] for e in experiments} >= {"p0.25", "mean"}
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps([{"role": "user", "content": "Who are you?"}]) + "\n")
+    assert main(["generate", str(prompts), "--axis", "qwen2.5-coder-0.5b", "--model", "default", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "computed for --model qwen2.5-coder-0.5b, not 'default'" in err

@@ -63,7 +63,8 @@ def axis_options(p: argparse.ArgumentParser, required: bool = True, without: str
     """--model and its options, and --axis (`without`: what the command does when --axis is optional and absent)."""
     model_options(p)
     p.add_argument("--axis", required=required, help="a run directory, an axis file (.safetensors or torch file) or "
-                                                       "a built-in axis: smollm2 (the embedded model's)" + without)
+                                                       "a built-in axis: smollm2 (the embedded model's) or "
+                                                       "qwen2.5-coder-0.5b" + without)
 
 
 def intervention_options(p: argparse.ArgumentParser) -> None:
