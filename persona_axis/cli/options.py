@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from persona_axis.build.executors import Executor
     from persona_axis.model.loading import LoadedModel
 
+from persona_axis.builtin_axes import BUILTIN_AXES
 from persona_axis.model.int8 import FAST_PATHS
 
 
@@ -62,9 +63,9 @@ def load_model_from(args: argparse.Namespace, progress: bool = True) -> LoadedMo
 def axis_options(p: argparse.ArgumentParser, required: bool = True, without: str = "") -> None:
     """--model and its options, and --axis (`without`: what the command does when --axis is optional and absent)."""
     model_options(p)
+    builtin = ", ".join(f"{a.name} (for --model {a.model_specs[0]})" for a in BUILTIN_AXES.values())
     p.add_argument("--axis", required=required, help="a run directory, an axis file (.safetensors or torch file) or "
-                                                       "a built-in axis: smollm2 (the embedded model's) or "
-                                                       "qwen2.5-coder-0.5b" + without)
+                                                       f"a built-in axis: {builtin}" + without)
 
 
 def intervention_options(p: argparse.ArgumentParser) -> None:

@@ -150,12 +150,12 @@ def _steer_row(coef: float, scores: Sequence[int | None], projection: float, rol
     counts = Counter("unscored" if s is None else str(s) for s in scores)
     scored = [s for s in scores if s is not None]
     in_role, clusters = _in_role(scores, roles)
-    nan = Estimate(None, None, None)
-    share = bootstrap_rate(in_role, clusters) if in_role else nan
+    undefined = Estimate(None, None, None)
+    share = bootstrap_rate(in_role, clusters) if in_role else undefined
     change = None
     if zero is not None:
         base, base_clusters = _in_role(zero, roles)
-        change = rate_difference(in_role, base, clusters, base_clusters) if in_role and base else nan
+        change = rate_difference(in_role, base, clusters, base_clusters) if in_role and base else undefined
     return SteerRow(coef, len(scores), {k: counts.get(k, 0) for k in ("0", "1", "2", "3", "unscored")},
                     sum(scored) / len(scored) if scored else None, projection, share, change)
 
