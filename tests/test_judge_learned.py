@@ -110,10 +110,13 @@ DOC_FILES = {"smollm2 sample 1": "labelled.jsonl", "qwen sample 1": "qwen-sample
              "smollm2 sample 2": "smollm2-sample-2.jsonl", "qwen sample 2": "qwen-sample-2.jsonl"}
 
 
-def _learned_rows() -> list[dict[str, str]]:
-    """The 'learned' rows of the fold-B table in docs/offline-judge.md's section on the learned judge."""
+THIRD_FILES = {"smollm2 sample 3": "smollm2-sample-3.jsonl", "qwen sample 3": "qwen-sample-3.jsonl"}
+
+
+def _table_rows(heading: str) -> list[dict[str, str]]:
+    """The rows of the first table under `heading` in docs/offline-judge.md, as {column (lower case): cell}."""
     text = (REPO / "docs" / "offline-judge.md").read_text(encoding="utf-8")
-    section = text[text.index("## A learned judge"):]
+    section = text[text.index(heading):]
     lines = section[section.index("| sample | judge |"):].splitlines()
     table = []
     for line in lines:
@@ -121,7 +124,24 @@ def _learned_rows() -> list[dict[str, str]]:
             break
         table.append([c.strip() for c in line.strip("|").split("|")])
     header = [h.lower() for h in table[0]]
-    return [dict(zip(header, row)) for row in table[2:] if row[1].startswith("learned")]
+    return [dict(zip(header, row)) for row in table[2:]]
+
+
+def _learned_rows() -> list[dict[str, str]]:
+    """The 'learned' rows of the fold-B table in docs/offline-judge.md's section on the learned judge."""
+    return [row for row in _table_rows("## A learned judge") if row["judge"].startswith("learned")]
+
+
+def _check_row(row: dict[str, str], report: dict) -> None:
+    """One documented row (n, exact, majority baseline, score-3 precision and recall) against judge-eval's report."""
+    confusion = report["confusion"]
+    true3 = confusion["3"]["3"]
+    said3, are3 = sum(confusion[k]["3"] for k in confusion), sum(confusion["3"].values())
+    assert int(row["n"]) == report["n"]
+    assert float(row["exact"]) == pytest.approx(report["exact_agreement"], abs=5e-4)
+    assert float(row["majority baseline (always 1)"]) == pytest.approx(report["majority_agreement"], abs=5e-4)
+    assert row["score-3 precision"] == f"{true3 / said3:.3f} ({true3}/{said3})"
+    assert row["score-3 recall"] == f"{true3 / are3:.3f} ({true3}/{are3})"
 
 
 def test_documented_fold_b_figures_are_what_the_judge_gives(judge: LearnedJudge) -> None:
@@ -131,13 +151,18 @@ def test_documented_fold_b_figures_are_what_the_judge_gives(judge: LearnedJudge)
     rows = _learned_rows()
     assert sorted(r["sample"].lower() for r in rows) == sorted(DOC_FILES)
     for row in rows:
-        report = evaluate_judge(judge, read_labels(REPO / "docs" / "judge-labels" / DOC_FILES[row["sample"].lower()],
-                                                   "B"))
-        confusion = report["confusion"]
-        true3 = confusion["3"]["3"]
-        said3, are3 = sum(confusion[k]["3"] for k in confusion), sum(confusion["3"].values())
-        assert int(row["n"]) == report["n"]
-        assert float(row["exact"]) == pytest.approx(report["exact_agreement"], abs=5e-4)
-        assert float(row["majority baseline (always 1)"]) == pytest.approx(report["majority_agreement"], abs=5e-4)
-        assert row["score-3 precision"] == f"{true3 / said3:.3f} ({true3}/{said3})"
-        assert row["score-3 recall"] == f"{true3 / are3:.3f} ({true3}/{are3})"
+        _check_row(row, evaluate_judge(judge, read_labels(REPO / "docs" / "judge-labels" /
+                                                          DOC_FILES[row["sample"].lower()], "B")))
+
+
+def test_documented_third_sample_figures_are_what_both_judges_give(judge: LearnedJudge) -> None:
+    """The third samples (never used to fit or tune either judge), every row, rules and learned, recomputed."""
+    from persona_axis.judges.agreement import evaluate_judge
+
+    rows = _table_rows("## Third labelled samples")
+    assert sorted((r["sample"].lower(), r["judge"].split()[0]) for r in rows) == sorted(
+        (sample, kind) for sample in THIRD_FILES for kind in ("rules", "learned"))
+    rules = make_judge("offline")
+    for row in rows:
+        labels = read_labels(REPO / "docs" / "judge-labels" / THIRD_FILES[row["sample"].lower()])
+        _check_row(row, evaluate_judge(judge if row["judge"].startswith("learned") else rules, labels))

@@ -27,6 +27,7 @@ Two designs:
       others 64 (--long-tokens / --short-tokens);
     - stratum = "<group>|t<max_new_tokens>"; fold A/B is dealt out in a seeded, balanced way within
       each stratum before any reply is generated;
+    - --exclude FILE also redraws the ids of FILE (sample 3, seed 3, excluded both second samples' ids);
     - each reply samples from its own stream, seeded with seed * 1_000_000 + its row number
       (recorded as "seed"), so a row's reply does not depend on the batch it ran in.
     Sampling as the pipeline does: temperature 0.7, top_p 0.9, float32, capture off.
@@ -70,8 +71,7 @@ def stratified_rows(args: argparse.Namespace) -> list[dict]:
     rng = random.Random(args.seed)
     catalog = load_catalog()
     taken = set()
-    for name in OLD_SAMPLES:
-        path = HERE / name
+    for path in [HERE / name for name in OLD_SAMPLES] + [Path(name) for name in args.exclude]:
         if path.exists():
             taken |= {json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
     by_kind = {kind: [q for q in catalog.questions if q.kind == kind] for kind in KINDS}
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="stratified design: also redraw conversation ids found in this JSONL file (repeatable)")
     parser.add_argument("--plan-only", action="store_true", help="print the design's rows and generate nothing")
     args = parser.parse_args()
 
